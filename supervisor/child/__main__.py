@@ -1,0 +1,3 @@
+from supervisor.child.main import main
+
+main()

@@ -1,0 +1,116 @@
+"""The drain sequence of a worker (child side): what happens after SIGTERM or a Drain request.
+
+1. Stop fetching: pause every assigned partition, drop queued messages (never stored).
+2. Let the message in flight finish, waiting at most the drain timeout while still serving the
+   consumer (so the group does not evict us and rebalances can complete).
+3. Store the offsets of everything finished.
+4. Commit synchronously, retrying while the group is rebalancing.
+5. Read the committed offsets back from the broker for the receipt.
+6. ``close()``: revoke, final auto-commit of anything stored, leave the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from supervisor.child.offsets import tp_name
+from supervisor.contract import messages as m
+from supervisor.contract.exitcodes import WorkerExit
+
+if TYPE_CHECKING:
+    from supervisor.child.loop import ConsumerLoop
+
+log = logging.getLogger("ksup.worker")
+
+COMMIT_ATTEMPTS = 5
+_RETRY_COMMIT = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION}
+
+
+def drain(loop: ConsumerLoop) -> WorkerExit:
+    started = time.monotonic()
+    loop.state = "draining"
+    loop.send_report(force=True)
+    try:
+        loop.consumer.pause(loop.consumer.assignment())
+    except KafkaException as exc:
+        log.warning("pause failed: %s", exc)
+    loop.runner.stop()
+    deadline = started + loop.drain_timeout_s
+    while not loop.runner.wait_not_running(None, min(deadline, time.monotonic() + 0.1)):
+        loop.collect()
+        loop.serve(0.0)
+        loop.check_supervisor(time.monotonic())  # a quick-stop request shortens the deadline
+        deadline = min(deadline, started + loop.drain_timeout_s)
+        loop.send_report()
+        if time.monotonic() >= deadline:
+            break
+    abandoned = loop.runner.running
+    loop.collect()
+    code = loop.exit_code
+    if abandoned is not None:
+        r = abandoned.record
+        log.error("drain timeout: handler still running %s after %.1fs; not stored, will be redelivered",
+                  r.coordinates, loop.drain_timeout_s)
+        if code == WorkerExit.OK:
+            code = WorkerExit.DRAIN_TIMEOUT
+    t_commit = time.monotonic()
+    if not final_commit(loop) and code == WorkerExit.OK:
+        code = WorkerExit.COMMIT_FAILED
+    receipt = read_receipt(loop)
+    t_close = time.monotonic()
+    loop.consumer.close()
+    loop.state = "closed"
+    t_end = time.monotonic()
+    log.info("drained (%s): wait %.3fs, commit %.3fs, close %.3fs; exit %d",
+             loop.stop_reason, t_commit - started, t_close - t_commit, t_end - t_close, int(code))
+    inflight = None
+    if abandoned is not None:
+        r = abandoned.record
+        inflight = m.InFlight(r.topic, r.partition, r.offset, loop.runner.running_since)
+    loop.channel.send(m.Exiting(pid=_pid(), exit_code=int(code), reason=loop.stop_reason or "",
+                                receipt=receipt, abandoned=inflight))
+    return code
+
+
+def final_commit(loop: ConsumerLoop) -> bool:
+    """Commit every stored offset synchronously. True when the broker has them (or there was
+    nothing to commit)."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            loop.note_commit_result(loop.consumer.commit(asynchronous=False))
+            return True
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError._NO_OFFSET:
+                return True  # nothing newer than what is committed
+            if err.code() in _RETRY_COMMIT and attempt < COMMIT_ATTEMPTS:
+                log.info("final commit: %s, serving the rebalance and retrying", err.name())
+                loop.serve(0.5)  # lets the rebalance finish; on_revoke commits revoked partitions
+                continue
+            log.error("final commit failed: %s", err.str())
+            return False
+    return False
+
+
+def read_receipt(loop: ConsumerLoop) -> list[m.PartitionReceipt]:
+    tps = sorted(loop.book.history)
+    committed: dict[tuple[str, int], int] = {}
+    if tps:
+        try:
+            for tp in loop.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=5.0):
+                committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else -1
+        except KafkaException as exc:
+            log.warning("could not read committed offsets back: %s", exc)
+    return [m.PartitionReceipt(tp_name(tp), loop.book.history[tp].last_processed,
+                               committed.get(tp, loop.book.history[tp].committed))
+            for tp in tps]
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

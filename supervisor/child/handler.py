@@ -1,0 +1,89 @@
+"""Load the user's handler from a ``module:attribute`` spec (child side).
+
+The working directory is put first on ``sys.path``, as gunicorn does, so ``ksup start
+handler:process`` finds ``./handler.py``. A class is instantiated once per worker; its
+``process`` method is the handler and ``setup``/``teardown`` are called around the worker's life.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from supervisor.record import Record
+
+
+class HandlerLoadError(Exception):
+    """One line naming what is wrong with the spec and how to fix it."""
+
+
+@dataclass
+class LoadedHandler:
+    spec: str
+    process: Callable[[Record], Any]
+    setup: Callable[[], Any] | None = None
+    teardown: Callable[[], Any] | None = None
+
+
+def _import_module(name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (exc.name == name or name.startswith(exc.name + ".")):
+            raise HandlerLoadError(
+                f"handler {spec!r}: no module named {exc.name!r} "
+                f"(run ksup from the folder that holds it, or install its package; cwd is {os.getcwd()})"
+            ) from None
+        raise HandlerLoadError(
+            f"handler {spec!r}: importing {name!r} failed: {exc} (install the missing package)"
+        ) from None
+    except BaseException as exc:  # noqa: BLE001 - any error in user module code is a load error
+        raise HandlerLoadError(
+            f"handler {spec!r}: importing {name!r} raised {type(exc).__name__}: {exc} "
+            f"(fix the module so that it imports cleanly)"
+        ) from None
+
+
+def load_handler(spec: str) -> LoadedHandler:
+    """Import and validate the handler. Raises ``HandlerLoadError`` with a one-line reason."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HandlerLoadError(
+            f"handler {spec!r} is not of the form module:function (for example handler:process)"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    module = _import_module(module_name, spec)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerLoadError(
+                f"handler {spec!r}: module {module_name!r} has no attribute {attr!r} "
+                f"(check the name after the colon)"
+            ) from None
+    if inspect.isclass(obj):
+        try:
+            instance = obj()
+        except Exception as exc:
+            raise HandlerLoadError(
+                f"handler {spec!r}: creating {attr}() raised {type(exc).__name__}: {exc}"
+            ) from None
+        process = getattr(instance, "process", None)
+        if not callable(process):
+            raise HandlerLoadError(f"handler {spec!r}: class {attr} has no process(record) method")
+        return LoadedHandler(spec, process, getattr(instance, "setup", None),
+                             getattr(instance, "teardown", None))
+    if not callable(obj):
+        raise HandlerLoadError(
+            f"handler {spec!r}: {attr!r} is a {type(obj).__name__}, not a function "
+            f"(point at a function taking one record)"
+        )
+    return LoadedHandler(spec, obj)

@@ -1,0 +1,265 @@
+"""ConsumerLoop: the worker's consumer thread (child side). Start reading at ``run``.
+
+This thread owns every call on the Consumer. It fetches messages into the HandlerRunner's
+backlog, stores the offsets of finished messages (never of unfinished ones), serves rebalance
+callbacks, reports to the supervisor, and on a drain request runs the drain sequence in
+``drain.py``. Poll timeouts are short, so a drain request is noticed within a fraction of a
+second, and the consumer is served at least every ``SERVE_INTERVAL_S`` even while a slow
+handler runs, so ``max.poll.interval.ms`` never expires because of ksup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from supervisor.child.offsets import TP, OffsetBook, tp_name
+from supervisor.child.reporter import Reporter
+from supervisor.child.runner import HandlerRunner, Job
+from supervisor.contract import messages as m
+from supervisor.contract.channel import Channel
+from supervisor.contract.exitcodes import WorkerExit
+from supervisor.record import Record
+
+log = logging.getLogger("ksup.worker")
+
+POLL_TIMEOUT_S = 0.1     # how long an idle worker blocks in poll(): bounds drain-notice latency
+SERVE_INTERVAL_S = 0.5   # the longest the consumer goes unserved while the handler is busy
+CHANNEL_CHECK_S = 0.05   # how often the supervisor's pipe is read
+FETCH_BATCH = 500        # messages taken from librdkafka's queue per call
+MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served
+
+
+def to_record(msg: Message) -> Record:
+    return Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                  msg.headers() or [], msg.timestamp())
+
+
+class ConsumerLoop:
+    def __init__(self, consumer: Consumer, runner: HandlerRunner, channel: Channel,
+                 topics: list[str], options: dict[str, Any],
+                 outside_stop: Callable[[], str | None] = lambda: None) -> None:
+        self.consumer = consumer
+        self.runner = runner
+        self.channel = channel
+        self.topics = topics
+        self.revoke_timeout_s = float(options.get("revoke_timeout_s", 10.0))
+        self.book = OffsetBook()
+        self.reporter = Reporter(channel, float(options.get("report_interval_s", 1.0)))
+        self.state = "joining"
+        self.stop_reason: str | None = None
+        self.exit_code = WorkerExit.OK
+        self.drain_timeout_s = float(options.get("graceful_timeout_s", 30.0))
+        self.processed = 0
+        self.failed = 0
+        self.revocations = 0
+        self._last_poll = 0.0
+        self._last_channel_check = 0.0
+        # Asks the process level (SIGTERM flag, orphan check) whether to stop.
+        self.outside_stop = outside_stop
+
+    # ---- requests from outside ----------------------------------------------------------------
+
+    def request_drain(self, reason: str, timeout_s: float | None = None,
+                      code: WorkerExit = WorkerExit.OK) -> None:
+        """Idempotent: the first reason and code win; a later, shorter timeout wins."""
+        if timeout_s is not None:
+            self.drain_timeout_s = min(self.drain_timeout_s, timeout_s)
+        if self.stop_reason is None:
+            self.stop_reason, self.exit_code = reason, code
+            log.info("drain requested: %s", reason)
+
+    def check_supervisor(self, now: float) -> None:
+        reason = self.outside_stop()
+        if reason is not None:
+            self.request_drain(reason)
+        if now - self._last_channel_check < CHANNEL_CHECK_S:
+            return
+        self._last_channel_check = now
+        for msg in self.channel.read_available():
+            if isinstance(msg, m.Drain):
+                self.request_drain(msg.reason, msg.timeout_s)
+        if self.channel.closed:
+            self.request_drain("supervisor gone (pipe closed)")
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> WorkerExit:
+        """Consume until a drain is requested, then drain. Returns the worker's exit code."""
+        from supervisor.child.drain import drain  # the drain sequence has its own module
+
+        self.consumer.subscribe(self.topics, on_assign=self.on_assign,
+                                on_revoke=self.on_revoke, on_lost=self.on_lost)
+        self.send_report(force=True)
+        while self.stop_reason is None:
+            self.step(time.monotonic())
+        return drain(self)
+
+    def step(self, now: float) -> None:
+        """One round: read the supervisor, store finished offsets, fetch or serve, report."""
+        self.check_supervisor(now)
+        self.collect()
+        if self.stop_reason is not None:
+            return
+        busy = self.runner.busy()
+        if self.runner.backlog_size() < MAX_BACKLOG:
+            self.fetch(0.0 if busy else POLL_TIMEOUT_S)
+        elif now - self._last_poll >= SERVE_INTERVAL_S:
+            self.fetch(0.0)
+        if busy:
+            self.runner.wait_progress(0.02)
+        self.send_report()
+
+    def fetch(self, timeout: float) -> None:
+        first = self.consumer.poll(timeout)
+        self._last_poll = time.monotonic()
+        if first is None:
+            return
+        msgs = [first]
+        if self.runner.backlog_size() < MAX_BACKLOG:
+            msgs += self.consumer.consume(num_messages=FETCH_BATCH, timeout=0)
+        jobs = []
+        for msg in msgs:
+            if msg.error():
+                self.on_consumer_error(msg.error())
+                continue
+            tp = (msg.topic(), msg.partition())
+            epoch = self.book.epoch_of(tp)
+            if epoch < 0:
+                continue  # not ours (any more): never handled, never stored
+            jobs.append(Job(to_record(msg), epoch))
+        if jobs:
+            self.runner.submit(jobs)
+
+    def serve(self, seconds: float) -> None:
+        """Keep the consumer served (callbacks, heartbeats) without taking new work: during a
+        drain, anything returned was never handed to the handler and is never stored."""
+        end = time.monotonic() + seconds
+        while True:
+            msg = self.consumer.poll(min(0.1, max(0.0, end - time.monotonic())))
+            if msg is not None and msg.error():
+                self.on_consumer_error(msg.error())
+            if time.monotonic() >= end:
+                return
+
+    def on_consumer_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            log.error("fatal Kafka error: %s", err.str())
+            self.request_drain(f"fatal Kafka error: {err.str()}", code=WorkerExit.KAFKA_FATAL)
+        elif err.code() == KafkaError._MAX_POLL_EXCEEDED:
+            log.warning("max.poll.interval.ms exceeded; partitions will be lost and re-read")
+        else:
+            log.warning("consumer error: %s", err.str())
+
+    # ---- offsets --------------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Move finished work into the OffsetBook and store what may be stored."""
+        for job, error in self.runner.take_done():
+            rec = job.record
+            if error is None:
+                self.processed += 1
+                self.book.mark_done(job.tp, rec.offset, job.epoch)
+                continue
+            self.failed += 1
+            log.error("handler raised %s on %s: %s; offset not stored, worker stops",
+                      type(error).__name__, rec.coordinates, error,
+                      exc_info=(type(error), error, error.__traceback__),
+                      extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset})
+            self.request_drain(f"handler raised {type(error).__name__} on {rec.coordinates}",
+                               code=WorkerExit.HANDLER_FAILED)
+        self.store_dirty()
+
+    def store_dirty(self) -> None:
+        dirty = self.book.take_dirty()
+        if not dirty:
+            return
+        offsets = [TopicPartition(t, p, off) for (t, p), off in dirty.items()]
+        try:
+            self.consumer.store_offsets(offsets=offsets)
+        except KafkaException as exc:
+            # _STATE: librdkafka already dropped the partition; the book fences the rest.
+            log.warning("store_offsets refused: %s", exc)
+
+    def commit_partitions(self, tps: list[TP]) -> None:
+        """Synchronously commit what was stored for ``tps`` (used on revoke)."""
+        offsets = [TopicPartition(t, p, self.book.owned[(t, p)].stored)
+                   for t, p in tps if (t, p) in self.book.owned and self.book.owned[(t, p)].stored >= 0]
+        if not offsets:
+            return
+        try:
+            result = self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("commit on revoke failed: %s (the next owner re-reads from the last commit)", exc)
+            return
+        self.note_commit_result(result)
+
+    def note_commit_result(self, result: list[TopicPartition] | None) -> None:
+        for tp in result or []:
+            if tp.error is None and tp.offset >= 0:
+                self.book.note_committed((tp.topic, tp.partition), tp.offset)
+
+    def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            log.warning("commit failed: %s", err.str())
+            return
+        self.note_commit_result(partitions)
+
+    # ---- rebalance callbacks (run inside poll/consume/close on this thread; must never raise:
+    # an exception here makes confluent-kafka drop the messages that call fetched) ----------
+
+    def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            tps = [(p.topic, p.partition) for p in partitions]
+            self.book.acquire(tps)
+            self.state = "assigned"
+            log.info("assigned %s", ", ".join(map(tp_name, tps)) or "nothing new")
+            self.send_report(force=True)
+        except Exception:
+            log.exception("on_assign failed")
+
+    def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Finish the message in flight of the revoked partitions (bounded), store, commit
+        them synchronously; only then let the revocation complete."""
+        try:
+            tps = [(p.topic, p.partition) for p in partitions]
+            if not tps:
+                return
+            self.revocations += 1
+            gone = set(tps)
+            dropped = self.runner.drop(gone)
+            deadline = time.monotonic() + self.revoke_timeout_s
+            if not self.runner.wait_not_running(gone, deadline):
+                job = self.runner.running
+                log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "
+                            "stored (the next owner handles it again)",
+                            job.record.coordinates if job else "?", self.revoke_timeout_s)
+            self.collect()
+            self.commit_partitions(tps)
+            self.book.release(tps)
+            log.info("revoked %s (%d queued messages released)", ", ".join(map(tp_name, tps)), dropped)
+            self.send_report(force=True)
+        except Exception:
+            log.exception("on_revoke failed")
+
+    def on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Lost partitions may already belong to another member: commit nothing for them."""
+        try:
+            tps = [(p.topic, p.partition) for p in partitions]
+            self.runner.drop(set(tps))
+            self.collect()  # stores only for partitions still owned
+            self.book.release(tps)
+            log.warning("lost %s (nothing committed for them)", ", ".join(map(tp_name, tps)))
+            self.send_report(force=True)
+        except Exception:
+            log.exception("on_lost failed")
+
+    # ---- reports --------------------------------------------------------------------------------
+
+    def send_report(self, force: bool = False) -> None:
+        self.reporter.maybe_send(self, force)

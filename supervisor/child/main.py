@@ -1,0 +1,186 @@
+"""Worker entry point (child side): ``python -m supervisor.child <channel-fd>``.
+
+Boot order, each step able to fail with a one-line BootFailed before the worker has joined
+the group: receive Configure -> import the handler -> create the Consumer (librdkafka checks
+the config) -> ask the broker for the topics' metadata (bounded) -> report Loaded -> wait for Go.
+This is the one place where the worker's exit code is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from typing import Any
+
+from supervisor.child import liveness
+from supervisor.contract import messages as m
+from supervisor.contract.channel import Channel
+from supervisor.contract.exitcodes import WorkerExit
+from supervisor.logs import setup_logging
+
+log = logging.getLogger("ksup.worker")
+
+CONFIGURE_TIMEOUT_S = 30.0
+
+
+class BootError(Exception):
+    def __init__(self, code: WorkerExit, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class Flags:
+    """Set by signal handlers (which do nothing else), read by the loops."""
+
+    term = False
+
+
+def _on_term(signum: int, frame: object) -> None:
+    Flags.term = True
+
+
+def _wait_for(channel: Channel, kinds: tuple[type, ...], timeout: float,
+              watch: liveness.ParentWatch) -> m.Message | None:
+    """Block until a message of ``kinds`` arrives; None on SIGTERM, orphaning or timeout."""
+    sel = selectors.DefaultSelector()
+    sel.register(channel.sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not Flags.term and not watch.orphaned():
+            sel.select(0.2)
+            for msg in channel.read_available():
+                if isinstance(msg, kinds):
+                    return msg
+            if channel.closed:
+                return None
+        return None
+    finally:
+        sel.close()
+
+
+def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any]:
+    """Handler and Consumer, or BootError."""
+    from supervisor.child.handler import HandlerLoadError, load_handler
+
+    try:
+        handler = load_handler(cfg.handler)
+    except HandlerLoadError as exc:
+        raise BootError(WorkerExit.BOOT_FAILED, str(exc)) from None
+    from confluent_kafka import Consumer, KafkaException
+
+    try:
+        consumer = Consumer({**cfg.kafka, "on_commit": commits})
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
+                                           f"(fix or remove that -X/[kafka] setting)") from None
+    timeout = float(cfg.options.get("broker_timeout_s", 30.0))
+    servers = cfg.kafka.get("bootstrap.servers", "?")
+    try:
+        md = consumer.list_topics(timeout=timeout)
+    except KafkaException:
+        consumer.close()
+        raise BootError(WorkerExit.BROKER_UNREACHABLE,
+                        f"no Kafka broker answered at {servers} within {timeout:g}s "
+                        f"(check --bootstrap-servers and that the broker is running)") from None
+    missing = [t for t in cfg.topics if t not in md.topics or md.topics[t].error is not None]
+    if missing:
+        consumer.close()
+        raise BootError(WorkerExit.BROKER_UNREACHABLE,
+                        f"topic {', '.join(map(repr, missing))} does not exist on {servers} "
+                        f"(create it, or check --topic)")
+    return handler, consumer
+
+
+def _kafka_text(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else exc
+    return str(arg.str()) if hasattr(arg, "str") else str(arg)
+
+
+def run(channel: Channel) -> int:
+    watch = liveness.ParentWatch()
+    cfg = _wait_for(channel, (m.Configure,), CONFIGURE_TIMEOUT_S, watch)
+    if not isinstance(cfg, m.Configure):
+        return int(WorkerExit.INTERNAL)
+    setup_logging(str(cfg.options.get("log_format", "json")), str(cfg.options.get("log_level", "info")),
+                  "worker", cfg.slot)
+    try:
+        commits = CommitRelay()
+        handler, consumer = boot(cfg, commits)
+    except BootError as exc:
+        log.error("boot failed: %s", exc.reason)
+        channel.send(m.BootFailed(os.getpid(), int(exc.code), exc.reason))
+        return int(exc.code)
+    channel.send(m.Loaded(os.getpid(), cfg.handler, importlib.metadata.version("confluent-kafka")))
+    go = _wait_for(channel, (m.Go, m.Drain), float("inf"), watch)
+    if not isinstance(go, m.Go):
+        consumer.close()
+        channel.send(m.Exiting(os.getpid(), 0, "stopped before joining"))
+        return int(WorkerExit.OK)
+    return consume(cfg, handler, consumer, channel, watch, commits)
+
+
+def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
+            watch: liveness.ParentWatch, commits: CommitRelay) -> int:
+    from supervisor.child.loop import ConsumerLoop
+    from supervisor.child.runner import HandlerRunner
+
+    def outside_stop() -> str | None:
+        if Flags.term:
+            return "SIGTERM received"
+        if watch.orphaned():
+            return "supervisor died (orphaned)"
+        return None
+
+    if handler.setup is not None:
+        handler.setup()
+    runner = HandlerRunner(handler.process)
+    loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop)
+    commits.target = loop
+    runner.start()
+    log.info("joining group %s for %s", cfg.kafka.get("group.id"), ", ".join(cfg.topics))
+    code = loop.run()
+    if handler.teardown is not None:
+        try:
+            handler.teardown()
+        except Exception:
+            log.exception("handler teardown raised")
+    return int(code)
+
+
+class CommitRelay:
+    """librdkafka's ``on_commit`` must be given when the Consumer is created, before the loop
+    that records commit results exists; this forwards to it once it does."""
+
+    def __init__(self) -> None:
+        self.target: Any = None
+
+    def __call__(self, err: Any, partitions: Any) -> None:
+        if self.target is not None:
+            self.target.on_commit(err, partitions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # Signals first: a SIGTERM during boot must not kill us before we can say why.
+    signal.signal(signal.SIGTERM, _on_term)
+    # Ctrl+C in a terminal reaches the whole process group; only the supervisor acts on it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    liveness.ask_kernel_for_parent_death_signal(signal.SIGTERM)
+    channel = Channel.from_fd(int(argv[0]))
+    try:
+        code = run(channel)
+    except Exception:
+        log.exception("worker crashed")
+        code = int(WorkerExit.INTERNAL)
+    logging.shutdown()
+    try:
+        sys.stderr.flush()
+    except OSError:
+        pass
+    # os._exit: a closed stderr pipe (orphaned worker) must not turn our code into 120.
+    os._exit(code)

@@ -1,0 +1,79 @@
+"""OffsetBook: the one place that decides which offsets may be stored (child side).
+
+Rules it enforces:
+- an offset is stored only after the handler finished the message (``mark_done``);
+- only for a partition this worker still owns *in the same assignment* it received the message
+  in: every assignment of a partition gets a new epoch, and a completion from an older epoch is
+  fenced (a late finish after a revoke must not move the committed offset);
+- per partition, offsets only move forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TP = tuple[str, int]
+
+
+def tp_name(tp: TP) -> str:
+    return f"{tp[0]}[{tp[1]}]"
+
+
+@dataclass
+class PartitionBook:
+    epoch: int
+    last_processed: int = -1
+    stored: int = -1      # next offset to consume, as stored (last processed + 1)
+    committed: int = -1   # as last confirmed by a commit result
+
+
+@dataclass
+class OffsetBook:
+    owned: dict[TP, PartitionBook] = field(default_factory=dict)
+    # Partitions this worker has had, kept for the receipt after they were revoked.
+    history: dict[TP, PartitionBook] = field(default_factory=dict)
+    _epoch: int = 0
+    _dirty: dict[TP, int] = field(default_factory=dict)
+    fenced: int = 0
+
+    def acquire(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self._epoch += 1
+            book = PartitionBook(self._epoch)
+            old = self.history.get(tp)
+            if old is not None:
+                book.last_processed, book.committed = old.last_processed, old.committed
+            self.owned[tp] = book
+            self.history[tp] = book
+
+    def release(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self.owned.pop(tp, None)
+            self._dirty.pop(tp, None)
+
+    def epoch_of(self, tp: TP) -> int:
+        book = self.owned.get(tp)
+        return book.epoch if book else -1
+
+    def mark_done(self, tp: TP, offset: int, epoch: int) -> bool:
+        """Record that the handler finished ``offset``. False (and counted) when fenced."""
+        book = self.owned.get(tp)
+        if book is None or book.epoch != epoch:
+            self.fenced += 1
+            return False
+        if offset > book.last_processed:
+            book.last_processed = offset
+            self._dirty[tp] = offset + 1
+        return True
+
+    def take_dirty(self) -> dict[TP, int]:
+        """Offsets (next to consume) to store now; clears the set."""
+        dirty, self._dirty = self._dirty, {}
+        for tp, nxt in dirty.items():
+            self.owned[tp].stored = nxt
+        return dirty
+
+    def note_committed(self, tp: TP, offset: int) -> None:
+        book = self.history.get(tp)
+        if book is not None and offset >= 0:
+            book.committed = offset

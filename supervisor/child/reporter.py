@@ -1,0 +1,49 @@
+"""Reporter: the worker's state, sent to the supervisor on change and at a steady interval."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from supervisor.child.offsets import tp_name
+from supervisor.contract import messages as m
+from supervisor.contract.channel import Channel
+
+if TYPE_CHECKING:
+    from supervisor.child.loop import ConsumerLoop
+
+
+class Reporter:
+    def __init__(self, channel: Channel, interval_s: float) -> None:
+        self.channel = channel
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._proc = psutil.Process(os.getpid())
+
+    def maybe_send(self, loop: ConsumerLoop, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        job = loop.runner.running
+        in_flight = None
+        if job is not None:
+            r = job.record
+            in_flight = m.InFlight(r.topic, r.partition, r.offset, loop.runner.running_since)
+        book = loop.book
+        self.channel.send(m.Report(
+            pid=os.getpid(),
+            state=loop.state,
+            assignment=sorted(tp_name(tp) for tp in book.owned),
+            in_flight=in_flight,
+            processed=loop.processed,
+            failed=loop.failed,
+            stored={tp_name(tp): b.stored for tp, b in book.owned.items() if b.stored >= 0},
+            committed={tp_name(tp): b.committed for tp, b in book.history.items() if b.committed >= 0},
+            rss_bytes=self._proc.memory_info().rss,
+            revocations=loop.revocations,
+            at=time.time(),
+        ))

@@ -1,0 +1,170 @@
+"""Settings (edge): defaults, TOML config file, -X Kafka properties, validation.
+
+Everything is validated here, before any worker exists. Settings that would break the offset
+contract (auto offset store on, auto commit off) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+GROUP_PROTOCOLS = ("classic", "consumer")
+LOG_FORMATS = ("auto", "json", "text")
+
+
+@dataclass(frozen=True)
+class Settings:
+    handler: str = ""
+    topics: tuple[str, ...] = ()
+    group: str = ""
+    bootstrap_servers: str = ""
+    workers: int = 1
+    kafka: dict[str, str] = field(default_factory=dict)  # librdkafka properties from -X / [kafka]
+    group_protocol: str = "classic"
+    auto_offset_reset: str = "earliest"
+    graceful_timeout: float = 30.0   # seconds from a stop request to SIGKILL
+    quick_timeout: float = 5.0       # the same after a second Ctrl+C or SIGQUIT
+    broker_timeout: float = 30.0     # how long a booting worker waits for the broker
+    revoke_timeout: float = 10.0     # how long a revoke waits for the message in flight
+    restart_delay: float = 1.0       # first respawn delay after a worker died; doubles, capped
+    crash_loop_deaths: int = 5       # this many unexpected deaths ...
+    crash_loop_window: float = 60.0  # ... within this many seconds stop the supervisor
+    log_format: str = "auto"
+    log_level: str = "info"
+    receipt: str | None = None
+
+    @property
+    def worker_drain_timeout(self) -> float:
+        """How long a worker waits for its handler on a graceful drain: leaves it time to store,
+        commit and close before the supervisor's SIGKILL deadline."""
+        return max(self.graceful_timeout - 5.0, self.graceful_timeout * 0.5)
+
+
+# Properties ksup owns. The offset contract: store only after the handler finished, and let
+# librdkafka commit what was stored (also on revoke and close).
+_FORCED = {"enable.auto.offset.store": "false", "enable.auto.commit": "true"}
+_CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy")
+
+
+def parse_kafka_property(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"-X {text!r} is not key=value (for example -X session.timeout.ms=10000)")
+    return key.strip(), value.strip()
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML config: top-level keys are ``ksup start`` options, ``[kafka]`` holds
+    librdkafka properties."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found (check --config)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in fields(Settings)} | {"topic"}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown config key {key!r} in {path} "
+                              f"(known keys: {', '.join(sorted(known - {'kafka'}))}, and a [kafka] table)")
+        if name == "topic":
+            name, value = "topics", [value] if isinstance(value, str) else value
+        if name == "topics":
+            value = tuple(value)
+        if name == "kafka":
+            if not isinstance(value, dict):
+                raise ConfigError(f"[kafka] in {path} must be a table of librdkafka properties")
+            value = {str(k): _kafka_value(v) for k, v in value.items()}
+        out[name] = value
+    return out
+
+
+def _kafka_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def build(values: dict[str, Any]) -> Settings:
+    try:
+        settings = Settings(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    return validate(settings)
+
+
+def validate(s: Settings) -> Settings:
+    kafka = dict(s.kafka)
+    if not s.bootstrap_servers and "bootstrap.servers" in kafka:
+        s = replace(s, bootstrap_servers=kafka["bootstrap.servers"])
+    if not s.group and "group.id" in kafka:
+        s = replace(s, group=kafka["group.id"])
+    if not s.handler:
+        raise ConfigError("no handler given (ksup start module:function)")
+    if not s.topics:
+        raise ConfigError("no topic given (use --topic NAME, or topics = [...] in the config file)")
+    if not s.group:
+        raise ConfigError("no consumer group given (use --group NAME)")
+    if not s.bootstrap_servers:
+        raise ConfigError("no bootstrap servers given (use --bootstrap-servers HOST:PORT)")
+    if s.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {s.workers}")
+    if s.group_protocol not in GROUP_PROTOCOLS:
+        raise ConfigError(f"--group-protocol must be one of {', '.join(GROUP_PROTOCOLS)}")
+    if s.log_format not in LOG_FORMATS:
+        raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+    for key, required in _FORCED.items():
+        if key in kafka and kafka[key].lower() != required:
+            raise ConfigError(
+                f"{key}={kafka[key]} is refused: ksup stores an offset only after the handler "
+                f"finished and lets librdkafka commit it, which needs {key}={required} (remove the setting)")
+    if s.group_protocol == "consumer":
+        bad = [k for k in _CLASSIC_ONLY if k in kafka]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} cannot be set with --group-protocol consumer "
+                              f"(the broker decides them under KIP-848; remove them)")
+    for name in ("graceful_timeout", "quick_timeout", "broker_timeout", "revoke_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    return s
+
+
+def kafka_config(s: Settings, slot: int) -> dict[str, str]:
+    """The librdkafka properties of the worker in ``slot``: ksup's defaults, then the user's, then
+    the properties the offset contract requires."""
+    conf: dict[str, str] = {
+        "bootstrap.servers": s.bootstrap_servers,
+        "group.id": s.group,
+        "client.id": f"ksup-{socket.gethostname()}-{s.group}-{slot}",
+        "auto.offset.reset": s.auto_offset_reset,
+        "auto.commit.interval.ms": "1000",
+    }
+    if s.group_protocol == "classic":
+        # Cooperative: a rebalance moves only the partitions that change owner.
+        conf["partition.assignment.strategy"] = "cooperative-sticky"
+    else:
+        conf["group.protocol"] = "consumer"
+    conf.update(s.kafka)
+    conf.update(_FORCED)
+    return conf
+
+
+def worker_options(s: Settings, log_format: str) -> dict[str, Any]:
+    return {
+        "graceful_timeout_s": s.worker_drain_timeout,
+        "broker_timeout_s": s.broker_timeout,
+        "revoke_timeout_s": s.revoke_timeout,
+        "log_format": log_format,
+        "log_level": s.log_level,
+    }

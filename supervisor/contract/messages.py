@@ -1,0 +1,121 @@
+"""Typed messages exchanged over the supervisor <-> worker socket pair.
+
+Direction is part of the name of each union: ``ToWorker`` is sent by the supervisor,
+``FromWorker`` by a worker. Every message is a frozen dataclass of JSON-friendly fields;
+``codec`` turns them into bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+
+# ---- supervisor -> worker -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Configure:
+    """First message to a new worker: everything it needs to boot. Sent over the pipe rather than
+    argv or the environment so that secrets in ``kafka`` never show in ``ps`` or /proc."""
+
+    slot: int
+    handler: str
+    topics: list[str]
+    kafka: dict[str, str]
+    options: dict[str, Any]
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Go:
+    """Join the group and start consuming. Sent once the worker reported ``Loaded``; holding it
+    back is how the supervisor keeps bad code from ever joining the group."""
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Stop fetching, finish the message in flight (waiting at most ``timeout_s``), store,
+    commit synchronously, close, exit. Idempotent; a later Drain may only shorten the wait."""
+
+    timeout_s: float
+    reason: str = "requested"
+
+
+ToWorker = Configure | Go | Drain
+
+
+# ---- worker -> supervisor -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Loaded:
+    """The handler imported, the consumer config was accepted and the broker answered.
+    The worker now waits for ``Go`` and has not joined the group."""
+
+    pid: int
+    handler: str
+    client_version: str
+
+
+@dataclass(frozen=True)
+class BootFailed:
+    """The worker cannot start: ``exit_code`` says which kind (see ExitCode); ``reason`` is one
+    line naming the problem and the fix. Sent just before the worker exits."""
+
+    pid: int
+    exit_code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """The message a handler is working on, and since when (wall clock, seconds)."""
+
+    topic: str
+    partition: int
+    offset: int
+    since: float
+
+
+@dataclass(frozen=True)
+class Report:
+    """The worker's state, sent on every change and at a steady interval."""
+
+    pid: int
+    state: str
+    assignment: list[str]
+    in_flight: InFlight | None
+    processed: int
+    failed: int
+    stored: dict[str, int]
+    committed: dict[str, int]
+    rss_bytes: int
+    revocations: int = 0
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PartitionReceipt:
+    """What happened to one partition in this worker: the last offset a handler finished and
+    the committed offset as read back from the broker (-1 when unknown or none)."""
+
+    partition: str
+    last_processed: int
+    committed: int
+
+
+@dataclass(frozen=True)
+class Exiting:
+    """Sent as the last message: why the worker stops, the exit code it is about to use, and its
+    receipt. ``abandoned`` names a message whose handler did not finish in time (never stored)."""
+
+    pid: int
+    exit_code: int
+    reason: str
+    receipt: list[PartitionReceipt] = field(default_factory=list)
+    abandoned: InFlight | None = None
+
+
+FromWorker = Loaded | BootFailed | Report | Exiting
+Message = ToWorker | FromWorker

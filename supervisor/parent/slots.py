@@ -1,0 +1,60 @@
+"""WorkerSlot: what the supervisor knows about one worker slot (parent side; no I/O here).
+
+A slot (0..N-1) is stable across restarts; the process in it changes. Times are monotonic
+seconds. ``state`` only moves forward for one process: booting -> loaded -> running ->
+draining -> exited; a respawn starts a new process in the same slot.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import deque
+from dataclasses import dataclass, field
+
+from supervisor.contract import messages as m
+from supervisor.contract.channel import Channel
+
+STATES = ("booting", "loaded", "running", "draining", "exited")
+STDERR_TAIL_LINES = 20
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    channel: Channel | None = None
+    state: str = "exited"
+    spawned_at: float = 0.0
+    drain_sent_at: float | None = None
+    kill_at: float | None = None       # SIGKILL deadline once a drain was asked
+    killed: bool = False               # we sent SIGKILL
+    respawn_at: float | None = None
+    report: m.Report | None = None
+    exiting: m.Exiting | None = None
+    boot_failed: m.BootFailed | None = None
+    stderr_buf: bytes = b""
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
+    restarts: int = 0
+    deaths: list[float] = field(default_factory=list)  # unexpected deaths, for backoff
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.state != "exited"
+
+    def advance(self, state: str) -> None:
+        """One-way within a process's life; ignored when it would go backwards."""
+        if STATES.index(state) > STATES.index(self.state):
+            self.state = state
+
+    def reset_for_spawn(self, proc: subprocess.Popen[bytes], channel: Channel, now: float) -> None:
+        self.proc, self.channel = proc, channel
+        self.state, self.spawned_at = "booting", now
+        self.drain_sent_at = self.kill_at = self.respawn_at = None
+        self.killed = False
+        self.report = self.exiting = self.boot_failed = None
+        self.stderr_buf = b""
+        self.stderr_tail.clear()

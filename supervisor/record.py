@@ -1,0 +1,26 @@
+"""The message object a handler receives. Part of ksup's public API.
+
+A handler is called as ``process(record)``; ``record`` is a ``Record``. It is a plain value:
+keeping it after the handler returned is safe, and it holds no Kafka handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+    #: (type, milliseconds since the epoch); type 0 = not available, 1 = create time, 2 = log append.
+    timestamp: tuple[int, int]
+
+    @property
+    def coordinates(self) -> str:
+        """``topic[partition]@offset``, the form ksup's logs use."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"

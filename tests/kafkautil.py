@@ -1,0 +1,55 @@
+"""Small helpers the tests use against the real broker: topics, producing, reading offsets."""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    fut[name].result(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until every partition has a leader
+        md = admin.list_topics(name, timeout=10).topics.get(name)
+        if md and md.error is None and len(md.partitions) == partitions and all(
+                p.leader >= 0 for p in md.partitions.values()):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {name} not ready")
+
+
+def produce_sequence(bootstrap: str, topic: str, count: int, start: int = 0, partitions: int | None = None) -> None:
+    """Produce values ``seq-<n>``, spread round-robin over partitions when given."""
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
+    for n in range(start, start + count):
+        kwargs = {"partition": n % partitions} if partitions else {}
+        while True:
+            try:
+                p.produce(topic, value=f"seq-{n}".encode(), key=str(n).encode(), **kwargs)
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    left = p.flush(60)
+    assert left == 0, f"{left} messages not delivered"
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ksup-test-probe"})
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        c.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()

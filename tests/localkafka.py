@@ -1,0 +1,223 @@
+"""A real single-node Apache Kafka (KRaft) broker on 127.0.0.1, for tests, the demo and benchmarks.
+
+The broker's jars come from Maven Central (resolved with `mvn`, cached under
+``~/.cache/ksup/kafka-<version>``); the broker runs with plain ``java`` on free loopback
+ports, in its own session so that it can be stopped by pid even when a test fails.
+
+Run as a script to keep a broker in the foreground::
+
+    python tests/localkafka.py run        # prints the bootstrap address, Ctrl+C stops it
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+KAFKA_VERSION = os.environ.get("KSUP_KAFKA_VERSION", "4.3.1")
+CACHE_ROOT = Path(os.environ.get("KSUP_CACHE_DIR", Path.home() / ".cache" / "ksup"))
+# Pinned: Maven 3.8's default dependency plugin is too old for copy-dependencies with includeScope.
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.ksup</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{version}</version></dependency>
+    <!-- Kafka 3.9/4.x use slf4j-api 1.7.x; without a binding the broker logs nothing to wait on. -->
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-simple</artifactId>
+      <version>1.7.36</version></dependency>
+  </dependencies>
+</project>
+"""
+
+JVM_OPTS = [
+    "-Xms64m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+    "-XX:+ExitOnOutOfMemoryError", "-Djava.net.preferIPv4Stack=true",
+    "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
+]
+
+
+def ensure_jars(version: str = KAFKA_VERSION) -> Path:
+    """Return the folder holding the broker's runtime classpath, downloading it once."""
+    libs = CACHE_ROOT / f"kafka-{version}" / "libs"
+    if (libs / ".complete").exists():
+        return libs
+    if shutil.which("mvn") is None:
+        raise RuntimeError("mvn not found: install Maven (apt-get install maven) to fetch the Kafka jars")
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ksup-mvn-", dir=libs.parent))
+    try:
+        (work / "pom.xml").write_text(_POM.format(version=version))
+        out = work / "libs"
+        subprocess.run(
+            ["mvn", "-q", "-B", f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+             "-DincludeScope=runtime", f"-DoutputDirectory={out}"],
+            cwd=work, check=True, timeout=900,
+        )
+        (out / ".complete").write_text(version)
+        if libs.exists():
+            shutil.rmtree(libs)
+        out.rename(libs)  # atomic within one filesystem: a half-download is never seen as complete
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class LocalKafka:
+    """One broker+controller node. ``start()`` blocks until the broker serves requests."""
+
+    def __init__(self, workdir: Path | None = None, version: str = KAFKA_VERSION) -> None:
+        self.version = version
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ksup-kafka-"))
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "broker.log"
+        self.start_seconds = 0.0
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _write_properties(self) -> Path:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.workdir / "data"),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "1",  # the default 50 makes the first join slow
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",  # the default adds 3 s to every first join
+            "group.min.session.timeout.ms": "1000",  # lets tests use short session timeouts
+            "group.consumer.min.session.timeout.ms": "1000",
+            "group.consumer.session.timeout.ms": "10000",
+            "group.consumer.min.heartbeat.interval.ms": "500",
+            "group.consumer.heartbeat.interval.ms": "1000",
+            "auto.create.topics.enable": "false",
+            "num.partitions": "1",
+            "log.cleaner.dedupe.buffer.size": "2097152",  # the default 128 MiB comes out of the heap
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+        }
+        path = self.workdir / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def start(self, timeout: float = 90.0) -> None:
+        libs = ensure_jars(self.version)
+        t0 = time.monotonic()
+        props = self._write_properties()
+        cp = f"{libs}/*"
+        subprocess.run(
+            ["java", "-Xmx256m", "-cp", cp, "kafka.tools.StorageTool", "format",
+             "-t", _cluster_id(), "-c", str(props), "--ignore-formatted"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+        )
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            ["java", *JVM_OPTS, "-cp", cp, "kafka.Kafka", str(props)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # stop it as a group by pid, never by name
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Kafka exited with {self.proc.returncode}; see {self.log_path}")
+            if b"Kafka Server started" in self.log_path.read_bytes():
+                self.start_seconds = time.monotonic() - t0
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"Kafka did not start within {timeout:.0f}s; see {self.log_path}")
+
+    def rss_bytes(self) -> int:
+        if self.proc is None:
+            return 0
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, timeout: float = 20.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        except ProcessLookupError:
+            pass
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["fetch"]:
+        t0 = time.monotonic()
+        print(ensure_jars(), f"({time.monotonic() - t0:.1f}s)")
+        return 0
+    if argv[:1] != ["run"]:
+        print("usage: localkafka.py fetch|run", file=sys.stderr)
+        return 2
+    broker = LocalKafka()
+    stop = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        broker.start()
+        print(broker.bootstrap, flush=True)
+        print(f"started in {broker.start_seconds:.1f}s, rss {broker.rss_bytes() >> 20} MiB",
+              file=sys.stderr, flush=True)
+        while not stop and broker.proc is not None and broker.proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        broker.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
