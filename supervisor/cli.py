@@ -55,7 +55,7 @@ def main() -> None:
               help="auto = text on a terminal, JSON lines otherwise.")
 @click.option("--log-level", default="info", help="debug, info, warning, error.")
 @click.pass_context
-def start(ctx: click.Context, handler: str, kafka_props: tuple[str, ...], config_file: str | None,
+def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], config_file: str | None,
           **flags: Any) -> None:
     """Run HANDLER (module:function) for every message, in N supervised worker processes.
 

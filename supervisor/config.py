@@ -17,7 +17,7 @@ from supervisor.errors import ConfigError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 GROUP_PROTOCOLS = ("classic", "consumer")
 LOG_FORMATS = ("auto", "json", "text")

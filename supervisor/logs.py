@@ -27,8 +27,9 @@ class _Context(logging.Filter):
 
 class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        who = "supervisor" if record.role == "supervisor" else f"worker {record.slot}"  # type: ignore[attr-defined]
-        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} [{who} {record.pid}] "
+        ctx = record.__dict__
+        who = "supervisor" if ctx.get("role") == "supervisor" else f"worker {ctx.get('slot')}"
+        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} [{who} {ctx.get('pid')}] "
         text = base + record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)

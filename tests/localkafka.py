@@ -91,6 +91,7 @@ class LocalKafka:
     def __init__(self, workdir: Path | None = None, version: str = KAFKA_VERSION) -> None:
         self.version = version
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ksup-kafka-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.controller_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None

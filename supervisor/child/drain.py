@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ksup.worker")
 
-COMMIT_ATTEMPTS = 5
-_RETRY_COMMIT = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION}
+FINAL_COMMIT_TIMEOUT_S = 10.0
 
 
 def drain(loop: ConsumerLoop) -> WorkerExit:
@@ -57,6 +56,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
                   r.coordinates, loop.drain_timeout_s)
         if code == WorkerExit.OK:
             code = WorkerExit.DRAIN_TIMEOUT
+    log.debug("drain: %d processed, %d late completions fenced", loop.processed, loop.book.fenced)
     t_commit = time.monotonic()
     if not final_commit(loop) and code == WorkerExit.OK:
         code = WorkerExit.COMMIT_FAILED
@@ -76,24 +76,33 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     return code
 
 
-def final_commit(loop: ConsumerLoop) -> bool:
-    """Commit every stored offset synchronously. True when the broker has them (or there was
-    nothing to commit)."""
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        try:
-            loop.note_commit_result(loop.consumer.commit(asynchronous=False))
+def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) -> bool:
+    """Commit every stored offset and wait for the broker's answer. True when the broker has
+    them all (or there was nothing to commit).
+
+    Synchronous in effect but not a blocking ``commit(asynchronous=False)``: during a group
+    rebalance librdkafka queues the OffsetCommit behind this member's JoinGroup, which the broker
+    only answers once every member rejoined, and a member blocked in commit never rejoins (seen
+    against Kafka 4.3: a 12 s hang until SIGKILL). So: commit asynchronously, keep serving the
+    consumer so the rebalance can finish, and re-issue after a retriable failure."""
+    deadline = time.monotonic() + timeout_s
+    issued_at = -1
+    while True:
+        pending = loop.uncommitted()
+        if not pending:
             return True
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.code() == KafkaError._NO_OFFSET:
-                return True  # nothing newer than what is committed
-            if err.code() in _RETRY_COMMIT and attempt < COMMIT_ATTEMPTS:
-                log.info("final commit: %s, serving the rebalance and retrying", err.name())
-                loop.serve(0.5)  # lets the rebalance finish; on_revoke commits revoked partitions
-                continue
-            log.error("final commit failed: %s", err.str())
+        if loop.commit_results > issued_at:  # no commit of ours in flight: (re)issue one
+            issued_at = loop.commit_results
+            try:
+                loop.consumer.commit(asynchronous=True)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._NO_OFFSET:
+                    log.warning("final commit: %s", exc.args[0].str())
+        if time.monotonic() >= deadline:
+            log.error("final commit: broker did not confirm %s within %.0fs",
+                      ", ".join(tp_name(tp) for tp in pending), timeout_s)
             return False
-    return False
+        loop.serve(0.02)
 
 
 def read_receipt(loop: ConsumerLoop) -> list[m.PartitionReceipt]:

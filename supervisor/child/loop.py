@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
@@ -34,7 +34,8 @@ FETCH_BATCH = 500        # messages taken from librdkafka's queue per call
 MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served
 
 
-def to_record(msg: Message) -> Record:
+def to_record(msg: Any) -> Record:
+    """A Record from a confluent-kafka Message without an error (so no field is None)."""
     return Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
                   msg.headers() or [], msg.timestamp())
 
@@ -57,6 +58,7 @@ class ConsumerLoop:
         self.processed = 0
         self.failed = 0
         self.revocations = 0
+        self.commit_results = 0  # how many commit results (callbacks) have arrived
         self._last_poll = 0.0
         self._last_channel_check = 0.0
         # Asks the process level (SIGTERM flag, orphan check) whether to stop.
@@ -127,7 +129,7 @@ class ConsumerLoop:
             if msg.error():
                 self.on_consumer_error(msg.error())
                 continue
-            tp = (msg.topic(), msg.partition())
+            tp: TP = (msg.topic(), msg.partition())  # type: ignore[assignment]
             epoch = self.book.epoch_of(tp)
             if epoch < 0:
                 continue  # not ours (any more): never handled, never stored
@@ -146,7 +148,7 @@ class ConsumerLoop:
             if time.monotonic() >= end:
                 return
 
-    def on_consumer_error(self, err: KafkaError) -> None:
+    def on_consumer_error(self, err: Any) -> None:
         if err.fatal():
             log.error("fatal Kafka error: %s", err.str())
             self.request_drain(f"fatal Kafka error: {err.str()}", code=WorkerExit.KAFKA_FATAL)
@@ -185,10 +187,15 @@ class ConsumerLoop:
             # _STATE: librdkafka already dropped the partition; the book fences the rest.
             log.warning("store_offsets refused: %s", exc)
 
+    def uncommitted(self) -> list[TP]:
+        """Owned partitions whose stored offset the broker has not confirmed yet."""
+        return [tp for tp, b in self.book.owned.items() if b.stored >= 0 and b.committed < b.stored]
+
     def commit_partitions(self, tps: list[TP]) -> None:
-        """Synchronously commit what was stored for ``tps`` (used on revoke)."""
-        offsets = [TopicPartition(t, p, self.book.owned[(t, p)].stored)
-                   for t, p in tps if (t, p) in self.book.owned and self.book.owned[(t, p)].stored >= 0]
+        """Synchronously commit what was stored and not yet committed for ``tps`` (on revoke).
+        Skipping what is already committed keeps close() from blocking on an empty commit."""
+        todo = set(self.uncommitted())
+        offsets = [TopicPartition(t, p, self.book.owned[(t, p)].stored) for t, p in tps if (t, p) in todo]
         if not offsets:
             return
         try:
@@ -205,6 +212,7 @@ class ConsumerLoop:
 
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
+        self.commit_results += 1
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("commit failed: %s", err.str())
             return

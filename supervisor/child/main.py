@@ -8,6 +8,7 @@ This is the one place where the worker's exit code is chosen.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.metadata
 import logging
 import os
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl+C in a terminal reaches the whole process group; only the supervisor acts on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     liveness.ask_kernel_for_parent_death_signal(signal.SIGTERM)
+    # The supervisor sends SIGUSR1 before it SIGKILLs a stuck worker: the stacks land in its log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     channel = Channel.from_fd(int(argv[0]))
     try:
         code = run(channel)

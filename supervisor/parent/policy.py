@@ -11,7 +11,7 @@ HEALTHY_RESET_S = 60.0  # a worker that lived this long restarts with the first 
 def restart_delay(deaths: list[float], now: float, first_delay: float) -> float:
     """Exponential backoff per slot over the deaths since it was last healthy for a while."""
     recent = [t for t in deaths if now - t < HEALTHY_RESET_S]
-    return min(first_delay * 2 ** max(len(recent) - 1, 0), MAX_RESTART_DELAY_S)
+    return float(min(first_delay * 2.0 ** max(len(recent) - 1, 0), MAX_RESTART_DELAY_S))
 
 
 def is_crash_loop(all_deaths: list[float], now: float, limit: int, window: float) -> bool:

@@ -34,7 +34,7 @@ from supervisor.parent.spawn import spawn_worker
 log = logging.getLogger("ksup.supervisor")
 
 TICK_S = 0.5               # longest sleep of the loop when nothing happens
-KILL_GRACE_AFTER_BOOT_HALT_S = 5.0
+STACK_DUMP_BEFORE_KILL_S = 1.0  # SIGUSR1 (stack dump) this long before the SIGKILL
 
 
 class State(Enum):
@@ -165,9 +165,15 @@ class Supervisor:
             log.info("worker %d restarts in %.1fs", slot.index, delay)
 
     def murder_workers(self, now: float) -> None:
-        """SIGKILL workers past their drain deadline (reported as forced)."""
+        """SIGKILL workers past their drain deadline (reported as forced); just before, ask them
+        for their stacks so the log shows where they were stuck."""
         for slot in self.slots:
-            if slot.alive and slot.kill_at is not None and now >= slot.kill_at and not slot.killed:
+            if not slot.alive or slot.kill_at is None or now < slot.kill_at - STACK_DUMP_BEFORE_KILL_S:
+                continue
+            if not slot.stacks_asked:
+                slot.stacks_asked = True
+                self.kill(slot, signal.SIGUSR1)
+            if now >= slot.kill_at and not slot.killed:
                 inflight = slot.report.in_flight if slot.report else None
                 log.error("worker %d (pid %d) did not stop in time: SIGKILL%s", slot.index, slot.pid,
                           f" (in flight: {_coords(inflight)})" if inflight else "")

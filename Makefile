@@ -1,0 +1,47 @@
+# The two commands the README starts with: `make demo` and `make test`. Both work on a fresh
+# machine: they create .venv, install ksup, fetch Apache Kafka's jars from Maven Central once
+# (cached in ~/.cache/ksup) and start a throwaway broker on 127.0.0.1.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+COMPAT_VENV ?= .venv-compat
+# The oldest confluent-kafka ksup supports; its consumer differs from 2.16's (see README).
+COMPAT_CONFLUENT ?= 2.15.0
+
+.PHONY: demo test lint unit compat setup tools clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: tools $(VENV)/.installed
+
+# Java 17+ and Maven run the local broker; install them from Debian's packages if missing.
+tools:
+	@command -v java >/dev/null && command -v mvn >/dev/null || { \
+	  echo "installing Java and Maven (apt-get)"; \
+	  apt-get update -qq && apt-get install -y -qq default-jre-headless maven >/dev/null; }
+	@$(PYTHON) tests/localkafka.py fetch
+
+demo: setup
+	$(PY) examples/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check supervisor tests examples
+	$(VENV)/bin/mypy supervisor
+
+test: lint
+	$(PY) -m pytest
+	$(MAKE) compat
+
+# The core no-loss tests again, on the oldest supported confluent-kafka.
+compat: setup
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[test]' 'confluent-kafka==$(COMPAT_CONFLUENT)'
+	$(COMPAT_VENV)/bin/python -m pytest -m compat
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) .demo .pytest_cache .mypy_cache .ruff_cache
