@@ -83,9 +83,13 @@ def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], con
     setup_logging(log_format, settings.log_level, "supervisor")
     from supervisor.parent.supervisor import Supervisor
 
+    supervisor = Supervisor(settings, log_format)
     try:
-        code = Supervisor(settings, log_format).run()
+        code = ExitCode(supervisor.run())
     except Exception:
         logging.getLogger("ksup.supervisor").exception("supervisor crashed")
-        code = int(ExitCode.INTERNAL)
-    sys.exit(code)
+        code = ExitCode.INTERNAL
+    if code != ExitCode.OK:
+        # The last line of output, for whoever started ksup: what went wrong, as one line.
+        click.echo(f"ksup: exit {int(code)} ({code.name}): {supervisor.final_reason(code)}", err=True)
+    sys.exit(int(code))

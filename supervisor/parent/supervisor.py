@@ -54,6 +54,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.receipt = Receipt()
         self.exit_code: ExitCode | None = None  # set by a halt; otherwise computed at the end
+        self.halt_reason = ""
         self.stop_reason = ""
         self.deaths: list[float] = []
         self.forced = False
@@ -240,7 +241,7 @@ class Supervisor:
     def halt(self, reason: str, code: ExitCode) -> None:
         if self.exit_code is None:
             log.error("stopping: %s", reason)
-            self.exit_code = code
+            self.exit_code, self.halt_reason = code, reason
         self.stop(reason, quick=self.state is State.STARTING)
 
     def kill(self, slot: WorkerSlot, sig: int) -> None:
@@ -310,6 +311,17 @@ class Supervisor:
     def describe_stderr(self, slot: WorkerSlot) -> str:
         tail = [line for line in slot.stderr_tail if line.strip()][-3:]
         return f"; last output: {' | '.join(tail)[-600:]}" if tail else ""
+
+    def final_reason(self, code: ExitCode) -> str:
+        """One line for the operator when the exit code is not 0."""
+        if self.halt_reason:
+            return self.halt_reason
+        for slot in self.slots:
+            if slot.killed:
+                return f"worker {slot.index} did not drain within --graceful-timeout and was killed"
+            if slot.exiting is not None and slot.exiting.exit_code != 0:
+                return f"worker {slot.index}: {slot.exiting.reason} (exit {slot.exiting.exit_code})"
+        return code.name.lower()
 
     def final_code(self) -> ExitCode:
         codes: list[int | None] = []
