@@ -4,14 +4,19 @@
 2. Let the message in flight finish, waiting at most the drain timeout while still serving the
    consumer (so the group does not evict us and rebalances can complete).
 3. Store the offsets of everything finished.
-4. Commit synchronously, retrying while the group is rebalancing.
+4. Commit, and wait for the broker's confirmation while serving the group.
 5. Read the committed offsets back from the broker for the receipt.
-6. ``close()``: revoke, final auto-commit of anything stored, leave the group.
+6. Tell the supervisor we are ready to leave and wait for its ``Leave`` (still serving). The
+   supervisor releases all draining workers together once each has committed: with the classic
+   protocol, a member that leaves starts a rebalance, and a member that has re-sent JoinGroup
+   cannot commit until that rebalance ends, so nobody leaves before everybody committed.
+7. ``close()``: revoke, final auto-commit of anything stored, leave the group.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -23,57 +28,78 @@ from supervisor.contract.exitcodes import WorkerExit
 
 if TYPE_CHECKING:
     from supervisor.child.loop import ConsumerLoop
+    from supervisor.child.runner import Job
 
 log = logging.getLogger("ksup.worker")
 
 FINAL_COMMIT_TIMEOUT_S = 10.0
+LEAVE_WAIT_S = 10.0  # without word from the supervisor, leave after this long anyway
 
 
 def drain(loop: ConsumerLoop) -> WorkerExit:
-    started = time.monotonic()
+    """Run the whole sequence; returns the worker's exit code. Never blocks without bound."""
+    t0 = time.monotonic()
     loop.state = "draining"
     loop.send_report(force=True)
+    abandoned = finish_in_flight(loop, t0)
+    code = loop.exit_code
+    if abandoned is not None:
+        log.error("drain timeout: handler still running %s after %.1fs; not stored, will be redelivered",
+                  abandoned.record.coordinates, loop.drain_timeout_s)
+        if code == WorkerExit.OK:
+            code = WorkerExit.DRAIN_TIMEOUT
+    t_commit = time.monotonic()
+    committed = final_commit(loop)
+    if not committed:
+        loop.commit_on_revoke = False  # the group is stuck: close() must not block on a commit
+        if code == WorkerExit.OK:
+            code = WorkerExit.COMMIT_FAILED
+    receipt = read_receipt(loop, ask_broker=committed)
+    t_wait = time.monotonic()
+    wait_for_leave(loop)
+    t_close = time.monotonic()
+    loop.consumer.close()
+    loop.state = "closed"
+    log.info("drained (%s): handler %.3fs, commit %.3fs, wait for others %.3fs, close %.3fs; exit %d",
+             loop.stop_reason, t_commit - t0, t_wait - t_commit, t_close - t_wait,
+             time.monotonic() - t_close, int(code))
+    inflight = None
+    if abandoned is not None:
+        r = abandoned.record
+        inflight = m.InFlight(r.topic, r.partition, r.offset, loop.runner.running_since)
+    loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
+                                receipt=receipt, abandoned=inflight))
+    return code
+
+
+def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
+    """Steps 1-3. Returns the job still running at the deadline (abandoned), if any."""
     try:
         loop.consumer.pause(loop.consumer.assignment())
     except KafkaException as exc:
         log.warning("pause failed: %s", exc)
     loop.runner.stop()
-    deadline = started + loop.drain_timeout_s
-    while not loop.runner.wait_not_running(None, min(deadline, time.monotonic() + 0.1)):
+    # The deadline is re-read each round: a quick-stop request can shorten it.
+    while not loop.runner.wait_not_running(None, min(t0 + loop.drain_timeout_s, time.monotonic() + 0.1)):
         loop.collect()
         loop.serve(0.0)
-        loop.check_supervisor(time.monotonic())  # a quick-stop request shortens the deadline
-        deadline = min(deadline, started + loop.drain_timeout_s)
+        loop.check_supervisor(time.monotonic())
         loop.send_report()
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= t0 + loop.drain_timeout_s:
             break
-    abandoned = loop.runner.running
     loop.collect()
-    code = loop.exit_code
-    if abandoned is not None:
-        r = abandoned.record
-        log.error("drain timeout: handler still running %s after %.1fs; not stored, will be redelivered",
-                  r.coordinates, loop.drain_timeout_s)
-        if code == WorkerExit.OK:
-            code = WorkerExit.DRAIN_TIMEOUT
-    log.debug("drain: %d processed, %d late completions fenced", loop.processed, loop.book.fenced)
-    t_commit = time.monotonic()
-    if not final_commit(loop) and code == WorkerExit.OK:
-        code = WorkerExit.COMMIT_FAILED
-    receipt = read_receipt(loop)
-    t_close = time.monotonic()
-    loop.consumer.close()
-    loop.state = "closed"
-    t_end = time.monotonic()
-    log.info("drained (%s): wait %.3fs, commit %.3fs, close %.3fs; exit %d",
-             loop.stop_reason, t_commit - started, t_close - t_commit, t_end - t_close, int(code))
-    inflight = None
-    if abandoned is not None:
-        r = abandoned.record
-        inflight = m.InFlight(r.topic, r.partition, r.offset, loop.runner.running_since)
-    loop.channel.send(m.Exiting(pid=_pid(), exit_code=int(code), reason=loop.stop_reason or "",
-                                receipt=receipt, abandoned=inflight))
-    return code
+    return loop.runner.running
+
+
+def wait_for_leave(loop: ConsumerLoop) -> None:
+    """Step 6: keep serving the group until the supervisor says everyone may leave."""
+    loop.channel.send(m.ReadyToLeave(os.getpid()))
+    deadline = time.monotonic() + LEAVE_WAIT_S
+    while not loop.leave_now and not loop.channel.closed and time.monotonic() < deadline:
+        loop.serve(0.02)
+        loop.check_supervisor(time.monotonic())
+        if loop.outside_stop() == "supervisor died (orphaned)":
+            return
 
 
 def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) -> bool:
@@ -105,21 +131,15 @@ def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) 
         loop.serve(0.02)
 
 
-def read_receipt(loop: ConsumerLoop) -> list[m.PartitionReceipt]:
+def read_receipt(loop: ConsumerLoop, ask_broker: bool) -> list[m.PartitionReceipt]:
     tps = sorted(loop.book.history)
     committed: dict[tuple[str, int], int] = {}
-    if tps:
+    if tps and ask_broker:
         try:
-            for tp in loop.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=5.0):
+            for tp in loop.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=3.0):
                 committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else -1
         except KafkaException as exc:
             log.warning("could not read committed offsets back: %s", exc)
     return [m.PartitionReceipt(tp_name(tp), loop.book.history[tp].last_processed,
                                committed.get(tp, loop.book.history[tp].committed))
             for tp in tps]
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

@@ -59,6 +59,8 @@ class ConsumerLoop:
         self.failed = 0
         self.revocations = 0
         self.commit_results = 0  # how many commit results (callbacks) have arrived
+        self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
+        self.leave_now = False  # the supervisor's Leave arrived
         self._last_poll = 0.0
         self._last_channel_check = 0.0
         # Asks the process level (SIGTERM flag, orphan check) whether to stop.
@@ -85,6 +87,8 @@ class ConsumerLoop:
         for msg in self.channel.read_available():
             if isinstance(msg, m.Drain):
                 self.request_drain(msg.reason, msg.timeout_s)
+            elif isinstance(msg, m.Leave):
+                self.leave_now = True
         if self.channel.closed:
             self.request_drain("supervisor gone (pipe closed)")
 
@@ -248,7 +252,8 @@ class ConsumerLoop:
                             "stored (the next owner handles it again)",
                             job.record.coordinates if job else "?", self.revoke_timeout_s)
             self.collect()
-            self.commit_partitions(tps)
+            if self.commit_on_revoke:
+                self.commit_partitions(tps)
             self.book.release(tps)
             log.info("revoked %s (%d queued messages released)", ", ".join(map(tp_name, tps)), dropped)
             self.send_report(force=True)

@@ -14,7 +14,8 @@ from supervisor.contract import messages as m
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (m.Configure, m.Go, m.Drain, m.Loaded, m.BootFailed, m.Report, m.Exiting)
+    for cls in (m.Configure, m.Go, m.Drain, m.Leave, m.Loaded, m.BootFailed, m.Report, m.ReadyToLeave,
+                m.Exiting)
 }
 # Nested dataclasses rebuilt by field name.
 _NESTED: dict[str, type[Any]] = {"in_flight": m.InFlight, "abandoned": m.InFlight}

@@ -43,7 +43,14 @@ class Drain:
     reason: str = "requested"
 
 
-ToWorker = Configure | Go | Drain
+@dataclass(frozen=True)
+class Leave:
+    """Close the consumer now (leave the group). Sent after ``ReadyToLeave``; during a stop the
+    supervisor waits until every draining worker has committed, so that no member's leaving
+    starts a rebalance that blocks another member's final commit."""
+
+
+ToWorker = Configure | Go | Drain | Leave
 
 
 # ---- worker -> supervisor -------------------------------------------------------------------
@@ -117,5 +124,12 @@ class Exiting:
     abandoned: InFlight | None = None
 
 
-FromWorker = Loaded | BootFailed | Report | Exiting
+@dataclass(frozen=True)
+class ReadyToLeave:
+    """Drained and committed (or given up committing); waiting for ``Leave``."""
+
+    pid: int
+
+
+FromWorker = Loaded | BootFailed | Report | ReadyToLeave | Exiting
 Message = ToWorker | FromWorker

@@ -28,6 +28,9 @@ class WorkerSlot:
     drain_sent_at: float | None = None
     kill_at: float | None = None       # SIGKILL deadline once a drain was asked
     killed: bool = False               # we sent SIGKILL
+    joined: bool = False               # told Go: a group member (or about to be)
+    ready_to_leave: bool = False       # drained and committed, waiting for Leave
+    leave_sent: bool = False
     stacks_asked: bool = False         # we sent SIGUSR1 (worker dumps its threads' stacks)
     respawn_at: float | None = None
     report: m.Report | None = None
@@ -55,7 +58,7 @@ class WorkerSlot:
         self.proc, self.channel = proc, channel
         self.state, self.spawned_at = "booting", now
         self.drain_sent_at = self.kill_at = self.respawn_at = None
-        self.killed = self.stacks_asked = False
+        self.killed = self.stacks_asked = self.ready_to_leave = self.leave_sent = self.joined = False
         self.report = self.exiting = self.boot_failed = None
         self.stderr_buf = b""
         self.stderr_tail.clear()

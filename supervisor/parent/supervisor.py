@@ -86,6 +86,7 @@ class Supervisor:
         self.wait_for_events(TICK_S)
         self.dispatch_signals()
         self.reap_workers(time.monotonic())
+        self.release_leavers()
         self.murder_workers(time.monotonic())
         self.manage_workers(time.monotonic())
 
@@ -132,6 +133,9 @@ class Supervisor:
             # A worker that cannot even import the handler will not do better on a restart.
             if self.state is State.STARTING or msg.exit_code != WorkerExit.BROKER_UNREACHABLE:
                 raise HaltSupervisor(msg.reason, policy.halt_code_for_boot_failure(msg.exit_code))
+        elif isinstance(msg, m.ReadyToLeave):
+            slot.ready_to_leave = True
+            self.release_leavers()
         elif isinstance(msg, m.Exiting):
             slot.exiting = msg
             self.receipt.add(slot.index, msg)
@@ -199,6 +203,7 @@ class Supervisor:
             for slot in self.slots:
                 if slot.state == "loaded" and slot.channel is not None:
                     slot.channel.send(m.Go())
+                    slot.joined = True
                     slot.advance("running")
 
     # ---- actions --------------------------------------------------------------------------------
@@ -243,6 +248,17 @@ class Supervisor:
             log.error("stopping: %s", reason)
             self.exit_code, self.halt_reason = code, reason
         self.stop(reason, quick=self.state is State.STARTING)
+
+    def release_leavers(self) -> None:
+        """Let drained workers close. During a stop, only once every worker that is still in the
+        group has committed; otherwise (one worker draining alone) at once."""
+        in_group = [s for s in self.slots if s.alive and s.joined]
+        if self.state is State.STOPPING and not all(s.ready_to_leave for s in in_group):
+            return
+        for slot in in_group:
+            if slot.ready_to_leave and not slot.leave_sent and slot.channel is not None:
+                slot.channel.send(m.Leave())
+                slot.leave_sent = True
 
     def kill(self, slot: WorkerSlot, sig: int) -> None:
         if slot.proc is not None and slot.proc.poll() is None:
