@@ -3,6 +3,7 @@ logging, runs the Supervisor, exits with its code. Bad input gets one line and a
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -49,6 +50,18 @@ def main() -> None:
               help="Seconds a revocation waits for the message in flight of the revoked partitions.")
 @click.option("--restart-delay", type=float, default=1.0,
               help="First delay before restarting a dead worker (doubles per death, capped at 30s).")
+@click.option("--handler-timeout", type=float, default=None,
+              help="Seconds one message may take; a worker stuck longer is stopped and restarted.")
+@click.option("--heartbeat-timeout", type=float, default=30.0,
+              help="Seconds a worker may go without reporting before it is killed and restarted.")
+@click.option("--max-messages", type=int, default=None,
+              help="Recycle a worker (drain, start a fresh one) after about this many messages (+0-10%).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Recycle a worker whose RSS exceeds SIZE (e.g. 512M, 2G).")
+@click.option("--control-socket", type=click.Path(dir_okay=False), default=None,
+              help="Unix socket for ksup status/stop/scale/health [default: $XDG_RUNTIME_DIR/ksup/GROUP.sock, "
+                   "else /tmp/ksup-UID/GROUP.sock].")
+@click.option("--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the supervisor's pid here.")
 @click.option("--receipt", type=click.Path(dir_okay=False),
               help="Write the shutdown receipt (per partition: last processed, committed) as JSON here.")
 @click.option("--log-format", type=click.Choice(cfgmod.LOG_FORMATS), default="auto",
@@ -75,17 +88,28 @@ def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], con
         kafka.update(cfgmod.parse_kafka_property(p) for p in kafka_props)
         values["kafka"] = kafka
         values["handler"] = handler
+        if isinstance(values.get("max_memory"), str):
+            values["max_memory"] = cfgmod.parse_size(values["max_memory"])
         settings = cfgmod.build(values)
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
     log_format = resolve_format(settings.log_format)
     setup_logging(log_format, settings.log_level, "supervisor")
+    from supervisor.adapters.control import ControlSocketHooks, default_socket_path
+    from supervisor.adapters.pidfile import PidfileHooks
+    from supervisor.parent.hooks import AllHooks, Hooks
     from supervisor.parent.supervisor import Supervisor
 
-    supervisor = Supervisor(settings, log_format)
+    adapters: list[Hooks] = [ControlSocketHooks(settings.control_socket or default_socket_path(settings.group))]
+    if settings.pidfile:
+        adapters.append(PidfileHooks(settings.pidfile))
+    supervisor = Supervisor(settings, log_format, AllHooks(*adapters))
     try:
         code = ExitCode(supervisor.run())
+    except OSError as exc:  # the control socket or pidfile could not be set up
+        fail(str(exc), ExitCode.CONFIG)
+        return
     except Exception:
         logging.getLogger("ksup.supervisor").exception("supervisor crashed")
         code = ExitCode.INTERNAL
@@ -93,3 +117,79 @@ def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], con
         # The last line of output, for whoever started ksup: what went wrong, as one line.
         click.echo(f"ksup: exit {int(code)} ({code.name}): {supervisor.final_reason(code)}", err=True)
     sys.exit(int(code))
+
+
+# ---- clients of a running supervisor (over its control socket) ------------------------------------
+
+def _socket_option(f: Any) -> Any:
+    f = click.option("-g", "--group", default=None, help="Consumer group of the ksup to talk to.")(f)
+    return click.option("--socket", "socket_path", envvar="KSUP_SOCKET", default=None,
+                        help="Control socket path (or $KSUP_SOCKET) instead of --group.")(f)
+
+
+def _ask(socket_path: str | None, group: str | None, body: dict[str, Any], timeout: float | None = 10.0
+         ) -> dict[str, Any]:
+    from supervisor.adapters.control import default_socket_path, request
+
+    if socket_path is None:
+        if group is None:
+            fail("say which ksup: --group NAME (or --socket PATH)", ExitCode.USAGE)
+        socket_path = default_socket_path(str(group))
+    try:
+        reply = request(socket_path, body, timeout)
+    except FileNotFoundError:
+        fail(f"no ksup is running at {socket_path} (check --group/--socket)", ExitCode.USAGE)
+    except PermissionError:
+        fail(f"permission denied on {socket_path} (run as the user that started ksup)", ExitCode.USAGE)
+    except (OSError, ValueError) as exc:
+        fail(f"could not talk to ksup at {socket_path}: {exc}", ExitCode.INTERNAL)
+    if not reply.get("ok"):
+        fail(str(reply.get("error")), ExitCode.USAGE)
+    return reply
+
+
+@main.command()
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(socket_path: str | None, group: str | None, as_json: bool) -> None:
+    """One row per worker: state, partitions, message in flight, counts, committed offsets, RSS."""
+    reply = _ask(socket_path, group, {"cmd": "status"})
+    reply.pop("ok", None)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    else:
+        from supervisor.status_view import render
+
+        click.echo(render(reply))
+
+
+@main.command()
+@_socket_option
+@click.option("--timeout", type=float, default=None, help="Graceful timeout for this stop (seconds).")
+@click.option("--no-wait", is_flag=True, help="Return once the stop was accepted.")
+def stop(socket_path: str | None, group: str | None, timeout: float | None, no_wait: bool) -> None:
+    """Drain every worker and stop; exits with the supervisor's own exit code."""
+    reply = _ask(socket_path, group, {"cmd": "stop", "timeout": timeout, "wait": not no_wait}, timeout=None)
+    sys.exit(int(reply.get("exit_code", 0)))
+
+
+@main.command()
+@_socket_option
+@click.argument("workers", type=int)
+def scale(socket_path: str | None, group: str | None, workers: int) -> None:
+    """Change the number of workers (one group-membership change at a time)."""
+    reply = _ask(socket_path, group, {"cmd": "scale", "workers": workers})
+    click.echo(f"scaling from {reply['was']} to {reply['workers']} workers")
+
+
+@main.command()
+@_socket_option
+def health(socket_path: str | None, group: str | None) -> None:
+    """Exit 0 when healthy (loop alive, workers reporting, none stuck), else 1 with the reasons."""
+    reply = _ask(socket_path, group, {"cmd": "health"}, timeout=5.0)
+    if reply["healthy"]:
+        click.echo("healthy")
+        return
+    for problem in reply["problems"]:
+        click.echo(f"unhealthy: {problem}", err=True)
+    sys.exit(1)

@@ -40,15 +40,38 @@ class Settings:
     restart_delay: float = 1.0       # first respawn delay after a worker died; doubles, capped
     crash_loop_deaths: int = 5       # this many unexpected deaths ...
     crash_loop_window: float = 60.0  # ... within this many seconds stop the supervisor
+    handler_timeout: float | None = None  # a message taking longer marks the worker stuck
+    heartbeat_timeout: float = 30.0  # a joined worker silent this long is stuck (reports every 1 s)
+    max_messages: int | None = None  # recycle a worker after about this many messages
+    max_memory: int | None = None    # recycle a worker whose RSS exceeds this many bytes
     log_format: str = "auto"
     log_level: str = "info"
     receipt: str | None = None
+    control_socket: str | None = None
+    pidfile: str | None = None
 
     @property
     def worker_drain_timeout(self) -> float:
-        """How long a worker waits for its handler on a graceful drain: leaves it time to store,
-        commit and close before the supervisor's SIGKILL deadline."""
-        return max(self.graceful_timeout - 5.0, self.graceful_timeout * 0.5)
+        return drain_wait(self.graceful_timeout)
+
+
+def drain_wait(graceful_timeout: float) -> float:
+    """How long a worker waits for its handler in a graceful drain: leaves it time to store,
+    commit and close before the supervisor's SIGKILL deadline."""
+    return max(graceful_timeout - 5.0, graceful_timeout * 0.5)
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS and not t[-1:].isdigit() else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"--max-memory {text!r} is not a size (for example 512M or 2G)") from None
 
 
 # Properties ksup owns. The offset contract: store only after the handler finished, and let
@@ -134,9 +157,17 @@ def validate(s: Settings) -> Settings:
         if bad:
             raise ConfigError(f"{', '.join(bad)} cannot be set with --group-protocol consumer "
                               f"(the broker decides them under KIP-848; remove them)")
-    for name in ("graceful_timeout", "quick_timeout", "broker_timeout", "revoke_timeout"):
+    for name in ("graceful_timeout", "quick_timeout", "broker_timeout", "revoke_timeout", "heartbeat_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if s.handler_timeout is not None:
+        max_poll_s = int(kafka.get("max.poll.interval.ms", "300000")) / 1000
+        if not 0 < s.handler_timeout < max_poll_s:
+            raise ConfigError(f"--handler-timeout {s.handler_timeout:g}s must be positive and below "
+                              f"max.poll.interval.ms ({max_poll_s:g}s): raise -X max.poll.interval.ms "
+                              f"or lower the handler timeout")
+    if s.max_messages is not None and s.max_messages < 1:
+        raise ConfigError("--max-messages must be at least 1")
     return s
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from supervisor.contract.exitcodes import ExitCode, WorkerExit
+
+if TYPE_CHECKING:
+    from supervisor.config import Settings
+    from supervisor.parent.slots import WorkerSlot
 
 MAX_RESTART_DELAY_S = 30.0
 HEALTHY_RESET_S = 60.0  # a worker that lived this long restarts with the first delay again
@@ -34,3 +40,37 @@ def final_exit_code(worker_codes: list[int | None], forced: bool) -> ExitCode:
     if any(c == WorkerExit.COMMIT_FAILED for c in worker_codes):
         return ExitCode.COMMIT_FAILED
     return ExitCode.OK
+
+
+def stuck(slot: WorkerSlot, now: float, wall_now: float, s: Settings) -> str | None:
+    """Why a joined worker needs stopping: its handler ran past --handler-timeout, or its loop
+    stopped reporting for --heartbeat-timeout. None when it is fine."""
+    if not slot.joined or slot.drain_sent_at is not None:
+        return None
+    report = slot.report
+    if s.handler_timeout and report is not None and report.in_flight is not None:
+        age = wall_now - report.in_flight.since
+        if age > s.handler_timeout:
+            f = report.in_flight
+            return f"handler stuck on {f.topic}[{f.partition}]@{f.offset} for {age:.1f}s (--handler-timeout)"
+    if now - slot.report_at > s.heartbeat_timeout:
+        return f"silent for {now - slot.report_at:.1f}s (no report; --heartbeat-timeout)"
+    return None
+
+
+def recycle_reason(slot: WorkerSlot, s: Settings) -> str | None:
+    report = slot.report
+    if report is None or slot.drain_sent_at is not None:
+        return None
+    if slot.recycle_after is not None and report.processed >= slot.recycle_after:
+        return f"processed {report.processed} messages (--max-messages)"
+    if s.max_memory and report.rss_bytes > s.max_memory:
+        return f"RSS {report.rss_bytes >> 20} MiB over {s.max_memory >> 20} MiB (--max-memory)"
+    return None
+
+
+def jittered(limit: int, slot: int, generation: int) -> int:
+    """``limit`` plus up to 10% so that workers started together do not all recycle together.
+    Deterministic per slot and generation, so tests can predict it."""
+    spread = max(limit // 10, 0)
+    return limit + (hash((slot, generation)) % (spread + 1) if spread else 0)

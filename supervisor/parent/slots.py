@@ -34,6 +34,10 @@ class WorkerSlot:
     stacks_asked: bool = False         # we sent SIGUSR1 (worker dumps its threads' stacks)
     respawn_at: float | None = None
     report: m.Report | None = None
+    report_at: float = 0.0             # when the last report (or Loaded) arrived
+    assigned_at: float | None = None   # first report with an assignment: the join is done
+    then: str = "restart"              # after this process exits: restart | recycle | remove
+    recycle_after: int | None = None   # processed-message count that triggers a recycle
     exiting: m.Exiting | None = None
     boot_failed: m.BootFailed | None = None
     stderr_buf: bytes = b""
@@ -60,5 +64,6 @@ class WorkerSlot:
         self.drain_sent_at = self.kill_at = self.respawn_at = None
         self.killed = self.stacks_asked = self.ready_to_leave = self.leave_sent = self.joined = False
         self.report = self.exiting = self.boot_failed = None
+        self.report_at, self.assigned_at, self.then = now, None, "restart"
         self.stderr_buf = b""
         self.stderr_tail.clear()

@@ -1,9 +1,9 @@
 """Supervisor: the parent's main loop. Start reading at ``run`` and ``tick``.
 
 One loop does all the work; signal handlers only record (``signals.py``). Each tick waits for
-any event (a signal, a worker message, worker stderr), then performs the duties in a fixed order:
-dispatch signals, read worker messages, reap exited workers, kill workers past their deadline,
-start or restart workers. The supervisor decides; workers obey.
+any event (a signal, a worker message, worker output, a control-socket request), then performs
+the duties in a fixed order: dispatch signals, reap exited workers, release drained workers,
+stop stuck workers, start/restart/recycle/scale workers. The supervisor decides; workers obey.
 
 Life cycle: STARTING (spawn N workers; they import the handler and check the broker, then wait)
 -> RUNNING (all loaded: tell them Go) -> STOPPING (Drain sent; SIGKILL at the deadline) ->
@@ -16,8 +16,8 @@ import logging
 import os
 import selectors
 import signal
-import sys
 import time
+from collections.abc import Callable
 from enum import Enum
 
 from supervisor import config as cfgmod
@@ -25,7 +25,8 @@ from supervisor.config import Settings
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
-from supervisor.parent import policy
+from supervisor.parent import policy, worker_output
+from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
 from supervisor.parent.signals import SignalQueue
 from supervisor.parent.slots import WorkerSlot
@@ -33,8 +34,9 @@ from supervisor.parent.spawn import spawn_worker
 
 log = logging.getLogger("ksup.supervisor")
 
-TICK_S = 0.5               # longest sleep of the loop when nothing happens
-STACK_DUMP_BEFORE_KILL_S = 1.0  # SIGUSR1 (stack dump) this long before the SIGKILL
+TICK_S = 0.5                    # longest sleep of the loop when nothing happens
+STACK_DUMP_BEFORE_KILL_S = 1.0  # SIGUSR1 (the worker dumps its stacks) this long before SIGKILL
+CHANGE_SETTLE_MAX_S = 60.0      # a membership change counts as done after this long regardless
 
 
 class State(Enum):
@@ -45,11 +47,14 @@ class State(Enum):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, log_format: str) -> None:
+    def __init__(self, settings: Settings, log_format: str, hooks: Hooks | None = None) -> None:
         self.settings = settings
         self.log_format = log_format
+        self.hooks = hooks or NullHooks()
+        self.target_workers = settings.workers
         self.slots = [WorkerSlot(i) for i in range(settings.workers)]
         self.state = State.STARTING
+        self.started_at = time.time()
         self.signals = SignalQueue()
         self.selector = selectors.DefaultSelector()
         self.receipt = Receipt()
@@ -59,6 +64,7 @@ class Supervisor:
         self.deaths: list[float] = []
         self.forced = False
         self.quick = False
+        self.last_tick = time.monotonic()
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -68,6 +74,7 @@ class Supervisor:
         log.info("starting %d worker(s) for %s: group %s, topics %s",
                  len(self.slots), self.settings.handler, self.settings.group, ",".join(self.settings.topics))
         try:
+            self.hooks.on_start(self)
             for slot in self.slots:
                 self.spawn(slot, time.monotonic())
             while self.state is not State.STOPPED:
@@ -83,23 +90,28 @@ class Supervisor:
         return int(code)
 
     def tick(self, now: float) -> None:
+        self.last_tick = now
         self.wait_for_events(TICK_S)
         self.dispatch_signals()
-        self.reap_workers(time.monotonic())
+        now = time.monotonic()
+        self.reap_workers(now)
         self.release_leavers()
-        self.murder_workers(time.monotonic())
-        self.manage_workers(time.monotonic())
+        self.murder_workers(now)
+        self.manage_workers(now)
+        self.hooks.on_tick(self)
 
     def wait_for_events(self, timeout: float) -> None:
-        """Sleep until a signal, a worker message or worker output; handle messages/output."""
+        """Sleep until a signal, a worker message or output, or a control request; handle it."""
         for key, _ in self.selector.select(timeout):
-            slot = key.data
-            if slot is None:
-                continue
-            if key.fileobj is slot.channel:
-                self.read_messages(slot)
+            data = key.data
+            if data is None:
+                continue  # the signal pipe: dispatch_signals reads it
+            if callable(data):
+                data()  # an adapter's handler (control socket)
+            elif key.fileobj is data.channel:
+                self.read_messages(data)
             else:
-                self.read_stderr(slot)
+                worker_output.read_stderr(data, self.selector)
 
     # ---- duties ---------------------------------------------------------------------------------
 
@@ -109,6 +121,10 @@ class Supervisor:
                 self.stop(f"{signal.Signals(signum).name} received", quick=False)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.stop(f"{signal.Signals(signum).name} received: quick stop", quick=True)
+            elif signum == signal.SIGTTIN:
+                self.scale(self.target_workers + 1)
+            elif signum == signal.SIGTTOU:
+                self.scale(self.target_workers - 1)
 
     def read_messages(self, slot: WorkerSlot) -> None:
         assert slot.channel is not None
@@ -123,9 +139,12 @@ class Supervisor:
 
     def on_message(self, slot: WorkerSlot, msg: m.Message) -> None:
         if isinstance(msg, m.Report):
-            slot.report = msg
+            slot.report, slot.report_at = msg, time.monotonic()
+            if msg.state in ("assigned", "draining") and slot.assigned_at is None:
+                slot.assigned_at = time.monotonic()
         elif isinstance(msg, m.Loaded):
             slot.advance("loaded")
+            slot.report_at = time.monotonic()
             log.info("worker %d (pid %d) loaded %s (confluent-kafka %s)",
                      slot.index, msg.pid, msg.handler, msg.client_version)
         elif isinstance(msg, m.BootFailed):
@@ -141,39 +160,59 @@ class Supervisor:
             self.receipt.add(slot.index, msg)
 
     def reap_workers(self, now: float) -> None:
-        """Collect exited workers; log each death with its cause; schedule restarts."""
-        for slot in self.slots:
+        """Collect exited workers; log each death with its cause; decide what follows."""
+        for slot in list(self.slots):
             if slot.proc is None or slot.state == "exited" or slot.proc.poll() is None:
                 continue
-            self.flush_worker(slot)
+            if slot.channel is not None and not slot.channel.closed:
+                self.read_messages(slot)
+            worker_output.read_stderr(slot, self.selector, final=True)
             report = describe_returncode(slot.proc.returncode)
-            expected = self.state is State.STOPPING or slot.drain_sent_at is not None
             slot.state = "exited"
-            if expected and report.code == 0:
-                log.info("worker %d (pid %d) exited: %s", slot.index, slot.pid, slot.exiting.reason
-                         if slot.exiting else report.describe())
-                continue
-            level = logging.WARNING if expected else logging.ERROR
-            log.log(level, "worker %d (pid %d) %s%s%s", slot.index, slot.pid, report.describe(),
-                    self.describe_last_moments(slot), self.describe_stderr(slot))
-            if self.state is State.STOPPING or slot.boot_failed is not None and self.state is State.STARTING:
-                continue
-            slot.deaths.append(now)
-            self.deaths.append(now)
-            if policy.is_crash_loop(self.deaths, now, self.settings.crash_loop_deaths,
-                                    self.settings.crash_loop_window):
-                raise HaltSupervisor(f"crash loop: {self.settings.crash_loop_deaths} worker deaths within "
-                                     f"{self.settings.crash_loop_window:g}s; last: {report.describe()}",
-                                     ExitCode.CRASH_LOOP)
-            delay = policy.restart_delay(slot.deaths, now, self.settings.restart_delay)
-            slot.respawn_at = now + delay
-            log.info("worker %d restarts in %.1fs", slot.index, delay)
+            self.hooks.on_worker_exit(self, slot, report)
+            clean = report.code == 0 and slot.drain_sent_at is not None
+            if clean:
+                log.info("worker %d (pid %d) exited: %s", slot.index, slot.pid,
+                         slot.exiting.reason if slot.exiting else report.describe())
+            else:
+                log.log(logging.WARNING if self.state is State.STOPPING else logging.ERROR,
+                        "worker %d (pid %d) %s%s%s", slot.index, slot.pid, report.describe(),
+                        worker_output.last_moments(slot), worker_output.stderr_tail(slot))
+            self.after_exit(slot, now, clean, report.describe())
+
+    def after_exit(self, slot: WorkerSlot, now: float, clean: bool, how: str) -> None:
+        if self.state is not State.RUNNING:
+            return
+        if slot.then == "remove":
+            self.slots.remove(slot)
+            log.info("worker slot %d removed (%d workers)", slot.index, len(self.slots))
+            return
+        if slot.then == "recycle" and clean:
+            slot.respawn_at = now
+            return
+        slot.deaths.append(now)
+        self.deaths.append(now)
+        if policy.is_crash_loop(self.deaths, now, self.settings.crash_loop_deaths, self.settings.crash_loop_window):
+            raise HaltSupervisor(f"crash loop: {self.settings.crash_loop_deaths} worker deaths within "
+                                 f"{self.settings.crash_loop_window:g}s; last: {how}", ExitCode.CRASH_LOOP)
+        delay = policy.restart_delay(slot.deaths, now, self.settings.restart_delay)
+        slot.respawn_at = now + delay
+        log.info("worker %d restarts in %.1fs", slot.index, delay)
 
     def murder_workers(self, now: float) -> None:
-        """SIGKILL workers past their drain deadline (reported as forced); just before, ask them
-        for their stacks so the log shows where they were stuck."""
+        """Stop workers whose handler is stuck or whose loop went silent; SIGKILL workers past
+        their drain deadline (just before, ask for their stacks so the log shows where)."""
         for slot in self.slots:
-            if not slot.alive or slot.kill_at is None or now < slot.kill_at - STACK_DUMP_BEFORE_KILL_S:
+            if not slot.alive:
+                continue
+            if slot.drain_sent_at is None and self.state is State.RUNNING:
+                problem = policy.stuck(slot, now, time.time(), self.settings)
+                if problem:
+                    log.error("worker %d (pid %d) %s: stopping it", slot.index, slot.pid, problem)
+                    self.drain_slot(slot, problem, wait_s=0.0, deadline_s=self.settings.quick_timeout + 5.0)
+                    if "silent" in problem:
+                        slot.kill_at = now + STACK_DUMP_BEFORE_KILL_S  # its loop cannot drain
+            if slot.kill_at is None or now < slot.kill_at - STACK_DUMP_BEFORE_KILL_S:
                 continue
             if not slot.stacks_asked:
                 slot.stacks_asked = True
@@ -181,30 +220,69 @@ class Supervisor:
             if now >= slot.kill_at and not slot.killed:
                 inflight = slot.report.in_flight if slot.report else None
                 log.error("worker %d (pid %d) did not stop in time: SIGKILL%s", slot.index, slot.pid,
-                          f" (in flight: {_coords(inflight)})" if inflight else "")
+                          f" (in flight: {worker_output.coords(inflight)})" if inflight else "")
                 self.kill(slot, signal.SIGKILL)
                 slot.killed = True
-                self.forced = True
+                if self.state is State.STOPPING:
+                    self.forced = True
 
     def manage_workers(self, now: float) -> None:
-        """Start workers due for a (re)start; release the boot barrier; finish when all stopped."""
+        """Start, restart, recycle and scale workers: at most one group-membership change at a
+        time, so the group rebalances once per change instead of in a storm."""
         if self.state is State.STOPPING:
             if not any(s.alive for s in self.slots):
                 self.state = State.STOPPED
+            return
+        if self.state is State.STARTING:
+            if all(s.state == "loaded" for s in self.slots):
+                self.state = State.RUNNING
+                log.info("all %d workers loaded: joining group %s", len(self.slots), self.settings.group)
+                for slot in self.slots:
+                    self.go(slot)
+            return
+        for slot in self.slots:
+            if slot.state == "loaded" and not slot.joined:
+                self.go(slot)
+        if self.change_in_progress(now):
             return
         for slot in self.slots:
             if not slot.alive and slot.respawn_at is not None and now >= slot.respawn_at:
                 slot.restarts += 1
                 self.spawn(slot, now)
-        if self.state is State.STARTING and all(s.state == "loaded" for s in self.slots):
-            self.state = State.RUNNING
-            log.info("all %d workers loaded: joining group %s", len(self.slots), self.settings.group)
-        if self.state is State.RUNNING:
-            for slot in self.slots:
-                if slot.state == "loaded" and slot.channel is not None:
-                    slot.channel.send(m.Go())
-                    slot.joined = True
-                    slot.advance("running")
+                return
+        if len(self.slots) < self.target_workers:
+            used = {s.index for s in self.slots}
+            slot = WorkerSlot(min(i for i in range(len(self.slots) + 1) if i not in used))
+            self.slots.append(slot)
+            self.slots.sort(key=lambda s: s.index)
+            self.spawn(slot, now)
+            return
+        live = [s for s in self.slots if s.then != "remove"]
+        if len(live) > self.target_workers:
+            victim = max(live, key=lambda s: s.index)
+            victim.then = "remove"
+            if victim.alive:
+                self.drain_slot(victim, "scale down", self.settings.worker_drain_timeout,
+                                self.settings.graceful_timeout)
+            else:
+                self.slots.remove(victim)
+            return
+        for slot in self.slots:
+            why = policy.recycle_reason(slot, self.settings)
+            if slot.alive and slot.joined and why:
+                slot.then = "recycle"
+                log.info("worker %d (pid %d) recycles: %s", slot.index, slot.pid, why)
+                self.drain_slot(slot, f"recycle: {why}", self.settings.worker_drain_timeout,
+                                self.settings.graceful_timeout)
+                return
+
+    def change_in_progress(self, now: float) -> bool:
+        """A worker is booting, joining (no assignment yet) or draining out of the group."""
+        for s in self.slots:
+            if s.alive and (s.drain_sent_at is not None or s.assigned_at is None) \
+                    and now - s.spawned_at < CHANGE_SETTLE_MAX_S:
+                return True
+        return False
 
     # ---- actions --------------------------------------------------------------------------------
 
@@ -214,13 +292,32 @@ class Supervisor:
                                 cfgmod.worker_options(s, self.log_format))
         proc, channel = spawn_worker(configure)
         slot.reset_for_spawn(proc, channel, now)
+        if s.max_messages:
+            slot.recycle_after = policy.jittered(s.max_messages, slot.index, slot.restarts)
         self.selector.register(channel, selectors.EVENT_READ, slot)
         assert proc.stderr is not None
         os.set_blocking(proc.stderr.fileno(), False)
         self.selector.register(proc.stderr, selectors.EVENT_READ, slot)
         log.info("worker %d started (pid %d)", slot.index, proc.pid)
 
-    def stop(self, reason: str, quick: bool) -> None:
+    def go(self, slot: WorkerSlot) -> None:
+        if slot.channel is not None:
+            slot.channel.send(m.Go())
+        slot.joined = True
+        slot.advance("running")
+
+    def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float) -> None:
+        """Ask one worker to drain (Drain over the pipe plus SIGTERM, which also reaches a worker
+        still booting); SIGKILL it if it has not exited ``deadline_s`` from now."""
+        if slot.channel is not None:
+            slot.channel.send(m.Drain(wait_s, reason))
+        self.kill(slot, signal.SIGTERM)
+        now = time.monotonic()
+        slot.drain_sent_at = slot.drain_sent_at or now
+        slot.kill_at = min(slot.kill_at or now + deadline_s, now + deadline_s)
+        slot.advance("draining")
+
+    def stop(self, reason: str, quick: bool, timeout: float | None = None) -> None:
         """Ask every worker to drain. Idempotent; a quick stop shortens the deadlines."""
         if self.state is State.STOPPING and (self.quick or not quick):
             return
@@ -228,20 +325,27 @@ class Supervisor:
         self.quick = self.quick or quick
         self.state = State.STOPPING
         s = self.settings
-        wait = s.quick_timeout if quick else s.worker_drain_timeout
-        deadline = time.monotonic() + (s.quick_timeout + 5.0 if quick else s.graceful_timeout)
+        graceful = timeout if timeout is not None else s.graceful_timeout
+        wait, deadline = (s.quick_timeout, s.quick_timeout + 5.0) if quick else \
+            (cfgmod.drain_wait(graceful), graceful)
         log.info("%s: draining %d worker(s) (deadline %.0fs)", reason,
-                 sum(1 for x in self.slots if x.alive), deadline - time.monotonic())
+                 sum(1 for x in self.slots if x.alive), deadline)
+        self.hooks.on_stopping(self)
         for slot in self.slots:
             slot.respawn_at = None
-            if not slot.alive:
-                continue
-            if slot.channel is not None:
-                slot.channel.send(m.Drain(wait, reason))
-            self.kill(slot, signal.SIGTERM)  # also wakes a worker still booting
-            slot.drain_sent_at = slot.drain_sent_at or time.monotonic()
-            slot.kill_at = min(slot.kill_at or deadline, deadline)
-            slot.advance("draining")
+            if slot.alive:
+                self.drain_slot(slot, reason, wait, deadline)
+
+    def scale(self, workers: int) -> str | None:
+        """Set the number of workers; manage_workers gets there one change at a time. Returns an
+        error message when refused."""
+        if workers < 1:
+            return f"cannot scale to {workers}: at least 1 worker"
+        if self.state not in (State.STARTING, State.RUNNING):
+            return f"cannot scale while {self.state.value}"
+        log.info("scaling from %d to %d workers", self.target_workers, workers)
+        self.target_workers = workers
+        return None
 
     def halt(self, reason: str, code: ExitCode) -> None:
         if self.exit_code is None:
@@ -274,59 +378,9 @@ class Supervisor:
                 self.kill(slot, signal.SIGKILL)
                 slot.proc.wait(10)
             if slot.proc is not None:
-                self.flush_worker(slot)
+                worker_output.read_stderr(slot, self.selector, final=True)
 
-    # ---- worker output and descriptions -----------------------------------------------------------
-
-    def read_stderr(self, slot: WorkerSlot) -> None:
-        if slot.proc is None or slot.proc.stderr is None:
-            return
-        try:
-            data = slot.proc.stderr.read()
-        except (BlockingIOError, ValueError):
-            return
-        if not data:
-            self.selector.unregister(slot.proc.stderr)
-            return
-        self.forward_stderr(slot, data)
-
-    def forward_stderr(self, slot: WorkerSlot, data: bytes) -> None:
-        *lines, slot.stderr_buf = (slot.stderr_buf + data).split(b"\n")
-        for line in lines:
-            slot.stderr_tail.append(line.decode(errors="replace"))
-            try:
-                sys.stderr.buffer.write(line + b"\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
-
-    def flush_worker(self, slot: WorkerSlot) -> None:
-        """Read what an exited worker left in its pipes."""
-        if slot.channel is not None and not slot.channel.closed:
-            self.read_messages(slot)
-        if slot.proc is not None and slot.proc.stderr is not None and not slot.proc.stderr.closed:
-            try:
-                data = slot.proc.stderr.read() or b""
-            except (BlockingIOError, ValueError):
-                data = b""
-            self.forward_stderr(slot, data + b"\n" if slot.stderr_buf else data)
-            try:
-                self.selector.unregister(slot.proc.stderr)
-            except (KeyError, ValueError):
-                pass
-            slot.proc.stderr.close()
-
-    def describe_last_moments(self, slot: WorkerSlot) -> str:
-        if slot.exiting is not None:
-            return f": {slot.exiting.reason}"
-        inflight = slot.report.in_flight if slot.report else None
-        if inflight is not None:
-            return f"; in flight: {_coords(inflight)} for {time.time() - inflight.since:.1f}s"
-        return ""
-
-    def describe_stderr(self, slot: WorkerSlot) -> str:
-        tail = [line for line in slot.stderr_tail if line.strip()][-3:]
-        return f"; last output: {' | '.join(tail)[-600:]}" if tail else ""
+    # ---- the end ----------------------------------------------------------------------------------
 
     def final_reason(self, code: ExitCode) -> str:
         """One line for the operator when the exit code is not 0."""
@@ -340,12 +394,8 @@ class Supervisor:
         return code.name.lower()
 
     def final_code(self) -> ExitCode:
-        codes: list[int | None] = []
-        for slot in self.slots:
-            if slot.proc is None or slot.proc.returncode is None:
-                continue
-            report = describe_returncode(slot.proc.returncode)
-            codes.append(report.code)
+        codes = [describe_returncode(s.proc.returncode).code for s in self.slots
+                 if s.proc is not None and s.proc.returncode is not None]
         return policy.final_exit_code(codes, self.forced)
 
     def finish(self, code: ExitCode) -> None:
@@ -354,7 +404,8 @@ class Supervisor:
         log.info("shutdown receipt: exit %d (%s)", int(code), code.name, extra={"receipt": body})
         if self.settings.receipt:
             self.receipt.write(self.settings.receipt, int(code), reason)
+        self.hooks.on_exit(self, int(code))
 
-
-def _coords(inflight: m.InFlight) -> str:
-    return f"{inflight.topic}[{inflight.partition}]@{inflight.offset}"
+    def register(self, fileobj: object, handler: Callable[[], None]) -> None:
+        """For adapters: call ``handler`` from the loop whenever ``fileobj`` is readable."""
+        self.selector.register(fileobj, selectors.EVENT_READ, handler)  # type: ignore[arg-type]
