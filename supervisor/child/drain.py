@@ -88,6 +88,7 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
         if time.monotonic() >= t0 + loop.drain_timeout_s:
             break
     loop.collect()
+    loop.gave_up_in_flight = loop.runner.running is not None
     return loop.runner.running
 
 

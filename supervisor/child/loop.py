@@ -61,6 +61,7 @@ class ConsumerLoop:
         self.commit_results = 0  # how many commit results (callbacks) have arrived
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
         self.leave_now = False  # the supervisor's Leave arrived
+        self.gave_up_in_flight = False  # the drain deadline passed with the handler still running
         self._last_poll = 0.0
         self._last_channel_check = 0.0
         # Asks the process level (SIGTERM flag, orphan check) whether to stop.
@@ -245,7 +246,8 @@ class ConsumerLoop:
             self.revocations += 1
             gone = set(tps)
             dropped = self.runner.drop(gone)
-            deadline = time.monotonic() + self.revoke_timeout_s
+            # After the drain gave up on the message in flight, close() must not wait for it again.
+            deadline = time.monotonic() + (0.0 if self.gave_up_in_flight else self.revoke_timeout_s)
             if not self.runner.wait_not_running(gone, deadline):
                 job = self.runner.running
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "

@@ -1,6 +1,7 @@
 """Test handler: records every message it finished as a line ``partition offset pid`` in the file
-named by KSUP_TEST_RECORD, after sleeping KSUP_TEST_SLEEP seconds. Behaviour switches for the
-failure tests come from the environment too (the workers inherit it)."""
+named by KSUP_TEST_RECORD, after sleeping KSUP_TEST_SLEEP seconds. Failure switches come from
+the environment (the workers inherit it); each ``*_AT`` switch names "partition:offset" and
+fires once per test (a marker file next to the record remembers it fired)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,36 @@ import time
 
 from supervisor.record import Record
 
+_RECORD = os.environ["KSUP_TEST_RECORD"]
 _SLEEP = float(os.environ.get("KSUP_TEST_SLEEP", "0"))
-_RAISE_AT = os.environ.get("KSUP_TEST_RAISE_AT")  # "partition:offset" raises once per process
-_HANG_AT = os.environ.get("KSUP_TEST_HANG_AT")    # "partition:offset" sleeps an hour
-_fd = os.open(os.environ["KSUP_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+_fd = os.open(_RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+_hoard: list[bytes] = []
+
+
+def _once(name: str, where: str) -> bool:
+    """True the first time the switch ``name`` matches ``where`` in this test."""
+    if os.environ.get(name) != where:
+        return False
+    marker = f"{_RECORD}.{name}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def process(record: Record) -> None:
     where = f"{record.partition}:{record.offset}"
     if _SLEEP:
         time.sleep(_SLEEP)
-    if where == _HANG_AT:
+    if _once("KSUP_TEST_HANG_AT", where):
         time.sleep(3600)
-    if where == _RAISE_AT and not os.path.exists(os.environ["KSUP_TEST_RECORD"] + ".raised"):
-        open(os.environ["KSUP_TEST_RECORD"] + ".raised", "w").close()
+    if _once("KSUP_TEST_RAISE_AT", where):
         raise RuntimeError(f"test failure at {where}")
+    if _once("KSUP_TEST_GROW_AT", where):
+        _hoard.append(bytearray(200 << 20))  # 200 MiB, touched so it counts in RSS
+        _hoard[-1][:: 4096] = b"x" * len(_hoard[-1][:: 4096])
+    if _once("KSUP_TEST_EXIT_AT", where):
+        os._exit(1)
     # One write per message with O_APPEND: a line is either whole or absent, even on SIGKILL.
     os.write(_fd, f"{record.partition} {record.offset} {os.getpid()}\n".encode())

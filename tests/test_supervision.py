@@ -1,0 +1,253 @@
+"""Supervision an operator can trust: crash loops, stuck and silent workers, orphans, the
+shutdown ladder, recycling, scaling, and the control socket. Real broker, real processes,
+real signals; each test fails when its behaviour is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import REPO, read_record, wait_until
+from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
+
+pytestmark = pytest.mark.kafka
+
+HANDLER = "tests.handlers.recording:process"
+CRASH_LOOP, FORCED = 6, 4
+
+
+def ksup_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def status(group: str) -> dict:
+    """``ksup status --json``; before the supervisor is up, an empty status."""
+    out = ksup_cli("status", "--json", "-g", group)
+    if out.returncode != 0:
+        return {"supervisor": {}, "workers": []}
+    return json.loads(out.stdout)
+
+
+def loaded_topic(bootstrap: str, topic: str, partitions: int, count: int) -> dict[int, int]:
+    create_topic(bootstrap, topic, partitions)
+    produce_sequence(bootstrap, topic, count, partitions=partitions)
+    return end_offsets(bootstrap, topic, partitions)
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def no_loss_no_dups(record: Path, ends: dict[int, int]) -> tuple[int, int]:
+    seen = Counter((p, o) for p, o, _ in read_record(record))
+    missing = sum(1 for p, end in ends.items() for o in range(end) if (p, o) not in seen)
+    return missing, sum(n - 1 for n in seen.values() if n > 1)
+
+
+def test_crash_loop_stops_with_its_own_exit_code(ksup, bootstrap, names):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 1, 10)
+    run = ksup("tests.handlers.failing:process", bootstrap, topic, group, extra=["--restart-delay", "0.1"])
+    assert run.wait(90) == CRASH_LOOP, run.tail()
+    text = run.log_text()
+    assert "crash loop: 5 worker deaths within 60s" in text
+    assert "cannot handle" in text, "the death log quotes the worker's last output"
+    assert committed_offsets(bootstrap, group, topic, 1) == {0: -1001}, "nothing may be committed"
+
+
+def test_stuck_handler_is_stopped_and_its_message_redelivered(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    ends = loaded_topic(bootstrap, topic, 2, 100)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_HANG_AT": "1:10"}
+    run = ksup(HANDLER, bootstrap, topic, group, env=env,
+               extra=["--handler-timeout", "2", "--restart-delay", "0.2"])
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 2) == ends, 60, "all committed", 0.5)
+    assert run.stop() == 0, run.tail()
+    text = run.log_text()
+    assert f"handler stuck on {topic}[1]@10" in text
+    assert f"drain timeout: handler still running {topic}[1]@10" in text
+    assert no_loss_no_dups(record, ends)[0] == 0
+    assert (1, 10) in {(p, o) for p, o, _ in read_record(record)}, "the stuck message was redelivered"
+
+
+def test_silent_worker_is_killed_and_replaced(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    ends = loaded_topic(bootstrap, topic, 2, 400)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.01"}
+    run = ksup(HANDLER, bootstrap, topic, group, env=env,
+               extra=["--heartbeat-timeout", "3", "--restart-delay", "0.2", "-X", "session.timeout.ms=6000"])
+    wait_until(lambda: len(read_record(record)) > 20, 60, "work started")
+    victim = run.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)  # its loop can no longer report, nor drain
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 2) == ends, 90, "all committed", 0.5)
+    assert run.stop() == 0, run.tail()
+    text = run.log_text()
+    assert f"(pid {victim}) silent for" in text
+    assert f"(pid {victim}) killed by SIGKILL" in text
+    assert no_loss_no_dups(record, ends)[0] == 0
+
+
+def test_orphaned_workers_drain_commit_and_exit(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 4, 4000)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.005"}
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env)
+    wait_until(lambda: len({pid for *_, pid in read_record(record)}) == 2, 60, "both workers busy")
+    workers = run.worker_pids()
+    os.kill(run.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_until(lambda: gone(workers), 10, "workers exit after their supervisor died")
+    assert time.monotonic() - t0 < 5
+    last: dict[int, int] = {}
+    for p, o, _ in read_record(record):
+        last[p] = max(last.get(p, -1), o)
+    committed = committed_offsets(bootstrap, group, topic, 4)
+    assert all(committed[p] == last[p] + 1 for p in last), (committed, last)
+
+
+def test_second_sigint_turns_a_slow_drain_into_a_quick_stop(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 1, 5)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "60"}
+    run = ksup("tests.handlers.slow:process", bootstrap, topic, group, env=env,
+               extra=["--graceful-timeout", "120", "--quick-timeout", "1"])
+    wait_until(
+        lambda: any(w["in_flight"] for w in status(group)["workers"]), 60, "a message in flight")
+    run.signal(signal.SIGINT)
+    time.sleep(2)
+    assert run.proc.poll() is None, "the first SIGINT waits for the slow handler"
+    t0 = time.monotonic()
+    run.signal(signal.SIGINT)
+    assert run.wait(30) == FORCED, run.tail()
+    assert time.monotonic() - t0 < 10
+    assert "SIGINT received: quick stop" in run.log_text()
+    assert committed_offsets(bootstrap, group, topic, 1) == {0: -1001}, "the abandoned message is not committed"
+
+
+def test_terminal_ctrl_c_drains_each_worker_once(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 2, 50)
+    env = {"KSUP_TEST_RECORD": str(tmp_path / "record.txt")}
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env)
+    run.wait_for_log("all 2 workers loaded", 60)
+    os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    assert run.wait(60) == 0, run.tail()
+    assert run.log_text().count("drain requested") == 2
+
+
+@pytest.mark.parametrize("mode", ["messages", "memory"])
+def test_recycling_loses_nothing(ksup, bootstrap, names, tmp_path, mode):
+    topic, group = names
+    ends = loaded_topic(bootstrap, topic, 4, 1200)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.002"}
+    if mode == "messages":
+        extra = ["--max-messages", "300"]
+    else:
+        extra = ["--max-memory", "150M"]
+        env["KSUP_TEST_GROW_AT"] = "2:100"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env, extra=extra)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 120, "all committed", 0.5)
+    assert run.stop() == 0, run.tail()
+    assert "recycles: " + ("processed" if mode == "messages" else "RSS") in run.log_text()
+    assert no_loss_no_dups(record, ends) == (0, 0)
+
+
+def test_scale_up_and_down_under_load(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    ends = loaded_topic(bootstrap, topic, 6, 3000)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.003"}
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env)
+    run.wait_for_log("assigned", 60)
+    assert ksup_cli("scale", "3", "-g", group).returncode == 0
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 3, 60, "3 busy workers")
+    run.signal(signal.SIGTTOU)  # and down by one with a signal
+    wait_until(lambda: len(status(group)["workers"]) == 2, 60, "scaled down to 2")
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 6) == ends, 120, "all committed", 0.5)
+    assert run.stop() == 0, run.tail()
+    assert no_loss_no_dups(record, ends) == (0, 0)
+
+
+def test_status_health_stop_and_pidfile_over_the_control_socket(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 2, 20)
+    pidfile = tmp_path / "ksup.pid"
+    env = {"KSUP_TEST_RECORD": str(tmp_path / "record.txt")}
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env, extra=["--pidfile", str(pidfile)])
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "workers assigned")
+    assert pidfile.read_text().strip() == str(run.proc.pid)
+    st = status(group)
+    assert set(st["supervisor"]) >= {"pid", "state", "group", "topics", "handler", "workers_target", "uptime_s"}
+    for w in st["workers"]:
+        assert set(w) >= {"slot", "pid", "state", "partitions", "in_flight", "processed", "committed",
+                          "stored", "rss_bytes", "restarts"}
+        assert w["rss_bytes"] > 10 << 20 and w["state"] == "assigned"
+    assert ksup_cli("health", "-g", group).returncode == 0
+    table = ksup_cli("status", "-g", group).stdout
+    assert "SLOT" in table and "PARTITIONS" in table and f"{topic}[" in table
+    stop = ksup_cli("stop", "-g", group, timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    assert run.wait(10) == 0
+    assert not pidfile.exists()
+
+
+def test_health_fails_while_a_worker_is_down(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 1, 20)
+    env = {"KSUP_TEST_RECORD": str(tmp_path / "record.txt"), "KSUP_TEST_EXIT_AT": "0:5"}
+    run = ksup(HANDLER, bootstrap, topic, group, env=env, extra=["--restart-delay", "20"])
+    run.wait_for_log("restarts in 20.0s", 60)
+    out = ksup_cli("health", "-g", group)
+    assert out.returncode == 1 and "worker 0 is not running" in out.stderr
+
+
+def test_control_socket_refuses_other_users_and_malformed_requests(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    loaded_topic(bootstrap, topic, 1, 5)
+    sock_path = tmp_path / "ctl" / "ksup.sock"
+    run = ksup(HANDLER, bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt")},
+               extra=["--control-socket", str(sock_path)])
+    run.wait_for_log("control socket at", 60)
+    assert (sock_path.stat().st_mode & 0o777) == 0o600
+    # Another user (nobody) cannot connect: a forked child drops to uid 65534 and tries.
+    pid = os.fork()
+    if pid == 0:  # the child touches no Kafka handle and leaves with os._exit
+        code = 3
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock_path))
+            code = 1
+        except PermissionError:
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0, "another user could connect to the control socket"
+    # Malformed requests get a clear error; the supervisor keeps running.
+    for garbage in (b"this is not json\n", b"[1,2]\n", b'{"cmd": "explode"}\n', b'{"cmd": "scale", "workers": "x"}\n'):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(sock_path))
+            s.sendall(garbage)
+            reply = json.loads(s.recv(65536))
+        assert reply["ok"] is False and reply["error"]
+    assert run.proc.poll() is None
+    assert ksup_cli("status", "--socket", str(sock_path)).returncode == 0
+    assert run.stop() == 0
