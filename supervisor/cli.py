@@ -61,6 +61,11 @@ def main() -> None:
 @click.option("--control-socket", type=click.Path(dir_okay=False), default=None,
               help="Unix socket for ksup status/stop/scale/health [default: $XDG_RUNTIME_DIR/ksup/GROUP.sock, "
                    "else /tmp/ksup-UID/GROUP.sock].")
+@click.option("--static-membership/--no-static-membership", default=True,
+              help="Give each worker slot a stable group.instance.id, so restarts and rolling reloads "
+                   "get the same partitions back without a rebalance.")
+@click.option("--instance-id-prefix", default=None,
+              help="group.instance.id is PREFIX-SLOT [default: HOST-GROUP].")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the supervisor's pid here.")
 @click.option("--receipt", type=click.Path(dir_okay=False),
               help="Write the shutdown receipt (per partition: last processed, committed) as JSON here.")
@@ -127,8 +132,8 @@ def _socket_option(f: Any) -> Any:
                         help="Control socket path (or $KSUP_SOCKET) instead of --group.")(f)
 
 
-def _ask(socket_path: str | None, group: str | None, body: dict[str, Any], timeout: float | None = 10.0
-         ) -> dict[str, Any]:
+def _ask(socket_path: str | None, group: str | None, body: dict[str, Any], timeout: float | None = 10.0,
+         errors_are_fatal: bool = True) -> dict[str, Any]:
     from supervisor.adapters.control import default_socket_path, request
 
     if socket_path is None:
@@ -143,7 +148,7 @@ def _ask(socket_path: str | None, group: str | None, body: dict[str, Any], timeo
         fail(f"permission denied on {socket_path} (run as the user that started ksup)", ExitCode.USAGE)
     except (OSError, ValueError) as exc:
         fail(f"could not talk to ksup at {socket_path}: {exc}", ExitCode.INTERNAL)
-    if not reply.get("ok"):
+    if errors_are_fatal and not reply.get("ok"):
         fail(str(reply.get("error")), ExitCode.USAGE)
     return reply
 
@@ -171,6 +176,28 @@ def stop(socket_path: str | None, group: str | None, timeout: float | None, no_w
     """Drain every worker and stop; exits with the supervisor's own exit code."""
     reply = _ask(socket_path, group, {"cmd": "stop", "timeout": timeout, "wait": not no_wait}, timeout=None)
     sys.exit(int(reply.get("exit_code", 0)))
+
+
+@main.command()
+@_socket_option
+@click.option("--wait/--no-wait", default=True, help="Return when the roll is done (default) or at once.")
+def reload(socket_path: str | None, group: str | None, wait: bool) -> None:
+    """Replace every worker, one at a time, with a fresh process running the code installed now.
+
+    With --wait, prints per slot the old pid, the new pid and how long its partitions had no
+    consumer; exits non-zero (with the reason) when the roll stopped."""
+    reply = _ask(socket_path, group, {"cmd": "reload", "wait": wait}, timeout=None if wait else 10.0,
+                 errors_are_fatal=not wait)
+    if not wait:
+        click.echo("reload started")
+        return
+    for r in reply.get("slots", []):
+        gap = "-" if r["gap_s"] is None else f"{r['gap_s']:.3f}s"
+        click.echo(f"worker {r['slot']}: pid {r['old_pid']} -> {r['new_pid']}, partitions without a consumer {gap}"
+                   + (f"  FAILED: {r['error']}" if r["error"] else ""))
+    if reply.get("error"):
+        fail(f"reload stopped: {reply['error']}", ExitCode.BOOT_FAILED)
+    click.echo(f"reload done in {reply.get('seconds', 0):.1f}s")
 
 
 @main.command()

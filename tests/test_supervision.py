@@ -173,7 +173,8 @@ def test_scale_up_and_down_under_load(ksup, bootstrap, names, tmp_path):
     ends = loaded_topic(bootstrap, topic, 6, 3000)
     record = tmp_path / "record.txt"
     env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.003"}
-    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env)
+    # Static membership keeps a removed slot's partitions until its session times out.
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=["-X", "session.timeout.ms=6000"])
     run.wait_for_log("assigned", 60)
     assert ksup_cli("scale", "3", "-g", group).returncode == 0
     wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 3, 60, "3 busy workers")

@@ -34,6 +34,7 @@ class Commands(Protocol):
     def health(self) -> dict[str, Any]: ...
     def scale(self, workers: int) -> dict[str, Any]: ...
     def request_stop(self, reason: str, timeout: float | None) -> dict[str, Any]: ...
+    def reload(self) -> dict[str, Any]: ...
 
 
 def default_socket_path(group: str) -> str:
@@ -55,7 +56,8 @@ class ControlServer:
         self.sock: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._buffers: dict[socket.socket, bytes] = {}
-        self.waiters: list[socket.socket] = []
+        self.waiters: list[socket.socket] = []         # stop --wait: answered at exit
+        self.reload_waiters: list[socket.socket] = []  # reload --wait: answered when the roll ends
 
     def open(self, selector: selectors.BaseSelector) -> None:
         folder = Path(self.path).parent
@@ -140,6 +142,12 @@ class ControlServer:
                 if not isinstance(workers, int) or isinstance(workers, bool):
                     return {"ok": False, "error": "scale needs \"workers\": an integer >= 1"}, False
                 return self.commands.scale(workers), False
+            if cmd == "reload":
+                result = self.commands.reload()
+                if result.get("ok") and req.get("wait") and conn is not None:
+                    self.reload_waiters.append(conn)
+                    return None, True
+                return result, False
             if cmd == "stop":
                 timeout = req.get("timeout")
                 if timeout is not None and not isinstance(timeout, (int, float)):
@@ -153,7 +161,7 @@ class ControlServer:
         except Exception as exc:  # a bug in a command must not take the supervisor down
             log.exception("control command %r failed", cmd)
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, False
-        return {"ok": False, "error": f"unknown command {cmd!r} (status, health, scale, stop)"}, False
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, health, scale, reload, stop)"}, False
 
     def _reply(self, conn: socket.socket, body: dict[str, Any]) -> None:
         try:
@@ -170,7 +178,7 @@ class ControlServer:
 
     def _drop(self, conn: socket.socket) -> None:
         self._buffers.pop(conn, None)
-        if conn in self.waiters:
+        if conn in self.waiters or conn in self.reload_waiters:
             return
         if self._selector is not None:
             try:
@@ -178,6 +186,16 @@ class ControlServer:
             except (KeyError, ValueError):
                 pass
         conn.close()
+
+    def reload_done(self, summary: dict[str, Any]) -> None:
+        for conn in self.reload_waiters:
+            self._reply(conn, summary)
+            try:
+                self._selector.unregister(conn)  # type: ignore[union-attr]
+            except (KeyError, ValueError):
+                pass
+            conn.close()
+        self.reload_waiters.clear()
 
     def close(self, exit_code: int) -> None:
         """Answer every ``stop --wait`` client with the exit code, then remove the socket."""
@@ -239,6 +257,11 @@ class ControlSocketHooks(Hooks):
         log.info("control socket at %s", self.path)
 
 
+    def on_reload_done(self, sup: Any, summary: dict[str, Any]) -> None:
+        if self.server is not None:
+            self.server.reload_done(summary)
+
     def on_exit(self, sup: Any, exit_code: int) -> None:
         if self.server is not None:
+            self.server.reload_done({"ok": False, "error": "ksup stopped"})
             self.server.close(exit_code)

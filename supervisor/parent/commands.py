@@ -75,6 +75,10 @@ class SupervisorCommands:
             return {"ok": False, "error": error}
         return {"ok": True, "workers": workers, "was": was}
 
+    def reload(self) -> dict[str, Any]:
+        error = self.sup.reload()
+        return {"ok": False, "error": error} if error else {"ok": True, "reloading": True}
+
     def request_stop(self, reason: str, timeout: float | None) -> dict[str, Any]:
         self.sup.stop(reason, quick=False, timeout=timeout)
         return {"ok": True, "stopping": True}

@@ -20,6 +20,8 @@ class Hooks:
     def on_tick(self, sup: Any) -> None: ...
     def on_worker_exit(self, sup: Any, slot: WorkerSlot, report: ExitReport) -> None: ...
     def on_stopping(self, sup: Any) -> None: ...
+    def on_reload_start(self, sup: Any) -> None: ...
+    def on_reload_done(self, sup: Any, summary: dict[str, Any]) -> None: ...
     def on_exit(self, sup: Any, exit_code: int) -> None: ...
 
 
@@ -52,6 +54,12 @@ class AllHooks(Hooks):
 
     def on_stopping(self, sup: Any) -> None:
         self._each("on_stopping", sup)
+
+    def on_reload_start(self, sup: Any) -> None:
+        self._each("on_reload_start", sup)
+
+    def on_reload_done(self, sup: Any, summary: dict[str, Any]) -> None:
+        self._each("on_reload_done", sup, summary)
 
     def on_exit(self, sup: Any, exit_code: int) -> None:
         self._each("on_exit", sup, exit_code)

@@ -25,7 +25,7 @@ from supervisor.config import Settings
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
-from supervisor.parent import policy, worker_output
+from supervisor.parent import policy, rolling, worker_output
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
 from supervisor.parent.signals import SignalQueue
@@ -65,6 +65,7 @@ class Supervisor:
         self.forced = False
         self.quick = False
         self.last_tick = time.monotonic()
+        self.roll: rolling.Roll | None = None
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -97,6 +98,8 @@ class Supervisor:
         self.reap_workers(now)
         self.release_leavers()
         self.murder_workers(now)
+        if self.rolling():
+            rolling.step(self, self.roll, now)  # type: ignore[arg-type]
         self.manage_workers(now)
         self.hooks.on_tick(self)
 
@@ -121,6 +124,10 @@ class Supervisor:
                 self.stop(f"{signal.Signals(signum).name} received", quick=False)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.stop(f"{signal.Signals(signum).name} received: quick stop", quick=True)
+            elif signum == signal.SIGHUP:
+                error = self.reload()
+                if error:
+                    log.warning("SIGHUP: %s", error)
             elif signum == signal.SIGTTIN:
                 self.scale(self.target_workers + 1)
             elif signum == signal.SIGTTOU:
@@ -149,6 +156,8 @@ class Supervisor:
                      slot.index, msg.pid, msg.handler, msg.client_version)
         elif isinstance(msg, m.BootFailed):
             slot.boot_failed = msg
+            if slot not in self.slots:
+                return  # an incoming worker of a rolling reload: the roll stops, the old one stays
             # A worker that cannot even import the handler will not do better on a restart.
             if self.state is State.STARTING or msg.exit_code != WorkerExit.BROKER_UNREACHABLE:
                 raise HaltSupervisor(msg.reason, policy.halt_code_for_boot_failure(msg.exit_code))
@@ -181,8 +190,8 @@ class Supervisor:
             self.after_exit(slot, now, clean, report.describe())
 
     def after_exit(self, slot: WorkerSlot, now: float, clean: bool, how: str) -> None:
-        if self.state is not State.RUNNING:
-            return
+        if self.state is not State.RUNNING or slot.then == "replaced":
+            return  # a replaced slot's successor is put in place by the rolling reload
         if slot.then == "remove":
             self.slots.remove(slot)
             log.info("worker slot %d removed (%d workers)", slot.index, len(self.slots))
@@ -243,7 +252,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.state == "loaded" and not slot.joined:
                 self.go(slot)
-        if self.change_in_progress(now):
+        if self.rolling() or self.change_in_progress(now):
             return
         for slot in self.slots:
             if not slot.alive and slot.respawn_at is not None and now >= slot.respawn_at:
@@ -328,6 +337,11 @@ class Supervisor:
         graceful = timeout if timeout is not None else s.graceful_timeout
         wait, deadline = (s.quick_timeout, s.quick_timeout + 5.0) if quick else \
             (cfgmod.drain_wait(graceful), graceful)
+        if self.roll is not None and not self.roll.done:
+            if self.roll.incoming is not None and self.roll.incoming not in self.slots:
+                self.kill(self.roll.incoming, signal.SIGKILL)  # booted only: it never joined
+                rolling.forget(self, self.roll.incoming)
+            rolling.finish(self, self.roll, f"interrupted: {reason}")
         log.info("%s: draining %d worker(s) (deadline %.0fs)", reason,
                  sum(1 for x in self.slots if x.alive), deadline)
         self.hooks.on_stopping(self)
@@ -335,6 +349,19 @@ class Supervisor:
             slot.respawn_at = None
             if slot.alive:
                 self.drain_slot(slot, reason, wait, deadline)
+
+    def rolling(self) -> bool:
+        return self.roll is not None and not self.roll.done
+
+    def reload(self) -> str | None:
+        """Start a rolling reload; returns an error message when refused."""
+        if self.state is not State.RUNNING:
+            return f"cannot reload while {self.state.value}"
+        if self.rolling():
+            return "a rolling reload is already in progress"
+        self.roll = rolling.start_roll(self)
+        self.hooks.on_reload_start(self)
+        return None
 
     def scale(self, workers: int) -> str | None:
         """Set the number of workers; manage_workers gets there one change at a time. Returns an

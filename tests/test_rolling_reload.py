@@ -1,0 +1,126 @@
+"""Rolling reload under continuous production: no message lost, none processed twice, the new
+workers run the new code, and with static membership the other workers are never revoked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, wait_until
+from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 8
+HANDLER_CODE = '''
+import os, time
+VERSION = "{version}"
+_fd = os.open(os.environ["KSUP_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+def process(record):
+    time.sleep(0.002)
+    os.write(_fd, f"{{record.partition}} {{record.offset}} {{os.getpid()}} {{VERSION}}\\n".encode())
+'''
+
+
+def rows(path: Path) -> list[tuple[int, int, int, str]]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        p, o, pid, version = line.split()
+        out.append((int(p), int(o), int(pid), version))
+    return out
+
+
+def ksup_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+class SteadyProducer(threading.Thread):
+    """Produces ``rate`` messages a second in small bursts until stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: int) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.rate = bootstrap, topic, rate
+        self.stopped = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            burst = self.rate // 10
+            produce_sequence(self.bootstrap, self.topic, burst, start=100_000 + self.sent, partitions=PARTITIONS)
+            self.sent += burst
+            self.stopped.wait(0.1)
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_rolling_reload_under_load_static_membership(ksup, bootstrap, names, tmp_path, protocol):
+    topic, group = names
+    create_topic(bootstrap, topic, PARTITIONS)
+    produce_sequence(bootstrap, topic, 2000, partitions=PARTITIONS)
+    (tmp_path / "versioned.py").write_text(HANDLER_CODE.format(version="v1"))
+    record = tmp_path / "record.txt"
+    run = ksup("versioned:process", bootstrap, topic, group, workers=4, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(record), "PYTHONDONTWRITEBYTECODE": "1"},
+               extra=["--group-protocol", protocol])
+    producer = SteadyProducer(bootstrap, topic, 400)
+    producer.start()
+    try:
+        wait_until(lambda: len({pid for *_, pid, _ in rows(record)}) == 4, 90, "all 4 workers busy")
+        time.sleep(1)
+        (tmp_path / "versioned.py").write_text(HANDLER_CODE.format(version="version-two"))
+        out = ksup_cli("reload", "-g", group)
+        assert out.returncode == 0, out.stdout + out.stderr + run.tail()
+        time.sleep(1)
+    finally:
+        producer.stopped.set()
+        producer.join(30)
+    ends = end_offsets(bootstrap, topic, PARTITIONS)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, PARTITIONS) == ends, 120, "all committed", 0.5)
+    before_stop = run.log_records()
+    assert run.stop() == 0, run.tail()
+
+    # Every slot reports old pid -> new pid and the gap its partitions had.
+    lines = [line for line in out.stdout.splitlines() if line.startswith("worker ")]
+    assert len(lines) == 4 and all("partitions without a consumer" in line for line in lines), out.stdout
+    old_pids = {int(line.split()[3]) for line in lines}
+    new_pids = {int(line.split()[5].rstrip(",")) for line in lines}
+
+    got = rows(record)
+    seen = Counter((p, o) for p, o, _, _ in got)
+    missing = [(p, o) for p, end in ends.items() for o in range(end) if (p, o) not in seen]
+    assert missing == []
+    assert sum(n - 1 for n in seen.values() if n > 1) == 0, "nothing processed twice"
+    assert {v for _, _, pid, v in got if pid in new_pids} == {"version-two"}
+    assert {v for _, _, pid, v in got if pid in old_pids} == {"v1"}
+    # Static membership: during the roll only the worker being replaced saw a revocation.
+    revoked_by = {r["pid"] for r in before_stop if r["message"].startswith("revoked")}
+    assert revoked_by <= old_pids, (revoked_by, old_pids)
+
+
+def test_reload_with_broken_new_code_stops_and_keeps_consuming(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 200, partitions=4)
+    (tmp_path / "versioned.py").write_text(HANDLER_CODE.format(version="v1"))
+    record = tmp_path / "record.txt"
+    run = ksup("versioned:process", bootstrap, topic, group, workers=2, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(record), "PYTHONDONTWRITEBYTECODE": "1"})
+    wait_until(lambda: len(rows(record)) >= 200, 60, "first batch processed")
+    pids_before = set(run.worker_pids())
+    (tmp_path / "versioned.py").write_text("raise ImportError('half-installed release')\n")
+    out = ksup_cli("reload", "-g", group)
+    assert out.returncode != 0
+    assert "reload stopped: worker 0: handler 'versioned:process': importing 'versioned' raised ImportError: " \
+           "half-installed release" in out.stderr, out.stderr
+    assert set(run.worker_pids()) == pids_before, "the old workers keep running"
+    produce_sequence(bootstrap, topic, 200, start=200, partitions=4)
+    wait_until(lambda: len(rows(record)) >= 400, 60, "consumption goes on after the failed reload")
+    assert run.stop() == 0, run.tail()
