@@ -29,7 +29,7 @@ def main() -> None:
 
 
 @main.command(context_settings={"show_default": True})
-@click.argument("handler")
+@click.argument("handler", required=False)
 @click.option("-w", "--workers", type=int, default=1, help="Number of worker processes.")
 @click.option("-b", "--bootstrap-servers", default="", help="Kafka bootstrap servers, host:port[,...].")
 @click.option("-g", "--group", default="", help="Consumer group id.")
@@ -73,7 +73,7 @@ def main() -> None:
               help="auto = text on a terminal, JSON lines otherwise.")
 @click.option("--log-level", default="info", help="debug, info, warning, error.")
 @click.pass_context
-def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], config_file: str | None,
+def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ...], config_file: str | None,
           **flags: Any) -> None:
     """Run HANDLER (module:function) for every message, in N supervised worker processes.
 
@@ -92,7 +92,7 @@ def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], con
         kafka = dict(values.get("kafka", {}))
         kafka.update(cfgmod.parse_kafka_property(p) for p in kafka_props)
         values["kafka"] = kafka
-        values["handler"] = handler
+        values["handler"] = handler or values.get("handler", "")
         if isinstance(values.get("max_memory"), str):
             values["max_memory"] = cfgmod.parse_size(values["max_memory"])
         settings = cfgmod.build(values)
@@ -101,12 +101,21 @@ def start(ctx: click.Context, /, handler: str, kafka_props: tuple[str, ...], con
         return
     log_format = resolve_format(settings.log_format)
     setup_logging(log_format, settings.log_level, "supervisor")
+    from supervisor.adapters import systemd
     from supervisor.adapters.control import ControlSocketHooks, default_socket_path
     from supervisor.adapters.pidfile import PidfileHooks
     from supervisor.parent.hooks import AllHooks, Hooks
     from supervisor.parent.supervisor import Supervisor
 
-    adapters: list[Hooks] = [ControlSocketHooks(settings.control_socket or default_socket_path(settings.group))]
+    unit = systemd.own_unit()
+    if unit:
+        errors, warnings = systemd.check_unit(settings.graceful_timeout, systemd.unit_properties(unit))
+        for warning in warnings:
+            logging.getLogger("ksup.supervisor").warning("%s", warning)
+        if errors:
+            fail(errors[0], ExitCode.CONFIG)
+    adapters: list[Hooks] = [ControlSocketHooks(settings.control_socket or default_socket_path(settings.group)),
+                             systemd.SystemdNotifier()]
     if settings.pidfile:
         adapters.append(PidfileHooks(settings.pidfile))
     supervisor = Supervisor(settings, log_format, AllHooks(*adapters))

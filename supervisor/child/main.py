@@ -64,8 +64,8 @@ def _wait_for(channel: Channel, kinds: tuple[type, ...], timeout: float,
         sel.close()
 
 
-def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any]:
-    """Handler and Consumer, or BootError."""
+def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
+    """Handler, Consumer and the subscribed topics' partition count, or BootError."""
     from supervisor.child.handler import HandlerLoadError, load_handler
 
     try:
@@ -94,7 +94,7 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any]:
         raise BootError(WorkerExit.BROKER_UNREACHABLE,
                         f"topic {', '.join(map(repr, missing))} does not exist on {servers} "
                         f"(create it, or check --topic)")
-    return handler, consumer
+    return handler, consumer, sum(len(md.topics[t].partitions) for t in cfg.topics)
 
 
 def _kafka_text(exc: BaseException) -> str:
@@ -111,12 +111,12 @@ def run(channel: Channel) -> int:
                   "worker", cfg.slot)
     try:
         commits = CommitRelay()
-        handler, consumer = boot(cfg, commits)
+        handler, consumer, partitions = boot(cfg, commits)
     except BootError as exc:
         log.error("boot failed: %s", exc.reason)
         channel.send(m.BootFailed(os.getpid(), int(exc.code), exc.reason))
         return int(exc.code)
-    channel.send(m.Loaded(os.getpid(), cfg.handler, importlib.metadata.version("confluent-kafka")))
+    channel.send(m.Loaded(os.getpid(), cfg.handler, importlib.metadata.version("confluent-kafka"), partitions))
     go = _wait_for(channel, (m.Go, m.Drain), float("inf"), watch)
     if not isinstance(go, m.Go):
         consumer.close()

@@ -63,6 +63,7 @@ class Loaded:
     pid: int
     handler: str
     client_version: str
+    partitions: int = 0  # partitions of the subscribed topics, from the broker's metadata
 
 
 @dataclass(frozen=True)

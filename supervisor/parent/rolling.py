@@ -148,7 +148,7 @@ def _check_join(sup: Supervisor, roll: Roll, now: float) -> None:
     if not incoming.alive:
         finish(sup, roll, f"worker {roll.current}: the new process died after joining")
         return
-    if incoming.assigned_at is not None:
+    if incoming.assigned_at is not None and sup.settled():
         roll.results[-1].gap_s = incoming.assigned_at - roll.drain_started
         log.info("reload: worker %d replaced (pid %s -> %s), partitions without a consumer for %.3fs",
                  roll.current, roll.results[-1].old_pid, incoming.pid, roll.results[-1].gap_s)

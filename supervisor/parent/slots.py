@@ -31,6 +31,8 @@ class WorkerSlot:
     joined: bool = False               # told Go: a group member (or about to be)
     ready_to_leave: bool = False       # drained and committed, waiting for Leave
     leave_sent: bool = False
+    in_final_drain: bool = False       # drained by the supervisor's stop (counts for its exit code)
+    stuck_reason: str | None = None    # why we are stopping it (handler timeout, silent)
     stacks_asked: bool = False         # we sent SIGUSR1 (worker dumps its threads' stacks)
     respawn_at: float | None = None
     report: m.Report | None = None
@@ -62,6 +64,7 @@ class WorkerSlot:
         self.proc, self.channel = proc, channel
         self.state, self.spawned_at = "booting", now
         self.drain_sent_at = self.kill_at = self.respawn_at = None
+        self.stuck_reason = None
         self.killed = self.stacks_asked = self.ready_to_leave = self.leave_sent = self.joined = False
         self.report = self.exiting = self.boot_failed = None
         self.report_at, self.assigned_at, self.then = now, None, "restart"

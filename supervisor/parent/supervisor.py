@@ -66,6 +66,7 @@ class Supervisor:
         self.quick = False
         self.last_tick = time.monotonic()
         self.roll: rolling.Roll | None = None
+        self.partitions_total = 0  # of the subscribed topics, as the workers' metadata says
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Supervisor:
                 slot.assigned_at = time.monotonic()
         elif isinstance(msg, m.Loaded):
             slot.advance("loaded")
+            self.partitions_total = msg.partitions
             slot.report_at = time.monotonic()
             log.info("worker %d (pid %d) loaded %s (confluent-kafka %s)",
                      slot.index, msg.pid, msg.handler, msg.client_version)
@@ -217,6 +219,7 @@ class Supervisor:
             if slot.drain_sent_at is None and self.state is State.RUNNING:
                 problem = policy.stuck(slot, now, time.time(), self.settings)
                 if problem:
+                    slot.stuck_reason = problem
                     log.error("worker %d (pid %d) %s: stopping it", slot.index, slot.pid, problem)
                     self.drain_slot(slot, problem, wait_s=0.0, deadline_s=self.settings.quick_timeout + 5.0)
                     if "silent" in problem:
@@ -348,7 +351,17 @@ class Supervisor:
         for slot in self.slots:
             slot.respawn_at = None
             if slot.alive:
+                slot.in_final_drain = True
                 self.drain_slot(slot, reason, wait, deadline)
+
+    def settled(self) -> bool:
+        """Every worker has joined and reported an assignment, and together they own every
+        partition: the group is not in the middle of a rebalance."""
+        alive = [s for s in self.slots if s.alive]
+        if not alive or any(s.assigned_at is None or s.report is None for s in alive):
+            return False
+        owned = {p for s in alive if s.report is not None for p in s.report.assignment}
+        return len(owned) >= self.partitions_total
 
     def rolling(self) -> bool:
         return self.roll is not None and not self.roll.done
@@ -414,15 +427,16 @@ class Supervisor:
         if self.halt_reason:
             return self.halt_reason
         for slot in self.slots:
-            if slot.killed:
+            if slot.killed and slot.in_final_drain:
                 return f"worker {slot.index} did not drain within --graceful-timeout and was killed"
             if slot.exiting is not None and slot.exiting.exit_code != 0:
                 return f"worker {slot.index}: {slot.exiting.reason} (exit {slot.exiting.exit_code})"
         return code.name.lower()
 
     def final_code(self) -> ExitCode:
+        # Only the workers this stop drained: one that died earlier was logged (and restarting).
         codes = [describe_returncode(s.proc.returncode).code for s in self.slots
-                 if s.proc is not None and s.proc.returncode is not None]
+                 if s.proc is not None and s.proc.returncode is not None and s.in_final_drain]
         return policy.final_exit_code(codes, self.forced)
 
     def finish(self, code: ExitCode) -> None:
