@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: tools $(VENV)/.installed
 
-# Java 17+ and Maven run the local broker; install them from Debian's packages if missing.
+# Java 17+ and Maven run the local broker, systemd-analyze checks the unit files; install them
+# from Debian's packages if missing.
 tools:
-	@command -v java >/dev/null && command -v mvn >/dev/null || { \
-	  echo "installing Java and Maven (apt-get)"; \
-	  apt-get update -qq && apt-get install -y -qq default-jre-headless maven >/dev/null; }
+	@command -v java >/dev/null && command -v mvn >/dev/null && command -v systemd-analyze >/dev/null || { \
+	  echo "installing Java, Maven and systemd (apt-get)"; \
+	  apt-get update -qq && apt-get install -y -qq default-jre-headless maven systemd >/dev/null; }
 	@$(PYTHON) tests/localkafka.py fetch
 
 demo: setup

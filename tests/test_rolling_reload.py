@@ -124,3 +124,46 @@ def test_reload_with_broken_new_code_stops_and_keeps_consuming(ksup, bootstrap, 
     produce_sequence(bootstrap, topic, 200, start=200, partitions=4)
     wait_until(lambda: len(rows(record)) >= 400, 60, "consumption goes on after the failed reload")
     assert run.stop() == 0, run.tail()
+
+
+def _wheel(folder: Path, version: str) -> None:
+    """A minimal wheel of package ksup_example_handler (no build step, no index needed)."""
+    import zipfile
+
+    name, dist = "ksup_example_handler", f"ksup_example_handler-{version}"
+    files = {
+        f"{name}/__init__.py": HANDLER_CODE.format(version=version) + f"__version__ = {version!r}\n",
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: ksup-example-handler\nVersion: {version}\n",
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+
+
+def test_rolling_upgrade_script_installs_rolls_and_checks_the_version(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 100, partitions=2)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "1.0")
+    _wheel(wheels, "2.0")
+    venv = Path(sys.executable).parent.parent
+    pip_env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "PYTHONPATH": str(REPO)}
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "ksup-example-handler==1.0"], env=pip_env, check=True, timeout=120)
+    try:
+        run = ksup("ksup_example_handler:process", bootstrap, topic, group, workers=2,
+                   env={"KSUP_TEST_RECORD": str(tmp_path / "record.txt")})
+        wait_until(lambda: len(rows(tmp_path / "record.txt")) >= 100, 60, "messages processed by 1.0")
+        out = subprocess.run([str(REPO / "examples" / "rolling-upgrade.sh"), str(venv), "ksup-example-handler==2.0",
+                              group], env=pip_env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr + run.tail()
+        assert "every worker runs ksup-example-handler 2.0" in out.stdout
+        assert out.stdout.count("partitions without a consumer") == 2
+        assert run.stop() == 0
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "ksup-example-handler"],
+                       env=pip_env, timeout=120)

@@ -28,6 +28,23 @@ class LoadedHandler:
     process: Callable[[Record], Any]
     setup: Callable[[], Any] | None = None
     teardown: Callable[[], Any] | None = None
+    version: str = ""
+
+
+def handler_version(module_name: str) -> str:
+    """``__version__`` of the handler's top-level package, else its distribution's version: what
+    a rolling upgrade script checks to know the new code is the one running."""
+    top = module_name.split(".")[0]
+    version = getattr(sys.modules.get(top), "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        import importlib.metadata as md
+
+        dists = md.packages_distributions().get(top)
+        return md.version(dists[0]) if dists else ""
+    except Exception:
+        return ""
 
 
 def _import_module(name: str, spec: str) -> Any:
@@ -80,10 +97,10 @@ def load_handler(spec: str) -> LoadedHandler:
         if not callable(process):
             raise HandlerLoadError(f"handler {spec!r}: class {attr} has no process(record) method")
         return LoadedHandler(spec, process, getattr(instance, "setup", None),
-                             getattr(instance, "teardown", None))
+                             getattr(instance, "teardown", None), handler_version(module_name))
     if not callable(obj):
         raise HandlerLoadError(
             f"handler {spec!r}: {attr!r} is a {type(obj).__name__}, not a function "
             f"(point at a function taking one record)"
         )
-    return LoadedHandler(spec, obj)
+    return LoadedHandler(spec, obj, version=handler_version(module_name))

@@ -116,7 +116,8 @@ def run(channel: Channel) -> int:
         log.error("boot failed: %s", exc.reason)
         channel.send(m.BootFailed(os.getpid(), int(exc.code), exc.reason))
         return int(exc.code)
-    channel.send(m.Loaded(os.getpid(), cfg.handler, importlib.metadata.version("confluent-kafka"), partitions))
+    channel.send(m.Loaded(os.getpid(), cfg.handler, importlib.metadata.version("confluent-kafka"), partitions,
+                          handler.version))
     go = _wait_for(channel, (m.Go, m.Drain), float("inf"), watch)
     if not isinstance(go, m.Go):
         consumer.close()

@@ -64,6 +64,7 @@ class Loaded:
     handler: str
     client_version: str
     partitions: int = 0  # partitions of the subscribed topics, from the broker's metadata
+    handler_version: str = ""  # the version of the package the handler comes from, when known
 
 
 @dataclass(frozen=True)

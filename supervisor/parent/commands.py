@@ -42,6 +42,7 @@ class SupervisorCommands:
                 "committed": r.committed if r else {},
                 "rss_bytes": r.rss_bytes if r else 0,
                 "restarts": s.restarts,
+                "handler_version": s.handler_version,
                 "revocations": r.revocations if r else 0,
             })
         return {"supervisor": {"pid": os.getpid(), "state": sup.state.value, "group": sup.settings.group,

@@ -31,6 +31,7 @@ class WorkerSlot:
     joined: bool = False               # told Go: a group member (or about to be)
     ready_to_leave: bool = False       # drained and committed, waiting for Leave
     leave_sent: bool = False
+    handler_version: str = ""          # as the worker reported it when it loaded
     in_final_drain: bool = False       # drained by the supervisor's stop (counts for its exit code)
     stuck_reason: str | None = None    # why we are stopping it (handler timeout, silent)
     stacks_asked: bool = False         # we sent SIGUSR1 (worker dumps its threads' stacks)

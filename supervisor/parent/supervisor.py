@@ -153,6 +153,7 @@ class Supervisor:
         elif isinstance(msg, m.Loaded):
             slot.advance("loaded")
             self.partitions_total = msg.partitions
+            slot.handler_version = msg.handler_version
             slot.report_at = time.monotonic()
             log.info("worker %d (pid %d) loaded %s (confluent-kafka %s)",
                      slot.index, msg.pid, msg.handler, msg.client_version)
