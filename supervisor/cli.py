@@ -61,6 +61,20 @@ def main() -> None:
 @click.option("--control-socket", type=click.Path(dir_okay=False), default=None,
               help="Unix socket for ksup status/stop/scale/health [default: $XDG_RUNTIME_DIR/ksup/GROUP.sock, "
                    "else /tmp/ksup-UID/GROUP.sock].")
+@click.option("--concurrency", type=int, default=1,
+              help="Handler threads per worker: different partitions (or keys) in parallel, each in order.")
+@click.option("--order-by", type=click.Choice(cfgmod.ORDER_BY), default="partition",
+              help="What must stay in order with --concurrency: a partition, or a key within it.")
+@click.option("--batch-size", type=int, default=1, help="Give the handler lists of up to N records.")
+@click.option("--batch-timeout", type=float, default=1.0, help="Seconds a partial batch waits to fill.")
+@click.option("--on-error", default="stop", metavar="POLICIES",
+              help="What to do when the handler raises, tried in order: retry, dead-letter, skip, stop "
+                   "(e.g. retry,dead-letter). stop: the worker restarts and the message is redelivered.")
+@click.option("--retry-attempts", type=int, default=3, help="Retries before the next policy.")
+@click.option("--retry-backoff", type=float, default=0.5, help="Seconds before the first retry (doubles).")
+@click.option("--dead-letter-topic", default="{topic}.dlq", help="Where dead-letter sends a message.")
+@click.option("--poison-after", type=int, default=2,
+              help="Worker deaths (crash, kill, hang) on one message before dead-letter/skip applies to it.")
 @click.option("--static-membership/--no-static-membership", default=True,
               help="Give each worker slot a stable group.instance.id, so restarts and rolling reloads "
                    "get the same partitions back without a rebalance.")
@@ -93,6 +107,10 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
         kafka.update(cfgmod.parse_kafka_property(p) for p in kafka_props)
         values["kafka"] = kafka
         values["handler"] = handler or values.get("handler", "")
+        if isinstance(values.get("on_error"), str):
+            values["on_error"] = tuple(p.strip() for p in values["on_error"].split(",") if p.strip())
+        elif isinstance(values.get("on_error"), list):
+            values["on_error"] = tuple(values["on_error"])
         if isinstance(values.get("max_memory"), str):
             values["max_memory"] = cfgmod.parse_size(values["max_memory"])
         settings = cfgmod.build(values)

@@ -20,6 +20,8 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 GROUP_PROTOCOLS = ("classic", "consumer")
+ERROR_POLICIES = ("retry", "dead-letter", "skip", "stop")
+ORDER_BY = ("partition", "key")
 LOG_FORMATS = ("auto", "json", "text")
 
 
@@ -49,6 +51,15 @@ class Settings:
     receipt: str | None = None
     control_socket: str | None = None
     pidfile: str | None = None
+    concurrency: int = 1             # handler threads per worker (lanes run in parallel)
+    order_by: str = "partition"      # lane = partition, or partition + key
+    batch_size: int = 1              # >1: the handler gets a list of up to this many records
+    batch_timeout: float = 1.0       # how long a partial batch waits to fill
+    on_error: tuple[str, ...] = ("stop",)  # error-policy chain: retry, dead-letter, skip, stop
+    retry_attempts: int = 3
+    retry_backoff: float = 0.5       # seconds before the first retry; doubles each time
+    dead_letter_topic: str = "{topic}.dlq"
+    poison_after: int = 2            # worker deaths on one message before it counts as poison
     static_membership: bool = True   # one stable group.instance.id per slot
     instance_id_prefix: str | None = None  # default: <host>-<group>
 
@@ -181,6 +192,17 @@ def validate(s: Settings) -> Settings:
                 f"session.timeout.ms={session_ms} is too short for static membership: a restarting worker "
                 f"must rejoin before its session expires or the group rebalances twice "
                 f"(use >= {MIN_STATIC_SESSION_MS}, or --no-static-membership)")
+    bad = [p for p in s.on_error if p not in ERROR_POLICIES]
+    if bad or not s.on_error:
+        raise ConfigError(f"--on-error {','.join(s.on_error)}: each policy must be one of "
+                          f"{', '.join(ERROR_POLICIES)} (for example --on-error retry,dead-letter)")
+    if s.order_by not in ORDER_BY:
+        raise ConfigError(f"--order-by must be one of {', '.join(ORDER_BY)}")
+    if s.concurrency < 1 or s.batch_size < 1:
+        raise ConfigError("--concurrency and --batch-size must be at least 1")
+    if s.batch_size > 1 and s.concurrency > 1:
+        raise ConfigError("--batch-size and --concurrency cannot be combined (a batch spans partitions; "
+                          "use one or the other)")
     if s.max_messages is not None and s.max_messages < 1:
         raise ConfigError("--max-messages must be at least 1")
     return s
@@ -214,6 +236,14 @@ def kafka_config(s: Settings, slot: int) -> dict[str, str]:
 
 def worker_options(s: Settings, log_format: str) -> dict[str, Any]:
     return {
+        "concurrency": s.concurrency,
+        "order_by": s.order_by,
+        "batch_size": s.batch_size,
+        "batch_timeout_s": s.batch_timeout,
+        "on_error": list(s.on_error),
+        "retry_attempts": s.retry_attempts,
+        "retry_backoff_s": s.retry_backoff,
+        "dead_letter_topic": s.dead_letter_topic,
         "graceful_timeout_s": s.worker_drain_timeout,
         "broker_timeout_s": s.broker_timeout,
         "revoke_timeout_s": s.revoke_timeout,

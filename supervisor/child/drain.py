@@ -66,7 +66,8 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     inflight = None
     if abandoned is not None:
         r = abandoned.record
-        inflight = m.InFlight(r.topic, r.partition, r.offset, loop.runner.running_since)
+        oldest = loop.runner.oldest_running()
+        inflight = m.InFlight(r.topic, r.partition, r.offset, oldest[1] if oldest else 0.0)
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
                                 receipt=receipt, abandoned=inflight))
     return code
@@ -88,8 +89,9 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
         if time.monotonic() >= t0 + loop.drain_timeout_s:
             break
     loop.collect()
-    loop.gave_up_in_flight = loop.runner.running is not None
-    return loop.runner.running
+    oldest = loop.runner.oldest_running()
+    loop.gave_up_in_flight = oldest is not None
+    return oldest[0] if oldest else None
 
 
 def wait_for_leave(loop: ConsumerLoop) -> None:

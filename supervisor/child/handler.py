@@ -29,6 +29,7 @@ class LoadedHandler:
     setup: Callable[[], Any] | None = None
     teardown: Callable[[], Any] | None = None
     version: str = ""
+    instance: Any = None  # the class form's instance: optional on_assign(tps) / on_revoke(tps)
 
 
 def handler_version(module_name: str) -> str:
@@ -97,7 +98,7 @@ def load_handler(spec: str) -> LoadedHandler:
         if not callable(process):
             raise HandlerLoadError(f"handler {spec!r}: class {attr} has no process(record) method")
         return LoadedHandler(spec, process, getattr(instance, "setup", None),
-                             getattr(instance, "teardown", None), handler_version(module_name))
+                             getattr(instance, "teardown", None), handler_version(module_name), instance)
     if not callable(obj):
         raise HandlerLoadError(
             f"handler {spec!r}: {attr!r} is a {type(obj).__name__}, not a function "

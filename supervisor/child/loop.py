@@ -43,7 +43,7 @@ def to_record(msg: Any) -> Record:
 class ConsumerLoop:
     def __init__(self, consumer: Consumer, runner: HandlerRunner, channel: Channel,
                  topics: list[str], options: dict[str, Any],
-                 outside_stop: Callable[[], str | None] = lambda: None) -> None:
+                 outside_stop: Callable[[], str | None] = lambda: None, lifecycle: Any = None) -> None:
         self.consumer = consumer
         self.runner = runner
         self.channel = channel
@@ -58,6 +58,10 @@ class ConsumerLoop:
         self.processed = 0
         self.failed = 0
         self.revocations = 0
+        self.skipped = self.dead_lettered = self.retries = 0
+        self.paused: set[TP] = set()  # partitions paused while their retry backs off
+        self._last_backoff_check = 0.0
+        self.lifecycle = lifecycle  # the handler's optional on_assign / on_revoke
         self.commit_results = 0  # how many commit results (callbacks) have arrived
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
         self.leave_now = False  # the supervisor's Leave arrived
@@ -138,7 +142,9 @@ class ConsumerLoop:
             epoch = self.book.epoch_of(tp)
             if epoch < 0:
                 continue  # not ours (any more): never handled, never stored
-            jobs.append(Job(to_record(msg), epoch))
+            record = to_record(msg)
+            self.book.track(tp, record.offset)
+            jobs.append(Job(record, epoch))
         if jobs:
             self.runner.submit(jobs)
 
@@ -166,20 +172,44 @@ class ConsumerLoop:
 
     def collect(self) -> None:
         """Move finished work into the OffsetBook and store what may be stored."""
-        for job, error in self.runner.take_done():
+        for job, outcome in self.runner.take_done():
             rec = job.record
-            if error is None:
+            self.retries += job.attempts
+            if outcome.store:
                 self.processed += 1
-                self.book.mark_done(job.tp, rec.offset, job.epoch)
+                self.skipped += outcome.note == "skipped"
+                self.dead_lettered += outcome.note == "dead-lettered"
+                if not self.book.mark_done(job.tp, rec.offset, job.epoch):
+                    log.info("finished %s after its partition was revoked: not stored (the new owner "
+                             "handles it again)", rec.coordinates)
                 continue
             self.failed += 1
+            error = outcome.error
             log.error("handler raised %s on %s: %s; offset not stored, worker stops",
                       type(error).__name__, rec.coordinates, error,
-                      exc_info=(type(error), error, error.__traceback__),
+                      exc_info=(type(error), error, error.__traceback__) if error else None,
                       extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset})
             self.request_drain(f"handler raised {type(error).__name__} on {rec.coordinates}",
                                code=WorkerExit.HANDLER_FAILED)
         self.store_dirty()
+        self.pause_backing_off()
+
+    def pause_backing_off(self) -> None:
+        """Pause fetching for partitions whose message waits out a retry backoff; resume after."""
+        now = time.monotonic()
+        if now - self._last_backoff_check < 0.05:
+            return
+        self._last_backoff_check = now
+        waiting = self.runner.backing_off() if self.stop_reason is None else set()
+        start, end = waiting - self.paused, self.paused - waiting
+        try:
+            if start:
+                self.consumer.pause([TopicPartition(t, p) for t, p in start if (t, p) in self.book.owned])
+            if end:
+                self.consumer.resume([TopicPartition(t, p) for t, p in end if (t, p) in self.book.owned])
+        except KafkaException as exc:
+            log.warning("pause/resume failed: %s", exc)
+        self.paused = waiting
 
     def store_dirty(self) -> None:
         dirty = self.book.take_dirty()
@@ -231,6 +261,7 @@ class ConsumerLoop:
             tps = [(p.topic, p.partition) for p in partitions]
             self.book.acquire(tps)
             self.state = "assigned"
+            self.call_lifecycle("on_assign", tps)
             log.info("assigned %s", ", ".join(map(tp_name, tps)) or "nothing new")
             self.send_report(force=True)
         except Exception:
@@ -249,7 +280,8 @@ class ConsumerLoop:
             # After the drain gave up on the message in flight, close() must not wait for it again.
             deadline = time.monotonic() + (0.0 if self.gave_up_in_flight else self.revoke_timeout_s)
             if not self.runner.wait_not_running(gone, deadline):
-                job = self.runner.running
+                oldest = self.runner.oldest_running()
+                job = oldest[0] if oldest else None
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "
                             "stored (the next owner handles it again)",
                             job.record.coordinates if job else "?", self.revoke_timeout_s)
@@ -257,6 +289,8 @@ class ConsumerLoop:
             if self.commit_on_revoke:
                 self.commit_partitions(tps)
             self.book.release(tps)
+            self.paused -= set(tps)
+            self.call_lifecycle("on_revoke", tps)
             log.info("revoked %s (%d queued messages released)", ", ".join(map(tp_name, tps)), dropped)
             self.send_report(force=True)
         except Exception:
@@ -269,10 +303,22 @@ class ConsumerLoop:
             self.runner.drop(set(tps))
             self.collect()  # stores only for partitions still owned
             self.book.release(tps)
+            self.paused -= set(tps)
+            self.call_lifecycle("on_revoke", tps)
             log.warning("lost %s (nothing committed for them)", ", ".join(map(tp_name, tps)))
             self.send_report(force=True)
         except Exception:
             log.exception("on_lost failed")
+
+    def call_lifecycle(self, name: str, tps: list[TP]) -> None:
+        """The handler class's on_assign/on_revoke, on this (the consumer) thread: keep them short."""
+        hook = getattr(self.lifecycle, name, None)
+        if hook is None or not tps:
+            return
+        try:
+            hook(list(tps))
+        except Exception:
+            log.exception("handler %s raised (ignored)", name)
 
     # ---- reports --------------------------------------------------------------------------------
 

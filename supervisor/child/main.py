@@ -129,7 +129,6 @@ def run(channel: Channel) -> int:
 def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
             watch: liveness.ParentWatch, commits: CommitRelay) -> int:
     from supervisor.child.loop import ConsumerLoop
-    from supervisor.child.runner import HandlerRunner
 
     def outside_stop() -> str | None:
         if Flags.term:
@@ -140,8 +139,8 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
 
     if handler.setup is not None:
         handler.setup()
-    runner = HandlerRunner(handler.process)
-    loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop)
+    runner = build_runner(cfg, handler)
+    loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop, handler.instance)
     commits.target = loop
     runner.start()
     log.info("joining group %s for %s", cfg.kafka.get("group.id"), ", ".join(cfg.topics))
@@ -152,6 +151,37 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
         except Exception:
             log.exception("handler teardown raised")
     return int(code)
+
+
+def build_runner(cfg: m.Configure, handler: Any) -> Any:
+    """The handler threads with the error policy and the in-flight board, from the options."""
+    from supervisor.child.policies import DeadLetter, Executor
+    from supervisor.child.runner import HandlerRunner
+    from supervisor.contract.inflight_board import BoardWriter
+
+    o = cfg.options
+    chain = list(o.get("on_error", ["stop"]))
+    dead_letter = DeadLetter(cfg.kafka, str(o.get("dead_letter_topic", "{topic}.dlq"))) \
+        if "dead-letter" in chain else None
+    poison = {(str(t), int(p), int(off)) for t, p, off in o.get("poison", [])}
+    batch = int(o.get("batch_size", 1)) > 1
+    execute = Executor(handler.process, chain, int(o.get("retry_attempts", 3)), float(o.get("retry_backoff_s", 0.5)),
+                       dead_letter, poison, batch)
+    concurrency = int(o.get("concurrency", 1))
+    board = BoardWriter(str(o["board"]), concurrency) if o.get("board") else None
+
+    def on_start(thread: int, job: Any) -> None:
+        if board is None:
+            return
+        if job is None:
+            board.clear(thread)
+        else:
+            r = job.record
+            board.set(thread, r.topic, r.partition, r.offset)
+
+    return HandlerRunner(execute, concurrency=concurrency, order_by=str(o.get("order_by", "partition")),
+                         batch_size=int(o.get("batch_size", 1)), batch_timeout_s=float(o.get("batch_timeout_s", 0)),
+                         on_start=on_start if board is not None else None)
 
 
 class CommitRelay:

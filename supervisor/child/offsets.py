@@ -1,7 +1,9 @@
 """OffsetBook: the one place that decides which offsets may be stored (child side).
 
 Rules it enforces:
-- an offset is stored only after the handler finished the message (``mark_done``);
+- an offset is stored only after the handler finished the message (``mark_done``), and only
+  the contiguous finished prefix of each partition: with out-of-order completion (concurrency by
+  key) the stored offset is that of the first message fetched and not yet finished;
 - only for a partition this worker still owns *in the same assignment* it received the message
   in: every assignment of a partition gets a new epoch, and a completion from an older epoch is
   fenced (a late finish after a revoke must not move the committed offset);
@@ -10,6 +12,7 @@ Rules it enforces:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 TP = tuple[str, int]
@@ -25,6 +28,8 @@ class PartitionBook:
     last_processed: int = -1
     stored: int = -1      # next offset to consume, as stored (last processed + 1)
     committed: int = -1   # as last confirmed by a commit result
+    pending: deque[int] = field(default_factory=deque)  # fetched, not yet finished, in fetch order
+    finished: set[int] = field(default_factory=set)     # finished, but behind an unfinished one
 
 
 @dataclass
@@ -55,15 +60,30 @@ class OffsetBook:
         book = self.owned.get(tp)
         return book.epoch if book else -1
 
+    def track(self, tp: TP, offset: int) -> None:
+        """A message of ``tp`` was fetched and handed to the runner."""
+        self.owned[tp].pending.append(offset)
+
     def mark_done(self, tp: TP, offset: int, epoch: int) -> bool:
         """Record that the handler finished ``offset``. False (and counted) when fenced."""
         book = self.owned.get(tp)
         if book is None or book.epoch != epoch:
             self.fenced += 1
             return False
-        if offset > book.last_processed:
-            book.last_processed = offset
-            self._dirty[tp] = offset + 1
+        book.last_processed = max(book.last_processed, offset)
+        pending = book.pending
+        if pending and pending[0] == offset:  # the common, in-order case
+            pending.popleft()
+            nxt = offset + 1
+        else:
+            book.finished.add(offset)
+            nxt = -1
+        while pending and pending[0] in book.finished:
+            done = pending.popleft()
+            book.finished.discard(done)
+            nxt = done + 1
+        if nxt > book.stored:
+            self._dirty[tp] = nxt
         return True
 
     def take_dirty(self) -> dict[TP, int]:

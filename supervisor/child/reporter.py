@@ -28,11 +28,11 @@ class Reporter:
         if not force and now - self._last < self.interval_s:
             return
         self._last = now
-        job = loop.runner.running
+        oldest = loop.runner.oldest_running()
         in_flight = None
-        if job is not None:
-            r = job.record
-            in_flight = m.InFlight(r.topic, r.partition, r.offset, loop.runner.running_since)
+        if oldest is not None:
+            r = oldest[0].record
+            in_flight = m.InFlight(r.topic, r.partition, r.offset, oldest[1])
         book = loop.book
         self.channel.send(m.Report(
             pid=os.getpid(),
@@ -45,5 +45,8 @@ class Reporter:
             committed={tp_name(tp): b.committed for tp, b in book.history.items() if b.committed >= 0},
             rss_bytes=self._proc.memory_info().rss,
             revocations=loop.revocations,
+            skipped=loop.skipped,
+            dead_lettered=loop.dead_lettered,
+            retries=loop.retries,
             at=time.time(),
         ))

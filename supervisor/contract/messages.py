@@ -102,6 +102,9 @@ class Report:
     rss_bytes: int
     revocations: int = 0
     at: float = 0.0
+    skipped: int = 0         # failed messages stored anyway (--on-error skip)
+    dead_lettered: int = 0   # failed messages sent to the dead-letter topic
+    retries: int = 0         # handler attempts that failed and were retried
 
 
 @dataclass(frozen=True)

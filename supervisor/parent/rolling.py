@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from supervisor import config as cfgmod
-from supervisor.contract import messages as m
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.spawn import spawn_worker
 
@@ -96,10 +94,10 @@ def _begin_slot(sup: Supervisor, roll: Roll, now: float) -> None:
         roll.current, roll.old = index, old
         roll.results.append(SlotResult(index, old.pid))
         incoming = WorkerSlot(index)
-        s = sup.settings
-        proc, channel = spawn_worker(m.Configure(index, s.handler, list(s.topics), cfgmod.kafka_config(s, index),
-                                                 cfgmod.worker_options(s, sup.log_format)))
+        configure = sup.configure_for(index)
+        proc, channel = spawn_worker(configure)
         incoming.reset_for_spawn(proc, channel, now)
+        incoming.configure = configure
         incoming.restarts = old.restarts
         assert proc.stderr is not None
         os.set_blocking(proc.stderr.fileno(), False)

@@ -36,6 +36,7 @@ class WorkerSlot:
     stuck_reason: str | None = None    # why we are stopping it (handler timeout, silent)
     stacks_asked: bool = False         # we sent SIGUSR1 (worker dumps its threads' stacks)
     respawn_at: float | None = None
+    configure: m.Configure | None = None  # what this process was started with
     report: m.Report | None = None
     report_at: float = 0.0             # when the last report (or Loaded) arrived
     assigned_at: float | None = None   # first report with an assignment: the join is done

@@ -15,13 +15,17 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import shutil
 import signal
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from enum import Enum
 
 from supervisor import config as cfgmod
 from supervisor.config import Settings
+from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
@@ -67,6 +71,9 @@ class Supervisor:
         self.last_tick = time.monotonic()
         self.roll: rolling.Roll | None = None
         self.partitions_total = 0  # of the subscribed topics, as the workers' metadata says
+        self.board_dir = tempfile.mkdtemp(prefix="ksup-inflight-")
+        self.poison_counts: Counter[tuple[str, int, int]] = Counter()
+        self.poison: set[tuple[str, int, int]] = set()
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -87,6 +94,7 @@ class Supervisor:
         finally:
             self.kill_all_now()
             self.signals.uninstall()
+            shutil.rmtree(self.board_dir, ignore_errors=True)
         code = self.exit_code if self.exit_code is not None else self.final_code()
         self.finish(code)
         return int(code)
@@ -187,9 +195,11 @@ class Supervisor:
                 log.info("worker %d (pid %d) exited: %s", slot.index, slot.pid,
                          slot.exiting.reason if slot.exiting else report.describe())
             else:
+                inflight = self.note_poison(slot) if self.state is State.RUNNING else ""
                 log.log(logging.WARNING if self.state is State.STOPPING else logging.ERROR,
-                        "worker %d (pid %d) %s%s%s", slot.index, slot.pid, report.describe(),
-                        worker_output.last_moments(slot), worker_output.stderr_tail(slot))
+                        "worker %d (pid %d) %s%s%s%s", slot.index, slot.pid, report.describe(),
+                        worker_output.last_moments(slot), f"; in flight at death: {inflight}" if inflight else "",
+                        worker_output.stderr_tail(slot))
             self.after_exit(slot, now, clean, report.describe())
 
     def after_exit(self, slot: WorkerSlot, now: float, clean: bool, how: str) -> None:
@@ -299,14 +309,37 @@ class Supervisor:
 
     # ---- actions --------------------------------------------------------------------------------
 
-    def spawn(self, slot: WorkerSlot, now: float) -> None:
+    def configure_for(self, index: int) -> m.Configure:
+        """What a new worker in slot ``index`` is told: settings, its in-flight board, poison."""
         s = self.settings
-        configure = m.Configure(slot.index, s.handler, list(s.topics), cfgmod.kafka_config(s, slot.index),
-                                cfgmod.worker_options(s, self.log_format))
+        board = os.path.join(self.board_dir, f"slot-{index}-{time.monotonic_ns()}")
+        inflight_board.create(board, s.concurrency)
+        options = {**cfgmod.worker_options(s, self.log_format), "board": board,
+                   "poison": [list(p) for p in sorted(self.poison)]}
+        return m.Configure(index, s.handler, list(s.topics), cfgmod.kafka_config(s, index), options)
+
+    def note_poison(self, slot: WorkerSlot) -> str:
+        """After a worker died: count a death against each message it had in flight (read from
+        its in-flight board); a message at --poison-after deaths goes to dead-letter/skip next
+        time. Returns the in-flight messages, for the log."""
+        board = slot.configure.options.get("board") if slot.configure else None
+        inflight = inflight_board.read(str(board)) if board else []
+        for key in inflight:
+            self.poison_counts[key] += 1
+            fallback = [p for p in self.settings.on_error if p in ("dead-letter", "skip")]
+            if self.poison_counts[key] >= self.settings.poison_after and fallback and key not in self.poison:
+                self.poison.add(key)
+                log.error("%s[%d]@%d killed %d worker processes: the next worker will %s it without "
+                          "running the handler", *key, self.poison_counts[key], fallback[0])
+        return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
+
+    def spawn(self, slot: WorkerSlot, now: float) -> None:
+        configure = self.configure_for(slot.index)
         proc, channel = spawn_worker(configure)
+        slot.configure = configure
         slot.reset_for_spawn(proc, channel, now)
-        if s.max_messages:
-            slot.recycle_after = policy.jittered(s.max_messages, slot.index, slot.restarts)
+        if self.settings.max_messages:
+            slot.recycle_after = policy.jittered(self.settings.max_messages, slot.index, slot.restarts)
         self.selector.register(channel, selectors.EVENT_READ, slot)
         assert proc.stderr is not None
         os.set_blocking(proc.stderr.fileno(), False)

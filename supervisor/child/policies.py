@@ -1,0 +1,141 @@
+"""What happens when a handler raises (child side): the ``--on-error`` chain.
+
+``retry``  run it again after an exponential backoff, up to --retry-attempts times; only its
+           partition waits (its lane holds, its fetching is paused), then the next policy;
+``dead-letter``  produce it to the dead-letter topic (default ``<topic>.dlq``) with headers saying
+           where it came from and why; its offset is stored only after the broker acknowledged;
+``skip``   log loudly and store its offset (an explicit opt-in);
+``stop``   store nothing; the worker drains and exits, and the supervisor restarts it (default).
+
+The chain ends in ``stop`` whatever is configured. A *poison* message (one that killed worker
+processes, named by the supervisor) skips the handler and goes straight to dead-letter or skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from supervisor.child.runner import Job, Outcome
+from supervisor.record import Record
+
+log = logging.getLogger("ksup.worker")
+
+# Producer properties worth copying from the consumer's configuration (connection and security).
+_SHARED_PREFIXES = ("bootstrap.servers", "security.", "sasl.", "ssl.", "client.", "socket.", "broker.",
+                    "reconnect.", "api.version", "metadata.")
+
+
+class DeadLetter:
+    def __init__(self, kafka: dict[str, str], topic_template: str, timeout_s: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        conf: dict[str, Any] = {k: v for k, v in kafka.items() if k.startswith(_SHARED_PREFIXES)}
+        conf.update({"acks": "all", "enable.idempotence": True, "linger.ms": 0})
+        self._producer = Producer(conf)
+        self._template = topic_template
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    def topic_for(self, topic: str) -> str:
+        return self._template.replace("{topic}", topic)
+
+    def send(self, jobs: list[Job], error: BaseException | None, reason: str) -> str | None:
+        """Produce and wait for the acknowledgement. Returns None when acknowledged, else why not."""
+        failures: list[str] = []
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                failures.append(str(err.str() if hasattr(err, "str") else err))
+
+        with self._lock:
+            for job in jobs:
+                r = job.record
+                headers: list[tuple[str, str | bytes | None]] = [*r.headers,
+                    ("ksup.original.topic", r.topic.encode()),
+                    ("ksup.original.partition", str(r.partition).encode()),
+                    ("ksup.original.offset", str(r.offset).encode()),
+                    ("ksup.error.type", (type(error).__name__ if error else reason).encode()),
+                    ("ksup.error.message", (str(error) if error else reason).encode()[:4096]),
+                    ("ksup.attempts", str(job.attempts + 1).encode()),
+                ]
+                self._producer.produce(self.topic_for(r.topic), value=r.value, key=r.key, headers=headers,
+                                       on_delivery=delivered)
+            left = self._producer.flush(self._timeout_s)
+        if left:
+            return f"{left} message(s) not acknowledged within {self._timeout_s:g}s"
+        return "; ".join(failures) or None
+
+
+class Executor:
+    """Runs the handler for a job and applies the error policy. Called on handler threads."""
+
+    def __init__(self, process: Callable[..., Any], chain: list[str], retry_attempts: int, retry_backoff_s: float,
+                 dead_letter: DeadLetter | None, poison: set[tuple[str, int, int]], batch: bool) -> None:
+        self.process = process
+        self.chain = chain
+        self.retry_attempts = retry_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self.dead_letter = dead_letter
+        self.poison = poison
+        self.batch = batch
+        self.is_async = inspect.iscoroutinefunction(process) or inspect.iscoroutinefunction(
+            getattr(process, "__call__", None))  # noqa: B004 - an object whose __call__ is async
+        self._local = threading.local()
+
+    def __call__(self, jobs: list[Job]) -> Outcome:
+        first = jobs[0].record
+        if (first.topic, first.partition, first.offset) in self.poison:
+            return self.fall_back(jobs, None, f"poison message: worker processes died on {first.coordinates}")
+        try:
+            self.call([j.record for j in jobs])
+            return Outcome(store=True)
+        except BaseException as exc:  # noqa: BLE001 - the policy decides
+            return self.on_failure(jobs, exc)
+
+    def call(self, records: list[Record]) -> None:
+        arg: Any = records if self.batch else records[0]
+        if not self.is_async:
+            self.process(arg)
+            return
+        loop = getattr(self._local, "loop", None)
+        if loop is None:  # one event loop per handler thread, kept for the worker's life
+            loop = self._local.loop = asyncio.new_event_loop()
+        loop.run_until_complete(self.process(arg))
+
+    def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
+        where = jobs[0].record.coordinates
+        for policy in self.chain:
+            if policy == "retry":
+                if jobs[0].attempts < self.retry_attempts:
+                    delay = self.retry_backoff_s * 2 ** jobs[0].attempts
+                    log.warning("handler raised %s on %s (attempt %d of %d); retrying in %.2fs; only this "
+                                "partition waits", type(exc).__name__, where, jobs[0].attempts + 1,
+                                self.retry_attempts + 1, delay)
+                    return Outcome(store=False, retry_in=delay, error=exc)
+                continue
+            if policy in ("dead-letter", "skip"):
+                return self.fall_back(jobs, exc, f"{type(exc).__name__}: {exc}")
+            if policy == "stop":
+                break
+        return Outcome(store=False, stop=True, error=exc)
+
+    def fall_back(self, jobs: list[Job], exc: BaseException | None, reason: str) -> Outcome:
+        """The first of dead-letter / skip in the chain; stop when neither is configured or works."""
+        where = jobs[0].record.coordinates
+        for policy in self.chain:
+            if policy == "dead-letter" and self.dead_letter is not None:
+                problem = self.dead_letter.send(jobs, exc, reason)
+                if problem is None:
+                    log.warning("%s sent to dead-letter topic %s (%s)", where,
+                                self.dead_letter.topic_for(jobs[0].record.topic), reason)
+                    return Outcome(store=True, error=exc, note="dead-lettered")
+                log.error("dead-letter produce of %s failed: %s", where, problem)
+            if policy == "skip":
+                log.error("SKIPPED %s: %s (--on-error skip): its offset is stored without processing", where, reason)
+                return Outcome(store=True, error=exc, note="skipped")
+        return Outcome(store=False, stop=True, error=exc)

@@ -1,0 +1,54 @@
+"""The in-flight board: a small shared file in which each handler thread of a worker writes the
+message it is working on *before* calling the handler, so that when a worker dies (segfault,
+OOM kill, os._exit) the supervisor knows exactly which messages were in flight, without a pipe
+message per message. One fixed-size record per handler thread; the writer is the worker, the
+reader the supervisor after the worker has exited.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+RECORD = 256
+_HEAD = struct.Struct("<BiqH")  # in use, partition, offset, topic length
+_TOPIC_MAX = RECORD - _HEAD.size
+
+
+def create(path: str, threads: int) -> None:
+    with open(path, "wb") as f:
+        f.write(b"\0" * RECORD * max(threads, 1))
+
+
+class BoardWriter:
+    def __init__(self, path: str, threads: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, RECORD * max(threads, 1))
+        finally:
+            os.close(fd)
+
+    def set(self, thread: int, topic: str, partition: int, offset: int) -> None:
+        name = topic.encode()[:_TOPIC_MAX]
+        base = thread * RECORD
+        self._map[base + _HEAD.size: base + _HEAD.size + len(name)] = name
+        self._map[base: base + _HEAD.size] = _HEAD.pack(1, partition, offset, len(name))
+
+    def clear(self, thread: int) -> None:
+        self._map[thread * RECORD] = 0
+
+
+def read(path: str) -> list[tuple[str, int, int]]:
+    """Every (topic, partition, offset) marked in flight; [] if the board is missing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    out = []
+    for base in range(0, len(data) - RECORD + 1, RECORD):
+        used, partition, offset, n = _HEAD.unpack_from(data, base)
+        if used:
+            out.append((data[base + _HEAD.size: base + _HEAD.size + n].decode(errors="replace"), partition, offset))
+    return out
