@@ -41,5 +41,11 @@ def process(record: Record) -> None:
         _hoard[-1][:: 4096] = b"x" * len(_hoard[-1][:: 4096])
     if _once("KSUP_TEST_EXIT_AT", where):
         os._exit(1)
+    if os.environ.get("KSUP_TEST_EXIT_ALWAYS_AT") == where:  # a poison message: kills every worker
+        os._exit(1)
+    if os.environ.get("KSUP_TEST_RAISE_ALWAYS_AT") == where:
+        raise ValueError(f"cannot parse {where}")
+    if os.environ.get("KSUP_TEST_SLOW_AT") == where:
+        time.sleep(float(os.environ.get("KSUP_TEST_SLOW_S", "5")))
     # One write per message with O_APPEND: a line is either whole or absent, even on SIGKILL.
     os.write(_fd, f"{record.partition} {record.offset} {os.getpid()}\n".encode())

@@ -1,0 +1,199 @@
+"""Handler shapes and error policies on the real broker: async, batch, class lifecycle,
+concurrency with the contiguous-prefix rule, revokes during slow handlers, lost partitions,
+retry then dead-letter with headers, and poison messages that kill the process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from tests.harness import REPO, read_record, wait_until
+from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
+
+pytestmark = pytest.mark.kafka
+
+
+def loaded(bootstrap: str, topic: str, partitions: int, count: int) -> dict[int, int]:
+    create_topic(bootstrap, topic, partitions)
+    produce_sequence(bootstrap, topic, count, partitions=partitions)
+    return end_offsets(bootstrap, topic, partitions)
+
+
+def missing(record, ends) -> list[tuple[int, int]]:
+    seen = {(p, o) for p, o, _ in read_record(record)}
+    return [(p, o) for p, end in ends.items() for o in range(end) if (p, o) not in seen]
+
+
+def all_committed(bootstrap, group, topic, ends, timeout=90):
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, len(ends)) == ends, timeout, "all committed", 0.5)
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_sigterm_drain_on_both_group_protocols(ksup, bootstrap, names, tmp_path, protocol):
+    topic, group = names
+    ends = loaded(bootstrap, topic, 4, 3000)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.002"}
+    extra = ["--group-protocol", protocol]
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, workers=2, env=env, extra=extra)
+    wait_until(lambda: len({pid for *_, pid in read_record(record)}) == 2, 60, "both busy")
+    assert run.stop() == 0, run.tail()
+    second = ksup("tests.handlers.recording:process", bootstrap, topic, group, workers=2, env=env, extra=extra)
+    all_committed(bootstrap, group, topic, ends)
+    assert second.stop() == 0
+    assert missing(record, ends) == []
+    assert max(Counter((p, o) for p, o, _ in read_record(record)).values()) == 1
+
+
+@pytest.mark.parametrize(("spec", "extra"), [
+    ("tests.handlers.shapes:process_async", []),
+    ("tests.handlers.shapes:process_batch", ["--batch-size", "50", "--batch-timeout", "0.2"]),
+])
+def test_async_and_batch_handlers(ksup, bootstrap, names, tmp_path, spec, extra):
+    topic, group = names
+    ends = loaded(bootstrap, topic, 2, 500)
+    record = tmp_path / "r.txt"
+    run = ksup(spec, bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)}, extra=extra)
+    all_committed(bootstrap, group, topic, ends)
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == []
+    if "batch" in spec:
+        sizes = [int(x) for x in (tmp_path / "r.txt.batches").read_text().split()]
+        assert max(sizes) == 50 and sum(sizes) == 500
+
+
+def test_class_lifecycle_calls_in_order(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    ends = loaded(bootstrap, topic, 2, 50)
+    record = tmp_path / "r.txt"
+    run = ksup("tests.handlers.shapes:Lifecycle", bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)})
+    all_committed(bootstrap, group, topic, ends)
+    assert run.stop() == 0
+    life = [line.split(" ", 1)[1] for line in (tmp_path / "r.txt.life").read_text().splitlines()]
+    assert life == ["setup", "assign [0, 1]", "revoke [0, 1]", "teardown"]
+
+
+def test_concurrency_by_key_stores_only_the_contiguous_prefix(ksup, bootstrap, names, tmp_path):
+    """Offset 3 of partition 0 is slow; later offsets (other keys) finish first. Kill the worker:
+    the committed offset is 3, and redelivery starts exactly there."""
+    topic, group = names
+    ends = loaded(bootstrap, topic, 1, 40)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:3", "KSUP_TEST_SLOW_S": "30"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
+               extra=["--concurrency", "4", "--order-by", "key", "--restart-delay", "0.2"])
+    wait_until(lambda: len(read_record(record)) >= 39, 60, "all but the slow message done")
+    time.sleep(2.5)  # auto-commit (1 s) has had its chance
+    assert committed_offsets(bootstrap, group, topic, 1) == {0: 3}, "only the contiguous prefix 0..2"
+    victim = run.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: any(pid != victim for _, _, pid in read_record(record)), 60, "redelivery")
+    redelivered = [o for _, o, pid in read_record(record) if pid != victim]
+    assert min(redelivered) == 3, "redelivery starts at the first unfinished offset, nothing before it"
+    run.kill_everything()
+
+
+def test_revoke_during_slow_handler_commits_finished_work_and_fences_the_late_one(ksup, bootstrap, names,
+                                                                                 tmp_path):
+    topic, group = names
+    ends = loaded(bootstrap, topic, 4, 400)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.01", "KSUP_TEST_SLOW_AT": "1:20",
+           "KSUP_TEST_SLOW_S": "6"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
+               extra=["--revoke-timeout", "1", "--no-static-membership"])
+    wait_until(lambda: any(w.get("in_flight") and w["in_flight"]["offset"] == 20 for w in _status(group)), 60,
+               "the slow message in flight")
+    assert subprocess.run([sys.executable, "-m", "supervisor", "scale", "4", "-g", group], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30).returncode == 0
+    all_committed(bootstrap, group, topic, ends, timeout=120)
+    text = run.log_text()
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == []
+    if f"{topic}[1]@20 after its partition was revoked: not stored" in text:
+        # The late finish was fenced; the new owner handled offset 20 again.
+        assert Counter((p, o) for p, o, _ in read_record(record))[(1, 20)] == 2
+    else:  # partition 1 happened to stay with worker 0
+        assert "revoked" in text
+
+
+def _status(group: str) -> list[dict]:
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--json", "-g", group], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30)
+    return json.loads(out.stdout)["workers"] if out.returncode == 0 else []
+
+
+def test_lost_partitions_commit_nothing(ksup, bootstrap, names, tmp_path):
+    """A frozen worker's session expires; its partitions are lost to the other worker. When it
+    wakes up, what it finishes is not stored and it commits nothing for them; nothing is lost."""
+    topic, group = names
+    ends = loaded(bootstrap, topic, 2, 600)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.02"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, workers=2, env=env,
+               extra=["--no-static-membership", "-X", "session.timeout.ms=3000", "--heartbeat-timeout", "60"])
+    wait_until(lambda: len({pid for *_, pid in read_record(record)}) == 2, 60, "both busy")
+    victim = run.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    time.sleep(6)  # past the session timeout: the group gives its partitions to the other worker
+    os.kill(victim, signal.SIGCONT)
+    run.wait_for_log("lost", 30)
+    all_committed(bootstrap, group, topic, ends, timeout=120)
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == []
+    assert f'"pid": {victim}' in [line for line in run.log_text().splitlines() if '"message": "lost' in line][0]
+
+
+def test_retry_then_dead_letter_with_headers(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    ends = loaded(bootstrap, topic, 2, 100)
+    create_topic(bootstrap, f"{topic}.dlq", 1)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_RAISE_ALWAYS_AT": "1:7"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
+               extra=["--on-error", "retry,dead-letter", "--retry-attempts", "2", "--retry-backoff", "0.1"])
+    all_committed(bootstrap, group, topic, ends)
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == [(1, 7)], "every message but the failing one was processed"
+    assert run.log_text().count(f"on {topic}[1]@7 (attempt") == 2
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-dlq-reader", "auto.offset.reset": "earliest"})
+    c.assign([TopicPartition(f"{topic}.dlq", 0, 0)])
+    msg = None
+    deadline = time.monotonic() + 20
+    while msg is None and time.monotonic() < deadline:
+        msg = c.poll(0.5)
+    c.close()
+    assert msg is not None and msg.error() is None
+    headers = {k: v.decode() for k, v in msg.headers()}
+    assert headers["ksup.original.topic"] == topic
+    assert (headers["ksup.original.partition"], headers["ksup.original.offset"]) == ("1", "7")
+    assert headers["ksup.error.type"] == "ValueError" and "cannot parse 1:7" in headers["ksup.error.message"]
+    assert headers["ksup.attempts"] == "3"
+    assert msg.value() == b"seq-15"  # round-robin production: partition 1, offset 7 is message 15
+
+
+def test_poison_message_that_kills_the_process_goes_to_dead_letter(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    ends = loaded(bootstrap, topic, 2, 60)
+    create_topic(bootstrap, f"{topic}.dlq", 1)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_EXIT_ALWAYS_AT": "0:10"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
+               extra=["--on-error", "dead-letter", "--poison-after", "2", "--restart-delay", "0.2"])
+    all_committed(bootstrap, group, topic, ends, timeout=120)
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == [(0, 10)]
+    text = run.log_text()
+    assert text.count(f"in flight at death: {topic}[0]@10") == 2
+    assert f"{topic}[0]@10 killed 2 worker processes: the next worker will dead-letter it" in text
+    assert f"{topic}[0]@10 sent to dead-letter topic {topic}.dlq (poison message" in text
+    assert end_offsets(bootstrap, f"{topic}.dlq", 1) == {0: 1}
