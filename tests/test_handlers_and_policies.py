@@ -84,7 +84,7 @@ def test_concurrency_by_key_stores_only_the_contiguous_prefix(ksup, bootstrap, n
     """Offset 3 of partition 0 is slow; later offsets (other keys) finish first. Kill the worker:
     the committed offset is 3, and redelivery starts exactly there."""
     topic, group = names
-    ends = loaded(bootstrap, topic, 1, 40)
+    loaded(bootstrap, topic, 1, 40)
     record = tmp_path / "r.txt"
     env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:3", "KSUP_TEST_SLOW_S": "30"}
     run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
