@@ -197,3 +197,28 @@ def test_poison_message_that_kills_the_process_goes_to_dead_letter(ksup, bootstr
     assert f"{topic}[0]@10 killed 2 worker processes: the next worker will dead-letter it" in text
     assert f"{topic}[0]@10 sent to dead-letter topic {topic}.dlq (poison message" in text
     assert end_offsets(bootstrap, f"{topic}.dlq", 1) == {0: 1}
+
+
+def test_drain_during_a_rebalance_is_bounded(ksup, bootstrap, names, tmp_path):
+    """SIGTERM while the group is rebalancing (two workers joining): no hang, exit 0, no loss."""
+    topic, group = names
+    ends = loaded(bootstrap, topic, 8, 4000)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.002"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, workers=2, env=env,
+               extra=["--no-static-membership"])
+    wait_until(lambda: len({pid for *_, pid in read_record(record)}) == 2, 60, "both busy")
+    subprocess.run([sys.executable, "-m", "supervisor", "scale", "4", "-g", group], cwd=REPO, timeout=30,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    run.wait_for_log("worker 2 started", 30)
+    time.sleep(0.8)  # the new worker is joining: the group is mid-rebalance
+    t0 = time.monotonic()
+    assert run.stop(60) == 0, run.tail()
+    took = time.monotonic() - t0
+    print(f"drain during a rebalance took {took:.2f}s")
+    assert took < 20
+    second = ksup("tests.handlers.recording:process", bootstrap, topic, group, workers=2, env=env,
+                  extra=["--no-static-membership"])
+    all_committed(bootstrap, group, topic, ends)
+    assert second.stop() == 0
+    assert missing(record, ends) == []
