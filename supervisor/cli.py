@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 import click
@@ -14,7 +15,8 @@ from supervisor import __version__
 from supervisor import config as cfgmod
 from supervisor.contract.exitcodes import ExitCode
 from supervisor.errors import ConfigError
-from supervisor.logs import resolve_format, setup_logging
+from supervisor.logs import resolve_format, secret_values, setup_logging
+from supervisor.parent import worker_output
 
 
 def fail(message: str, code: ExitCode) -> None:
@@ -75,6 +77,10 @@ def main() -> None:
 @click.option("--dead-letter-topic", default="{topic}.dlq", help="Where dead-letter sends a message.")
 @click.option("--poison-after", type=int, default=2,
               help="Worker deaths (crash, kill, hang) on one message before dead-letter/skip applies to it.")
+@click.option("--metrics-addr", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus /metrics and /livez /readyz /healthz here (e.g. 127.0.0.1:9300); off by default.")
+@click.option("--progress-timeout", type=float, default=60.0,
+              help="/healthz: a partition with lag whose committed offset stood still this long is unhealthy.")
 @click.option("--static-membership/--no-static-membership", default=True,
               help="Give each worker slot a stable group.instance.id, so restarts and rolling reloads "
                    "get the same partitions back without a rebalance.")
@@ -118,7 +124,9 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
         fail(str(exc), ExitCode.CONFIG)
         return
     log_format = resolve_format(settings.log_format)
-    setup_logging(log_format, settings.log_level, "supervisor")
+    secrets = secret_values(settings.kafka)
+    setup_logging(log_format, settings.log_level, "supervisor", secrets=secrets)
+    worker_output.SECRETS[:] = secrets
     from supervisor.adapters import systemd
     from supervisor.adapters.control import ControlSocketHooks, default_socket_path
     from supervisor.adapters.pidfile import PidfileHooks
@@ -136,6 +144,10 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
                              systemd.SystemdNotifier()]
     if settings.pidfile:
         adapters.append(PidfileHooks(settings.pidfile))
+    if settings.metrics_addr:
+        from supervisor.adapters.metrics import MetricsHooks
+
+        adapters.append(MetricsHooks(settings.metrics_addr, settings.progress_timeout))
     supervisor = Supervisor(settings, log_format, AllHooks(*adapters))
     try:
         code = ExitCode(supervisor.run())
@@ -183,16 +195,25 @@ def _ask(socket_path: str | None, group: str | None, body: dict[str, Any], timeo
 @main.command()
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(socket_path: str | None, group: str | None, as_json: bool) -> None:
-    """One row per worker: state, partitions, message in flight, counts, committed offsets, RSS."""
-    reply = _ask(socket_path, group, {"cmd": "status"})
-    reply.pop("ok", None)
-    if as_json:
-        click.echo(json.dumps(reply, indent=2))
-    else:
-        from supervisor.status_view import render
+@click.option("--watch", is_flag=True, help="Refresh in place every second (Ctrl+C to leave).")
+def status(socket_path: str | None, group: str | None, as_json: bool, watch: bool) -> None:
+    """One row per worker: state, partitions, message in flight, counts, committed offsets, lag, RSS."""
+    from supervisor.status_view import render
 
-        click.echo(render(reply))
+    while True:
+        reply = _ask(socket_path, group, {"cmd": "status"})
+        reply.pop("ok", None)
+        text = json.dumps(reply, indent=2) if as_json else render(reply)
+        if not watch:
+            click.echo(text)
+            return
+        # Home + clear, then the table: redrawn in place (click.echo would strip the escapes in a pipe).
+        sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+        sys.stdout.flush()
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return
 
 
 @main.command()

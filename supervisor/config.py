@@ -60,6 +60,8 @@ class Settings:
     retry_backoff: float = 0.5       # seconds before the first retry; doubles each time
     dead_letter_topic: str = "{topic}.dlq"
     poison_after: int = 2            # worker deaths on one message before it counts as poison
+    metrics_addr: str | None = None  # host:port for /metrics and health endpoints (off by default)
+    progress_timeout: float = 60.0   # /healthz: lag with no commit progress for this long is unhealthy
     static_membership: bool = True   # one stable group.instance.id per slot
     instance_id_prefix: str | None = None  # default: <host>-<group>
 
@@ -192,6 +194,10 @@ def validate(s: Settings) -> Settings:
                 f"session.timeout.ms={session_ms} is too short for static membership: a restarting worker "
                 f"must rejoin before its session expires or the group rebalances twice "
                 f"(use >= {MIN_STATIC_SESSION_MS}, or --no-static-membership)")
+    if s.metrics_addr is not None:
+        host, sep, port = s.metrics_addr.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"--metrics-addr {s.metrics_addr!r} is not host:port (for example 127.0.0.1:9300)")
     bad = [p for p in s.on_error if p not in ERROR_POLICIES]
     if bad or not s.on_error:
         raise ConfigError(f"--on-error {','.join(s.on_error)}: each policy must be one of "

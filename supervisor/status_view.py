@@ -20,10 +20,13 @@ def _committed(committed: dict[str, int]) -> str:
 
 def render(status: dict[str, Any]) -> str:
     sup = status["supervisor"]
+    total_lag = sum(n for w in status["workers"] for n in w.get("lag", {}).values())
+    processed = sum(w["processed"] for w in status["workers"])
     lines = [f"ksup pid {sup['pid']} {sup['state']}  group {sup['group']}  topics {','.join(sup['topics'])}  "
              f"handler {sup['handler']}  workers {len(status['workers'])}/{sup['workers_target']}  "
-             f"up {sup['uptime_s']:.0f}s"]
-    header = ("SLOT", "PID", "STATE", "PARTITIONS", "IN FLIGHT", "AGE", "PROCESSED", "COMMITTED", "RSS", "RESTARTS")
+             f"processed {processed}  lag {total_lag}  up {sup['uptime_s']:.0f}s"]
+    header = ("SLOT", "PID", "STATE", "PARTITIONS", "IN FLIGHT", "AGE", "PROCESSED", "COMMITTED", "LAG", "RSS",
+              "RESTARTS")
     rows = [header]
     for w in status["workers"]:
         f = w["in_flight"]
@@ -31,7 +34,7 @@ def render(status: dict[str, Any]) -> str:
             str(w["slot"]), str(w["pid"] or "-"), w["state"], _partitions(w["partitions"]),
             f"{f['topic']}[{f['partition']}]@{f['offset']}" if f else "-",
             f"{f['age_s']:.1f}s" if f else "-",
-            str(w["processed"]), _committed(w["committed"]),
+            str(w["processed"]), _committed(w["committed"]), _committed(w.get("lag", {})),
             f"{w['rss_bytes'] / (1 << 20):.0f}M", str(w["restarts"]),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -68,8 +68,9 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         r = abandoned.record
         oldest = loop.runner.oldest_running()
         inflight = m.InFlight(r.topic, r.partition, r.offset, oldest[1] if oldest else 0.0)
+    loop.send_report(force=True)  # the final counts, for the supervisor's metrics
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
-                                receipt=receipt, abandoned=inflight))
+                                receipt=receipt, abandoned=inflight, drain_seconds=time.monotonic() - t0))
     return code
 
 

@@ -10,6 +10,8 @@ handler runs, so ``max.poll.interval.ms`` never expires because of ksup.
 
 from __future__ import annotations
 
+import bisect
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
-from supervisor.child.runner import HandlerRunner, Job
+from supervisor.child.runner import HandlerRunner, Job, Outcome
 from supervisor.contract import messages as m
 from supervisor.contract.channel import Channel
 from supervisor.contract.exitcodes import WorkerExit
@@ -58,7 +60,11 @@ class ConsumerLoop:
         self.processed = 0
         self.failed = 0
         self.revocations = 0
-        self.skipped = self.dead_lettered = self.retries = 0
+        self.skipped = self.dead_lettered = self.retries = self.assignments = 0
+        self.counts: dict[str, list[int]] = {}  # partition name -> [processed, failed]
+        self.high_watermarks: dict[str, int] = {}
+        self.latency = [0] * (len(m.LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
         self.paused: set[TP] = set()  # partitions paused while their retry backs off
         self._last_backoff_check = 0.0
         self.lifecycle = lifecycle  # the handler's optional on_assign / on_revoke
@@ -175,6 +181,7 @@ class ConsumerLoop:
         for job, outcome in self.runner.take_done():
             rec = job.record
             self.retries += job.attempts
+            self.observe(rec, outcome)
             if outcome.store:
                 self.processed += 1
                 self.skipped += outcome.note == "skipped"
@@ -193,6 +200,28 @@ class ConsumerLoop:
                                code=WorkerExit.HANDLER_FAILED)
         self.store_dirty()
         self.pause_backing_off()
+
+    def observe(self, rec: Record, outcome: Outcome) -> None:
+        """Per-partition counts and the latency histogram, for the supervisor's metrics."""
+        name = f"{rec.topic}[{rec.partition}]"
+        counts = self.counts.get(name)
+        if counts is None:
+            counts = self.counts[name] = [0, 0]
+        counts[0 if outcome.store else 1] += 1
+        self.latency[bisect.bisect_left(m.LATENCY_BUCKETS, outcome.seconds)] += 1
+        self.latency_sum += outcome.seconds
+
+    def on_stats(self, stats_json: str) -> None:
+        """librdkafka's statistics (every statistics.interval.ms): keep each owned partition's high
+        watermark, so the supervisor can show lag without asking the broker itself."""
+        try:
+            stats = json.loads(stats_json)
+            for topic, t in stats.get("topics", {}).items():
+                for pid, p in t.get("partitions", {}).items():
+                    if pid != "-1" and p.get("hi_offset", -1) >= 0 and (topic, int(pid)) in self.book.owned:
+                        self.high_watermarks[f"{topic}[{pid}]"] = int(p["hi_offset"])
+        except (ValueError, TypeError, AttributeError):
+            pass
 
     def pause_backing_off(self) -> None:
         """Pause fetching for partitions whose message waits out a retry backoff; resume after."""
@@ -260,6 +289,7 @@ class ConsumerLoop:
         try:
             tps = [(p.topic, p.partition) for p in partitions]
             self.book.acquire(tps)
+            self.assignments += bool(tps)
             self.state = "assigned"
             self.call_lifecycle("on_assign", tps)
             log.info("assigned %s", ", ".join(map(tp_name, tps)) or "nothing new")

@@ -22,7 +22,7 @@ from supervisor.child import liveness
 from supervisor.contract import messages as m
 from supervisor.contract.channel import Channel
 from supervisor.contract.exitcodes import WorkerExit
-from supervisor.logs import setup_logging
+from supervisor.logs import redact, secret_values, setup_logging
 
 log = logging.getLogger("ksup.worker")
 
@@ -75,7 +75,9 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
     from confluent_kafka import Consumer, KafkaException
 
     try:
-        consumer = Consumer({**cfg.kafka, "on_commit": commits})
+        # librdkafka's own log lines go through Python logging (JSON, redacted) instead of raw stderr.
+        consumer = Consumer({"statistics.interval.ms": "1000", **cfg.kafka, "on_commit": commits,
+                             "stats_cb": commits.stats, "logger": logging.getLogger("librdkafka")})
     except (KafkaException, ValueError, TypeError) as exc:
         raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
                                            f"(fix or remove that -X/[kafka] setting)") from None
@@ -107,14 +109,16 @@ def run(channel: Channel) -> int:
     cfg = _wait_for(channel, (m.Configure,), CONFIGURE_TIMEOUT_S, watch)
     if not isinstance(cfg, m.Configure):
         return int(WorkerExit.INTERNAL)
+    secrets = secret_values(cfg.kafka)
     setup_logging(str(cfg.options.get("log_format", "json")), str(cfg.options.get("log_level", "info")),
-                  "worker", cfg.slot)
+                  "worker", cfg.slot, secrets)
     try:
         commits = CommitRelay()
         handler, consumer, partitions = boot(cfg, commits)
     except BootError as exc:
-        log.error("boot failed: %s", exc.reason)
-        channel.send(m.BootFailed(os.getpid(), int(exc.code), exc.reason))
+        reason = redact(exc.reason, secrets)
+        log.error("boot failed: %s", reason)
+        channel.send(m.BootFailed(os.getpid(), int(exc.code), reason))
         return int(exc.code)
     channel.send(m.Loaded(os.getpid(), cfg.handler, importlib.metadata.version("confluent-kafka"), partitions,
                           handler.version))
@@ -194,6 +198,10 @@ class CommitRelay:
     def __call__(self, err: Any, partitions: Any) -> None:
         if self.target is not None:
             self.target.on_commit(err, partitions)
+
+    def stats(self, stats_json: str) -> None:
+        if self.target is not None:
+            self.target.on_stats(stats_json)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import TYPE_CHECKING
@@ -48,5 +49,11 @@ class Reporter:
             skipped=loop.skipped,
             dead_lettered=loop.dead_lettered,
             retries=loop.retries,
+            assignments=loop.assignments,
+            counts={k: list(v) for k, v in loop.counts.items()},
+            high_watermarks={k: v for k, v in loop.high_watermarks.items()
+                             if (k.rpartition("[")[0], int(k.rpartition("[")[2][:-1])) in book.owned},
+            latency_counts=list(itertools.accumulate(loop.latency)),
+            latency_sum=loop.latency_sum,
             at=time.time(),
         ))

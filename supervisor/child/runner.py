@@ -54,6 +54,7 @@ class Outcome:
     retry_in: float | None = None
     error: BaseException | None = None
     note: str = ""
+    seconds: float = 0.0  # how long the handler (and policy) took
 
 
 # Runs one job (the handler plus the error policy), returns its Outcome. Given by the worker.
@@ -201,7 +202,9 @@ class HandlerRunner:
                 self.running[number] = (jobs[0], time.time())
             if self._on_start is not None:
                 self._on_start(number, jobs[0])
+            t0 = time.perf_counter()
             outcome = self._execute(jobs)
+            outcome.seconds = time.perf_counter() - t0
             if self._on_start is not None:
                 self._on_start(number, None)
             with cond:

@@ -19,6 +19,7 @@ _TYPES: dict[str, type[Any]] = {
 }
 # Nested dataclasses rebuilt by field name.
 _NESTED: dict[str, type[Any]] = {"in_flight": m.InFlight, "abandoned": m.InFlight}
+# Report fields are read on every report; unknown ones (a newer worker) are dropped, not fatal.
 
 
 class CodecError(ValueError):

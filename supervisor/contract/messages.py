@@ -105,6 +105,18 @@ class Report:
     skipped: int = 0         # failed messages stored anyway (--on-error skip)
     dead_lettered: int = 0   # failed messages sent to the dead-letter topic
     retries: int = 0         # handler attempts that failed and were retried
+    assignments: int = 0     # rebalance callbacks that gave this worker partitions
+    # Per partition (name -> [processed, failed]) since the worker started.
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    # Per partition high watermark, from librdkafka statistics (statistics.interval.ms).
+    high_watermarks: dict[str, int] = field(default_factory=dict)
+    # Handler latency: cumulative counts per bucket of LATENCY_BUCKETS (+Inf last), and the sum.
+    latency_counts: list[int] = field(default_factory=list)
+    latency_sum: float = 0.0
+
+
+# Upper bounds (seconds) of the handler latency histogram buckets; +Inf is implied.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,7 @@ class Exiting:
     reason: str
     receipt: list[PartitionReceipt] = field(default_factory=list)
     abandoned: InFlight | None = None
+    drain_seconds: float = 0.0  # from the drain request to the consumer closed
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class SupervisorCommands:
                 "failed": r.failed if r else 0,
                 "stored": r.stored if r else {},
                 "committed": r.committed if r else {},
+                "lag": {name: max(r.high_watermarks[name] - r.committed.get(name, 0), 0)
+                        for name in r.assignment if name in r.high_watermarks and name in r.committed} if r else {},
                 "rss_bytes": r.rss_bytes if r else 0,
                 "restarts": s.restarts,
                 "handler_version": s.handler_version,

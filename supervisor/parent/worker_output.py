@@ -8,6 +8,7 @@ import sys
 import time
 
 from supervisor.contract import messages as m
+from supervisor.logs import redact
 from supervisor.parent.slots import WorkerSlot
 
 
@@ -33,9 +34,15 @@ def read_stderr(slot: WorkerSlot, selector: selectors.BaseSelector, final: bool 
         stream.close()
 
 
+# Secret values (from the Kafka settings) to blank out of anything a worker writes to stderr.
+SECRETS: list[str] = []
+
+
 def forward(slot: WorkerSlot, data: bytes) -> None:
     *lines, slot.stderr_buf = (slot.stderr_buf + data).split(b"\n")
     for line in lines:
+        if SECRETS:
+            line = redact(line.decode(errors="replace"), SECRETS).encode()
         slot.stderr_tail.append(line.decode(errors="replace"))
         try:
             sys.stderr.buffer.write(line + b"\n")
