@@ -268,3 +268,43 @@ def health(socket_path: str | None, group: str | None) -> None:
     for problem in reply["problems"]:
         click.echo(f"unhealthy: {problem}", err=True)
     sys.exit(1)
+
+
+@main.command()
+@click.option("-b", "--bootstrap-servers", required=True, help="The cluster to verify against.")
+@click.option("--messages", type=int, default=20_000, show_default=True, help="Messages to produce.")
+@click.option("--partitions", type=int, default=8, show_default=True, help="Partitions of the scratch topic.")
+@click.option("-w", "--workers", type=int, default=4, show_default=True)
+@click.option("--rate", type=int, default=2_000, show_default=True, help="Messages produced per second.")
+@click.option("--faults", default=",".join(("sigterm", "kill", "reload", "scale", "exception")), show_default=True,
+              help="Faults to inject: sigterm, kill, reload, scale, exception (comma-separated; empty for none).")
+@click.option("--fault-interval", type=float, default=3.0, show_default=True, help="Seconds between faults.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the fault schedule (reproducible).")
+@click.option("-X", "kafka_props", multiple=True, metavar="KEY=VALUE", help="librdkafka property (security etc.).")
+@click.option("--keep-topic", is_flag=True, help="Do not delete the scratch topic at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int, rate: int, faults: str,
+           fault_interval: float, seed: int, kafka_props: tuple[str, ...], keep_topic: bool, as_json: bool) -> None:
+    """Prove at-least-once on your own cluster: a scratch topic, N messages, ksup workers with a
+    recording handler, faults on a seeded schedule; exits 0 only when nothing was lost."""
+    from supervisor.verify.run import FAULTS, Plan, report, run
+    from supervisor.verify.run import as_json as to_json
+
+    chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in FAULTS]
+    if unknown:
+        fail(f"unknown fault(s) {', '.join(unknown)} (choose from {', '.join(FAULTS)})", ExitCode.USAGE)
+    try:
+        kafka = dict(cfgmod.parse_kafka_property(p) for p in kafka_props)
+    except ConfigError as exc:
+        fail(str(exc), ExitCode.CONFIG)
+        return
+    setup_logging("text", "warning", "supervisor", secrets=secret_values(kafka))
+    plan = Plan(bootstrap_servers, messages, partitions, workers, rate, chosen, fault_interval, seed, kafka, keep_topic)
+    try:
+        outcome = run(plan, show_progress=not as_json)
+    except Exception as exc:  # a broker that does not answer, a ksup that did not start, ...
+        fail(f"verification could not run: {exc}", ExitCode.BROKER_UNREACHABLE)
+        return
+    click.echo(to_json(outcome) if as_json else report(outcome))
+    sys.exit(0 if outcome.ok else 1)

@@ -95,8 +95,11 @@ def test_concurrency_by_key_stores_only_the_contiguous_prefix(ksup, bootstrap, n
     victim = run.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: any(pid != victim for _, _, pid in read_record(record)), 60, "redelivery")
+    wait_until(lambda: 4 in {o for _, o, pid in read_record(record) if pid != victim}, 60, "offset 4 again")
     redelivered = [o for _, o, pid in read_record(record) if pid != victim]
-    assert min(redelivered) == 3, "redelivery starts at the first unfinished offset, nothing before it"
+    # Offset 4 had been finished by the victim but was past the stored prefix: it comes again;
+    # nothing before the first unfinished offset (3, still sleeping in the new worker) does.
+    assert min(redelivered) >= 3, "redelivery starts at the first unfinished offset, nothing before it"
     run.kill_everything()
 
 

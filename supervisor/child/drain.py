@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ksup.worker")
 
 FINAL_COMMIT_TIMEOUT_S = 10.0
-LEAVE_WAIT_S = 10.0  # without word from the supervisor, leave after this long anyway
+LEAVE_WAIT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0  # without word from the supervisor, leave after this long anyway
 
 
 def drain(loop: ConsumerLoop) -> WorkerExit:
@@ -58,7 +60,8 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     t_wait = time.monotonic()
     wait_for_leave(loop)
     t_close = time.monotonic()
-    loop.consumer.close()
+    if not close_within(loop, CLOSE_TIMEOUT_S) and code == WorkerExit.OK:
+        code = WorkerExit.COMMIT_FAILED if not committed else code
     loop.state = "closed"
     log.info("drained (%s): handler %.3fs, commit %.3fs, wait for others %.3fs, close %.3fs; exit %d",
              loop.stop_reason, t_commit - t0, t_wait - t_commit, t_close - t_wait,
@@ -72,6 +75,21 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
                                 receipt=receipt, abandoned=inflight, drain_seconds=time.monotonic() - t0))
     return code
+
+
+def close_within(loop: ConsumerLoop, timeout_s: float) -> bool:
+    """``close()`` with a bound. It can block for a whole session timeout when the group is stuck
+    in a rebalance (a static member that died still counts as a member). By then everything that
+    could be committed was, so a worker that gives up waiting loses nothing: it exits, and the
+    broker drops the member when its session expires. True when close() returned in time."""
+    closer = threading.Thread(target=loop.consumer.close, name="ksup-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.error("close() did not return within %.0fs (the group is stuck rebalancing); exiting without it",
+                  timeout_s)
+        return False
+    return True
 
 
 def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:

@@ -273,6 +273,10 @@ class Supervisor:
                 slot.restarts += 1
                 self.spawn(slot, now)
                 return
+        if any(not s.alive and s.respawn_at is not None for s in self.slots):
+            # A dead worker's (static) membership holds up every rebalance until it is back or its
+            # session expires: bring it back before anything else changes the group.
+            return
         if len(self.slots) < self.target_workers:
             used = {s.index for s in self.slots}
             slot = WorkerSlot(min(i for i in range(len(self.slots) + 1) if i not in used))

@@ -1,0 +1,322 @@
+"""``ksup verify``: produce N sequence-numbered messages to a scratch topic while a real
+``ksup start`` consumes them with the recording handler, inject faults on a seeded schedule,
+then check from the records and the broker that every message was processed at least once.
+
+Faults: ``sigterm`` (stop ksup with SIGTERM and start it again), ``kill`` (SIGKILL one worker),
+``reload`` (rolling reload), ``scale`` (one worker more, then back), ``exception`` (a message
+whose handler raises once). Each duplicate is attributed to the last fault before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.adapters.control import request
+
+FAULTS = ("sigterm", "kill", "reload", "scale", "exception")
+
+
+@dataclass
+class Plan:
+    bootstrap: str
+    messages: int = 20_000
+    partitions: int = 8
+    workers: int = 4
+    rate: int = 2_000            # messages produced per second
+    faults: tuple[str, ...] = FAULTS
+    fault_interval: float = 3.0  # seconds between faults
+    seed: int = 1
+    kafka: dict[str, str] = field(default_factory=dict)
+    keep_topic: bool = False
+    handler_sleep: float = 0.0005
+    timeout: float = 600.0
+
+
+@dataclass
+class Outcome:
+    produced: int = 0
+    processed: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    duplicates_by_fault: dict[str, int] = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)
+    committed_ok: bool = False
+    committed_mismatch: dict[str, list[int]] = field(default_factory=dict)
+    longest_gap_s: float = 0.0
+    seconds: float = 0.0
+    topic: str = ""
+    files: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.committed_ok
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "ok": self.ok}
+
+
+class Ksup:
+    """One ``ksup start`` process of the verification run."""
+
+    def __init__(self, plan: Plan, topic: str, work: Path, env: dict[str, str]) -> None:
+        self.socket = str(work / "ksup.sock")
+        args = [sys.executable, "-m", "supervisor", "start", "supervisor.verify.recorder:process",
+                "-b", plan.bootstrap, "-t", topic, "-g", topic, "-w", str(plan.workers),
+                "--control-socket", self.socket, "--log-format", "json", "--restart-delay", "0.2",
+                "--graceful-timeout", "20"]
+        for key, value in plan.kafka.items():
+            args += ["-X", f"{key}={value}"]
+        self.log = open(work / f"ksup-{time.monotonic_ns()}.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+
+    def ask(self, body: dict[str, Any], timeout: float | None = 10.0) -> dict[str, Any]:
+        return request(self.socket, body, timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ksup exited with {self.proc.returncode} while starting (see {self.log.name})")
+            try:
+                workers = self.ask({"cmd": "status"})["workers"]
+                if workers and all(w["state"] == "assigned" for w in workers):
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("ksup did not get its workers assigned")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+
+def _admin_and_probe(plan: Plan) -> tuple[Any, Any]:
+    from confluent_kafka import Consumer
+    from confluent_kafka.admin import AdminClient
+
+    conf: dict[str, Any] = {k: v for k, v in plan.kafka.items() if not k.startswith(("group.", "enable.", "auto."))}
+    conf["bootstrap.servers"] = plan.bootstrap
+    probe = Consumer({**conf, "group.id": f"ksup-verify-probe-{uuid.uuid4().hex[:8]}"})
+    return AdminClient(conf), probe
+
+
+def _produce(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, int], stop: threading.Event) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({**{k: v for k, v in plan.kafka.items() if k.startswith(("security.", "sasl.", "ssl."))},
+                         "bootstrap.servers": plan.bootstrap, "acks": "all", "linger.ms": 5})
+    started = time.monotonic()
+    for n in range(plan.messages):
+        if stop.is_set():
+            break
+        due = started + n / plan.rate
+        if due > time.monotonic():
+            time.sleep(due - time.monotonic())
+        value = f"seq-{n}" + (":fail" if n in fail_at else "")
+        while True:
+            try:
+                producer.produce(topic, value.encode(), key=str(n).encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+        progress["produced"] = n + 1
+    producer.flush(60)
+
+
+def run(plan: Plan, show_progress: bool = True) -> Outcome:
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+    rng = random.Random(plan.seed)
+    topic = f"ksup-verify-{uuid.uuid4().hex[:10]}"
+    work = Path(tempfile.mkdtemp(prefix="ksup-verify-"))
+    record = work / "record.txt"
+    env = {**os.environ, "KSUP_VERIFY_RECORD": str(record), "KSUP_VERIFY_SLEEP": str(plan.handler_sleep)}
+    admin, probe = _admin_and_probe(plan)
+    admin.create_topics([NewTopic(topic, num_partitions=plan.partitions, replication_factor=-1)])[topic].result(60)
+    outcome = Outcome(topic=topic)
+    t0 = time.monotonic()
+    # Messages that raise once: one per planned "exception" fault, spread over the run.
+    fail_at = {rng.randrange(plan.messages) for _ in range(max(1, plan.messages // 5000))} \
+        if "exception" in plan.faults else set()
+    progress = {"produced": 0}
+    stop_producing = threading.Event()
+    producer = threading.Thread(target=_produce, args=(plan, topic, fail_at, progress, stop_producing), daemon=True)
+    ksup = Ksup(plan, topic, work, env)
+    timeline: list[tuple[int, str]] = []
+    try:
+        ksup.wait_ready()
+        producer.start()
+        next_fault = time.monotonic() + plan.fault_interval
+        scaled = False
+        while True:
+            done = _count_lines(record)
+            if show_progress:
+                _bar(progress["produced"], done, plan.messages, len(outcome.faults))
+            if not producer.is_alive() and done >= plan.messages:
+                break
+            if time.monotonic() - t0 > plan.timeout:
+                raise TimeoutError(f"verification did not finish within {plan.timeout:.0f}s")
+            faults = [f for f in plan.faults if f != "exception"]
+            if faults and producer.is_alive() and time.monotonic() >= next_fault:
+                fault = rng.choice(faults)
+                timeline.append((time.time_ns(), fault))
+                outcome.faults.append(fault)
+                ksup, scaled = _inject(fault, ksup, plan, topic, work, env, rng, scaled)
+                next_fault = time.monotonic() + plan.fault_interval
+            time.sleep(0.2)
+        if fail_at:
+            outcome.faults.append(f"exception x{len(fail_at)}")
+        ends = _wait_committed(admin, probe, topic, plan)
+    finally:
+        stop_producing.set()
+        ksup.stop()
+        if show_progress:
+            sys.stderr.write("\n")
+    outcome.seconds = round(time.monotonic() - t0, 1)
+    _analyse(outcome, record, ends, timeline, admin, topic)
+    probe.close()
+    if not plan.keep_topic:
+        admin.delete_topics([topic])[topic].result(60)
+    if outcome.ok and not os.environ.get("KSUP_VERIFY_KEEP_FILES"):
+        shutil.rmtree(work, ignore_errors=True)  # on failure the records and logs stay for a look
+    outcome.files = str(work)
+    return outcome
+
+
+def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dict[str, str],
+            rng: random.Random, scaled: bool) -> tuple[Ksup, bool]:
+    if fault == "sigterm":
+        code = ksup.stop()
+        if code not in (0, 4, 5):  # 4/5: a message abandoned or a commit unconfirmed: duplicates, not loss
+            raise RuntimeError(f"ksup exited {code} on SIGTERM (see {ksup.log.name})")
+        ksup = Ksup(plan, topic, work, env)
+        ksup.wait_ready()
+    elif fault == "kill":
+        pids = [w["pid"] for w in ksup.ask({"cmd": "status"})["workers"] if w["pid"]]
+        if pids:
+            os.kill(rng.choice(pids), signal.SIGKILL)
+    elif fault == "reload":
+        result = ksup.ask({"cmd": "reload", "wait": True}, timeout=300)
+        if not result.get("ok"):
+            raise RuntimeError(f"rolling reload failed: {result.get('error')}")
+    elif fault == "scale":
+        ksup.ask({"cmd": "scale", "workers": plan.workers if scaled else plan.workers + 1})
+        scaled = not scaled
+    return ksup, scaled
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return len({tuple(line.split()[:2]) for line in f})
+    except OSError:
+        return 0
+
+
+def _wait_committed(admin: Any, probe: Any, topic: str, plan: Plan) -> dict[int, int]:
+    """The end offsets, once the group's commits reached them (or a minute passed)."""
+    from confluent_kafka import TopicPartition
+
+    ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(plan.partitions)}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _committed(admin, topic, plan.partitions) != ends:
+        time.sleep(0.5)
+    return ends
+
+
+def _committed(admin: Any, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offsets (the group is named after the scratch topic)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    req = ConsumerGroupTopicPartitions(topic, [TopicPartition(topic, p) for p in range(partitions)])
+    result = admin.list_consumer_group_offsets([req])[topic].result(30)
+    return {tp.partition: tp.offset for tp in result.topic_partitions}
+
+
+def _analyse(outcome: Outcome, record: Path, ends: dict[int, int], timeline: list[tuple[int, str]],
+             admin: Any, topic: str) -> None:
+    rows = [tuple(map(int, line.split())) for line in record.read_text().splitlines()] if record.exists() else []
+    outcome.produced = sum(ends.values())
+    seen = Counter((r[0], r[1]) for r in rows)
+    outcome.processed = len(seen)
+    outcome.lost = sum(1 for p, end in ends.items() for o in range(end) if (p, o) not in seen)
+    outcome.duplicates = sum(n - 1 for n in seen.values() if n > 1)
+    first: set[tuple[int, int]] = set()
+    by_fault: Counter[str] = Counter()
+    for p, o, _pid, _created, done in sorted(rows, key=lambda r: r[4]):
+        if (p, o) in first:
+            cause = "before any fault"
+            for at, name in timeline:
+                if at <= done:
+                    cause = name
+            by_fault[cause] += 1
+        first.add((p, o))
+    outcome.duplicates_by_fault = dict(by_fault)
+    committed = _committed(admin, topic, len(ends))
+    outcome.committed_ok = committed == ends
+    outcome.committed_mismatch = {str(p): [committed.get(p, -1), end] for p, end in ends.items()
+                                  if committed.get(p) != end}
+    worst = 0.0
+    for p in ends:
+        events = sorted((r[4], r[3]) for r in rows if r[0] == p)
+        for (done_a, _), (done_b, created_b) in zip(events, events[1:], strict=False):
+            waiting_since = max(done_a, created_b * 1_000_000)  # the next message was already there
+            worst = max(worst, (done_b - waiting_since) / 1e9)
+    outcome.longest_gap_s = round(worst, 3)
+
+
+def _bar(produced: int, processed: int, total: int, faults: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = int(width * processed / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] produced {produced}/{total}  "
+                     f"processed {processed}  faults {faults} ")
+    sys.stderr.flush()
+
+
+def report(outcome: Outcome) -> str:
+    lines = [
+        f"topic           {outcome.topic}",
+        f"produced        {outcome.produced}",
+        f"processed       {outcome.processed}",
+        f"lost            {outcome.lost}" + ("" if outcome.lost == 0 else "   <-- MESSAGES LOST"),
+        f"duplicates      {outcome.duplicates}" + (
+            "   (" + ", ".join(f"{k}: {v}" for k, v in sorted(outcome.duplicates_by_fault.items())) + ")"
+            if outcome.duplicates else ""),
+        "committed       " + ("= processed + 1 on every partition" if outcome.committed_ok
+                             else f"MISMATCH {outcome.committed_mismatch}"),
+        f"longest gap     {outcome.longest_gap_s} s without a consumer on a partition with messages waiting",
+        f"faults          {', '.join(outcome.faults) or 'none'}",
+        f"took            {outcome.seconds} s",
+        "result          " + ("OK: nothing lost" if outcome.ok else "FAILED"),
+    ]
+    return "\n".join(lines)
+
+
+def as_json(outcome: Outcome) -> str:
+    return json.dumps(outcome.as_dict(), indent=2)
