@@ -1,0 +1,159 @@
+"""Throughput, scaling and footprint benchmarks (ratios in one run, same machine, same broker).
+
+1. One worker, no-op handler, 1,000,000 small messages on one partition: ksup vs the plainest
+   correct confluent-kafka loop (poll, store_offsets); ksup's batch handler vs a
+   consume(num_messages=500) loop.
+2. Scaling: 1, 2, 4 workers on an 8-partition topic, handler sleeping 1 ms (I/O-bound).
+3. Footprint: the supervisor's RSS and CPU while idle and while 4 workers process.
+
+    python -m tests.bench.throughput [--messages N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from confluent_kafka import Consumer, Producer
+
+from tests.harness import KsupRun, wait_until
+from tests.kafkautil import create_topic
+from tests.localkafka import LocalKafka
+
+
+def produce(bootstrap: str, topic: str, count: int, partitions: int) -> None:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
+                  "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4"})
+    value = b"x" * 16
+    for n in range(count):
+        try:
+            p.produce(topic, value, partition=n % partitions)
+        except BufferError:
+            p.poll(0.5)
+            p.produce(topic, value, partition=n % partitions)
+        if n % 10000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0
+
+
+def plain_loop(bootstrap: str, topic: str, count: int, batch: bool) -> float:
+    """The plainest correct explicit-store loop: messages per second from first to last."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plain-{batch}-{time.monotonic_ns()}",
+                  "auto.offset.reset": "earliest", "enable.auto.offset.store": False})
+    c.subscribe([topic])
+    seen, first = 0, 0.0
+    while seen < count:
+        if batch:
+            msgs = c.consume(num_messages=500, timeout=1.0)
+            good = [m for m in msgs if m.error() is None]
+            if good:
+                first = first or time.monotonic()
+                seen += len(good)
+                c.store_offsets(message=good[-1])
+        else:
+            m = c.poll(1.0)
+            if m is None or m.error() is not None:
+                continue
+            first = first or time.monotonic()
+            seen += 1
+            c.store_offsets(message=m)
+    rate = seen / (time.monotonic() - first)
+    c.close()
+    return rate
+
+
+def ksup_rate(bootstrap: str, topic: str, count: int, work: Path, workers: int = 1, extra: list[str] | None = None,
+              handler: str = "tests.bench.noop:process", sleep: float = 0.0) -> tuple[float, KsupRun]:
+    out = work / f"done-{time.monotonic_ns()}.txt"
+    env = {"BENCH_COUNT": str(count // workers if workers > 1 else count), "BENCH_OUT": str(out),
+           "BENCH_SLEEP": str(sleep)}
+    run = KsupRun(handler, bootstrap, topic, f"ksup-{time.monotonic_ns()}", workers=workers, env=env,
+                  extra=["--log-format", "json", *(extra or [])], workdir=work)
+    wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= workers, 900, "all processed", 0.2)
+    rows = [line.split() for line in out.read_text().splitlines()]
+    first = min(float(r[1]) for r in rows)
+    last = max(float(r[2]) for r in rows)
+    return sum(int(r[3]) for r in rows) / (last - first), run
+
+
+def footprint(run: KsupRun, seconds: float = 5.0) -> dict[str, float]:
+    proc = psutil.Process(run.proc.pid)
+    proc.cpu_percent(None)
+    time.sleep(seconds)
+    return {"rss_mib": round(proc.memory_info().rss / 2**20, 1), "cpu_percent": round(proc.cpu_percent(None), 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    n = args.messages
+    work = Path(tempfile.mkdtemp(prefix="ksup-bench-"))
+    broker = LocalKafka()
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+                               "messages": n}
+    runs: list[KsupRun] = []
+    try:
+        broker.start()
+        b = broker.bootstrap
+        create_topic(b, "one", 1)
+        t0 = time.monotonic()
+        produce(b, "one", n, 1)
+        results["produce_s"] = round(time.monotonic() - t0, 1)
+        results["plain_per_message"] = round(plain_loop(b, "one", n, batch=False))
+        rate, run = ksup_rate(b, "one", n, work)
+        runs.append(run)
+        results["ksup_per_message"] = round(rate)
+        run.signal(signal.SIGTERM)
+        run.wait(60)
+        results["plain_batch"] = round(plain_loop(b, "one", n, batch=True))
+        rate, run = ksup_rate(b, "one", n, work, extra=["--batch-size", "500", "--batch-timeout", "0.05"],
+                              handler="tests.bench.noop:process_batch")
+        runs.append(run)
+        results["ksup_batch"] = round(rate)
+        run.signal(signal.SIGTERM)
+        run.wait(60)
+
+        create_topic(b, "eight", 8)
+        scaled = 40_000
+        produce(b, "eight", scaled * 3, 8)
+        results["scaling"] = {}
+        for workers in (1, 2, 4):
+            rate, run = ksup_rate(b, "eight", scaled, work, workers=workers, sleep=0.001)
+            runs.append(run)
+            results["scaling"][workers] = round(rate)
+            if workers == 4:
+                results["footprint_busy"] = footprint(run, 3.0)
+            run.signal(signal.SIGTERM)
+            run.wait(60)
+        create_topic(b, "idle", 4)
+        run = KsupRun("tests.bench.noop:process", b, "idle", "idle", workers=4, workdir=work)
+        runs.append(run)
+        run.wait_for_log("all 4 workers loaded", 60)
+        time.sleep(3)
+        results["footprint_idle"] = footprint(run)
+        run.signal(signal.SIGTERM)
+        run.wait(60)
+    finally:
+        for r in runs:
+            r.kill_everything()
+        broker.cleanup()
+    results["ratio_per_message"] = round(results["ksup_per_message"] / results["plain_per_message"], 3)
+    results["ratio_batch"] = round(results["ksup_batch"] / results["plain_batch"], 3)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
