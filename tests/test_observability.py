@@ -66,7 +66,12 @@ def test_metrics_match_what_was_produced_and_processed(ksup, bootstrap, names, t
         return total(got, "ksup_messages_processed_total") == len(read_record(tmp_path / "r.txt")) >= 1200 \
             and len(lags) == 4 and not any(lags)
 
-    wait_until(caught_up, 60, "metrics caught up (processed as recorded, lag 0)")
+    try:
+        wait_until(caught_up, 60, "metrics caught up (processed as recorded, lag 0)")
+    except AssertionError:
+        got = scrape(port)
+        raise AssertionError(f"records {len(read_record(tmp_path / 'r.txt'))}; metrics "
+                             f"{ {k: v for k, v in got.items() if 'processed' in k or 'lag' in k or 'high' in k} }")
     got = scrape(port)
     done = Counter(p for p, _, _ in read_record(tmp_path / "r.txt"))
     for p in range(4):

@@ -389,7 +389,9 @@ class Supervisor:
         for slot in self.slots:
             slot.respawn_at = None
             if slot.alive:
-                slot.in_final_drain = True
+                # A worker that never joined (still booting) has nothing to commit: however it
+                # ends (even killed by this SIGTERM before its handler is installed) is no failure.
+                slot.in_final_drain = slot.joined
                 self.drain_slot(slot, reason, wait, deadline)
 
     def settled(self) -> bool:
