@@ -218,8 +218,15 @@ class ConsumerLoop:
             stats = json.loads(stats_json)
             for topic, t in stats.get("topics", {}).items():
                 for pid, p in t.get("partitions", {}).items():
-                    if pid != "-1" and p.get("hi_offset", -1) >= 0 and (topic, int(pid)) in self.book.owned:
+                    tp = (topic, int(pid))
+                    if pid == "-1" or tp not in self.book.owned:
+                        continue
+                    if p.get("hi_offset", -1) >= 0:
                         self.high_watermarks[f"{topic}[{pid}]"] = int(p["hi_offset"])
+                    # What the group had committed when we got the partition (we may commit
+                    # nothing new for it): the statistics know it, our commit results do not.
+                    if p.get("committed_offset", -1) > self.book.owned[tp].committed:
+                        self.book.note_committed(tp, int(p["committed_offset"]))
         except (ValueError, TypeError, AttributeError):
             pass
 
