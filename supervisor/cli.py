@@ -77,6 +77,9 @@ def main() -> None:
 @click.option("--dead-letter-topic", default="{topic}.dlq", help="Where dead-letter sends a message.")
 @click.option("--poison-after", type=int, default=2,
               help="Worker deaths (crash, kill, hang) on one message before dead-letter/skip applies to it.")
+@click.option("--on-worker-exit", default=None, metavar="CMD",
+              help="Shell command run whenever a worker ends, with KSUP_SLOT, KSUP_PID, KSUP_EXIT_CODE, "
+                   "KSUP_SIGNAL, KSUP_REASON and KSUP_IN_FLIGHT in its environment.")
 @click.option("--metrics-addr", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics and /livez /readyz /healthz here (e.g. 127.0.0.1:9300); off by default.")
 @click.option("--progress-timeout", type=float, default=60.0,
@@ -144,6 +147,10 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
                              systemd.SystemdNotifier()]
     if settings.pidfile:
         adapters.append(PidfileHooks(settings.pidfile))
+    if settings.on_worker_exit:
+        from supervisor.adapters.exit_command import WorkerExitCommand
+
+        adapters.append(WorkerExitCommand(settings.on_worker_exit))
     if settings.metrics_addr:
         from supervisor.adapters.metrics import MetricsHooks
 

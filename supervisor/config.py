@@ -60,6 +60,7 @@ class Settings:
     retry_backoff: float = 0.5       # seconds before the first retry; doubles each time
     dead_letter_topic: str = "{topic}.dlq"
     poison_after: int = 2            # worker deaths on one message before it counts as poison
+    on_worker_exit: str | None = None  # shell command run (not waited for) when a worker ends
     metrics_addr: str | None = None  # host:port for /metrics and health endpoints (off by default)
     progress_timeout: float = 60.0   # /healthz: lag with no commit progress for this long is unhealthy
     static_membership: bool = True   # one stable group.instance.id per slot

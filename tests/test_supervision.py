@@ -55,11 +55,16 @@ def no_loss_no_dups(record: Path, ends: dict[int, int]) -> tuple[int, int]:
     return missing, sum(n - 1 for n in seen.values() if n > 1)
 
 
-def test_crash_loop_stops_with_its_own_exit_code(ksup, bootstrap, names):
+def test_crash_loop_stops_with_its_own_exit_code(ksup, bootstrap, names, tmp_path):
     topic, group = names
     loaded_topic(bootstrap, topic, 1, 10)
-    run = ksup("tests.handlers.failing:process", bootstrap, topic, group, extra=["--restart-delay", "0.1"])
+    hook_out = tmp_path / "exits.txt"
+    hook = f'echo "$KSUP_SLOT $KSUP_EXIT_CODE $KSUP_REASON" >> {hook_out}'
+    run = ksup("tests.handlers.failing:process", bootstrap, topic, group,
+               extra=["--restart-delay", "0.1", "--on-worker-exit", hook])
     assert run.wait(90) == CRASH_LOOP, run.tail()
+    exits = hook_out.read_text().splitlines()
+    assert len(exits) >= 5 and exits[0].startswith("0 10 handler raised RuntimeError on "), exits
     text = run.log_text()
     assert "crash loop: 5 worker deaths within 60s" in text
     assert "cannot handle" in text, "the death log quotes the worker's last output"

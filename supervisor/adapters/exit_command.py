@@ -1,0 +1,46 @@
+"""``--on-worker-exit CMD``: a user hook run by the supervisor whenever a worker process ends
+(parent side). The command runs through the shell, without blocking the loop, with the details
+in its environment: KSUP_SLOT, KSUP_PID, KSUP_EXIT_CODE (empty when killed), KSUP_SIGNAL (empty
+when it exited), KSUP_REASON, KSUP_IN_FLIGHT (topic[partition]@offset, when known).
+(The hook on worker start is the handler class's ``setup()``, which runs in the worker.)"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from typing import Any
+
+from supervisor.parent.hooks import Hooks
+
+log = logging.getLogger("ksup.supervisor")
+
+
+class WorkerExitCommand(Hooks):
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def on_worker_exit(self, sup: Any, slot: Any, report: Any) -> None:
+        inflight = slot.report.in_flight if slot.report is not None else None
+        env = {**os.environ,
+               "KSUP_SLOT": str(slot.index), "KSUP_PID": str(slot.pid),
+               "KSUP_EXIT_CODE": "" if report.code is None else str(report.code),
+               "KSUP_SIGNAL": "" if report.signal is None else signal.Signals(report.signal).name,
+               "KSUP_REASON": slot.exiting.reason if slot.exiting is not None else report.describe(),
+               "KSUP_IN_FLIGHT": f"{inflight.topic}[{inflight.partition}]@{inflight.offset}" if inflight else ""}
+        try:
+            self.running.append(subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.DEVNULL))
+        except OSError as exc:
+            log.warning("--on-worker-exit could not run: %s", exc)
+
+    def on_tick(self, sup: Any) -> None:
+        self.running = [p for p in self.running if p.poll() is None]  # reap finished hooks
+
+    def on_exit(self, sup: Any, exit_code: int) -> None:
+        for p in self.running:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
