@@ -71,7 +71,8 @@ def test_metrics_match_what_was_produced_and_processed(ksup, bootstrap, names, t
     except AssertionError:
         got = scrape(port)
         raise AssertionError(f"records {len(read_record(tmp_path / 'r.txt'))}; metrics "
-                             f"{ {k: v for k, v in got.items() if 'processed' in k or 'lag' in k or 'high' in k} }")
+                             f"{ {k: v for k, v in got.items() if 'processed' in k or 'lag' in k or 'high' in k} }"
+                             ) from None
     got = scrape(port)
     done = Counter(p for p, _, _ in read_record(tmp_path / "r.txt"))
     for p in range(4):
