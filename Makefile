@@ -9,7 +9,7 @@ COMPAT_VENV ?= .venv-compat
 # The oldest confluent-kafka ksup supports; its consumer differs from 2.16's (see README).
 COMPAT_CONFLUENT ?= 2.15.0
 
-.PHONY: demo test lint unit compat setup tools clean
+.PHONY: demo test lint unit compat setup tools bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ compat: setup
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[test]' 'confluent-kafka==$(COMPAT_CONFLUENT)'
 	$(COMPAT_VENV)/bin/python -m pytest -m compat
+
+# Benchmarks (not tests: figures, ratios against a baseline in the same run). Results go to
+# bench-results/ (not committed); the README quotes them.
+bench: setup
+	mkdir -p bench-results
+	$(PY) -m tests.bench.throughput --json bench-results/throughput.json
+	$(PY) -m tests.bench.drain --json bench-results/drain.json
+	$(PY) -m tests.bench.reload --json bench-results/reload.json
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .demo .pytest_cache .mypy_cache .ruff_cache
