@@ -107,6 +107,12 @@ class KsupRun:
         self._log.close()
 
 
+def ksup_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a ksup client command (status, scale, reload, ...) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def read_record(path: Path) -> list[tuple[int, int, int]]:
     """Lines written by tests/handlers/recording.py: (partition, offset, pid)."""
     if not path.exists():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, wait_until
+from tests.harness import REPO, ksup_cli, wait_until
 from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
 
 pytestmark = pytest.mark.kafka
@@ -37,10 +37,6 @@ def rows(path: Path) -> list[tuple[int, int, int, str]]:
         out.append((int(p), int(o), int(pid), version))
     return out
 
-
-def ksup_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 class SteadyProducer(threading.Thread):
@@ -76,7 +72,7 @@ def test_rolling_reload_under_load_static_membership(ksup, bootstrap, names, tmp
         wait_until(lambda: len({pid for *_, pid, _ in rows(record)}) == 4, 90, "all 4 workers busy")
         time.sleep(1)
         (tmp_path / "versioned.py").write_text(HANDLER_CODE.format(version="version-two"))
-        out = ksup_cli("reload", "-g", group)
+        out = ksup_cli("reload", "-g", group, timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr + run.tail()
         time.sleep(1)
     finally:
@@ -116,7 +112,7 @@ def test_reload_with_broken_new_code_stops_and_keeps_consuming(ksup, bootstrap, 
     wait_until(lambda: len(rows(record)) >= 200, 60, "first batch processed")
     pids_before = set(run.worker_pids())
     (tmp_path / "versioned.py").write_text("raise ImportError('half-installed release')\n")
-    out = ksup_cli("reload", "-g", group)
+    out = ksup_cli("reload", "-g", group, timeout=180)
     assert out.returncode != 0
     assert "reload stopped: worker 0: handler 'versioned:process': importing 'versioned' raised ImportError: " \
            "half-installed release" in out.stderr, out.stderr

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import REPO, read_record, wait_until
+from tests.harness import ksup_cli, read_record, wait_until
 from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
 
 pytestmark = pytest.mark.kafka
@@ -25,10 +23,6 @@ pytestmark = pytest.mark.kafka
 HANDLER = "tests.handlers.recording:process"
 CRASH_LOOP, FORCED = 6, 4
 
-
-def ksup_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def status(group: str) -> dict:

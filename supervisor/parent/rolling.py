@@ -16,14 +16,11 @@ For each slot, in order:
 from __future__ import annotations
 
 import logging
-import os
-import selectors
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from supervisor.parent.slots import WorkerSlot
-from supervisor.parent.spawn import spawn_worker
 
 if TYPE_CHECKING:
     from supervisor.parent.supervisor import Supervisor
@@ -93,19 +90,11 @@ def _begin_slot(sup: Supervisor, roll: Roll, now: float) -> None:
             continue  # gone meanwhile (scaled down, or dead and restarting with new code anyway)
         roll.current, roll.old = index, old
         roll.results.append(SlotResult(index, old.pid))
-        incoming = WorkerSlot(index)
-        configure = sup.configure_for(index)
-        proc, channel = spawn_worker(configure)
-        incoming.reset_for_spawn(proc, channel, now)
-        incoming.configure = configure
-        incoming.restarts = old.restarts
-        assert proc.stderr is not None
-        os.set_blocking(proc.stderr.fileno(), False)
-        sup.selector.register(channel, selectors.EVENT_READ, incoming)
-        sup.selector.register(proc.stderr, selectors.EVENT_READ, incoming)
+        incoming = WorkerSlot(index, restarts=old.restarts)
+        sup.spawn(incoming, now)  # not in sup.slots until the old process has gone
         roll.incoming, roll.phase = incoming, "boot"
-        roll.results[-1].new_pid = proc.pid
-        log.info("reload: worker %d: new process %d is booting next to %d", index, proc.pid, old.pid)
+        roll.results[-1].new_pid = incoming.pid
+        log.info("reload: worker %d: new process %s is booting next to %d", index, incoming.pid, old.pid)
         return
     finish(sup, roll, None)
 

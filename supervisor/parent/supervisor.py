@@ -20,7 +20,6 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from enum import Enum
 
 from supervisor import config as cfgmod
@@ -486,7 +485,3 @@ class Supervisor:
         if self.settings.receipt:
             self.receipt.write(self.settings.receipt, int(code), reason)
         self.hooks.on_exit(self, int(code))
-
-    def register(self, fileobj: object, handler: Callable[[], None]) -> None:
-        """For adapters: call ``handler`` from the loop whenever ``fileobj`` is readable."""
-        self.selector.register(fileobj, selectors.EVENT_READ, handler)  # type: ignore[arg-type]
