@@ -1,16 +1,17 @@
 """The message object a handler receives. Part of ksup's public API.
 
-A handler is called as ``process(record)``; ``record`` is a ``Record``. It is a plain value:
-keeping it after the handler returned is safe, and it holds no Kafka handle.
+A handler is called as ``process(record)``; ``record`` is a ``Record``. It is a plain,
+immutable value (a named tuple: fields by name, cheap to build, which matters at hundreds of
+thousands of messages a second): keeping it after the handler returned is safe, and it holds no
+Kafka handle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     topic: str
     partition: int
     offset: int

@@ -86,10 +86,32 @@ def test_runner_stops_after_a_failure_and_keeps_order():
     runner.start()
     runner.submit([Job(_rec(0, o), 1) for o in range(5)])
     done = _run_until(runner, lambda d: runner.failure is not None)
-    assert [j.record.offset for j, _ in done] == [0, 1, 2]
+    assert [j.record.offset for j, _, _ in done] == [0, 1, 2]
     assert done[-1][1].stop and isinstance(done[-1][1].error, ValueError)
     assert seen == [0, 1]
     assert not runner.busy()
+
+
+def test_work_finished_before_a_hanging_message_is_handed_over_while_it_hangs():
+    """Handler threads run a lane's messages in runs without the lock; what finished must still
+    reach the consumer thread (and get stored) while a later message of the run hangs."""
+    import threading
+
+    gate = threading.Event()
+
+    def handler(r: Record) -> None:
+        if r.offset == 5:
+            gate.wait(10)
+
+    runner = HandlerRunner(_executor(handler))
+    runner.start()
+    runner.submit([Job(_rec(0, o), 1) for o in range(10)])
+    done = _run_until(runner, lambda d: len(d) >= 5, timeout=3)
+    assert [j.record.offset for j, _, _ in done] == [0, 1, 2, 3, 4]
+    assert runner.oldest_running() is not None and runner.oldest_running()[0].record.offset == 5
+    gate.set()
+    done = _run_until(runner, lambda d: len(d) >= 5, timeout=3)
+    assert [j.record.offset for j, _, _ in done] == [5, 6, 7, 8, 9]
 
 
 def test_retry_waits_only_for_its_own_partition_then_skips():
@@ -106,7 +128,7 @@ def test_retry_waits_only_for_its_own_partition_then_skips():
     done = _run_until(runner, lambda d: len(d) == 4)
     assert calls[:4] == [(0, 0), (1, 0), (1, 1), (1, 2)], "partition 1 runs while partition 0 backs off"
     assert calls.count((0, 0)) == 3, "first try and two retries"
-    skipped = [o for j, o in done if j.record.partition == 0]
+    skipped = [o for j, o, _ in done if j.record.partition == 0]
     assert skipped[0].store and skipped[0].note == "skipped"
 
 
@@ -130,9 +152,9 @@ def test_concurrency_by_key_completes_out_of_order_but_stores_the_contiguous_pre
         book.track(tp, j.record.offset)
     runner.submit(jobs)
     done = _run_until(runner, lambda d: len(d) == 3)
-    for j, _ in done:
+    for j, _, _ in done:
         book.mark_done(tp, j.record.offset, epoch)
-    assert sorted(j.record.offset for j, _ in done) == [0, 2, 3]
+    assert sorted(j.record.offset for j, _, _ in done) == [0, 2, 3]
     assert book.take_dirty() == {tp: 1}, "offset 1 is unfinished: store 1, not 4"
     gate.set()
     done = _run_until(runner, lambda d: len(d) == 1)

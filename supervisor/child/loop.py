@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
-from supervisor.child.runner import HandlerRunner, Job, Outcome
+from supervisor.child.runner import STORED, HandlerRunner, Job, Outcome
 from supervisor.contract import messages as m
 from supervisor.contract.channel import Channel
 from supervisor.contract.exitcodes import WorkerExit
@@ -36,10 +36,14 @@ FETCH_BATCH = 500        # messages taken from librdkafka's queue per call
 MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served
 
 
+_new_tuple = tuple.__new__
+
+
 def to_record(msg: Any) -> Record:
-    """A Record from a confluent-kafka Message without an error (so no field is None)."""
-    return Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-                  msg.headers() or [], msg.timestamp())
+    """A Record from a confluent-kafka Message without an error (so no field is None). Built
+    with tuple.__new__: this runs for every message, and NamedTuple's own __new__ costs more."""
+    return _new_tuple(Record, (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                               msg.headers() or [], msg.timestamp()))
 
 
 class ConsumerLoop:
@@ -61,7 +65,7 @@ class ConsumerLoop:
         self.failed = 0
         self.revocations = 0
         self.skipped = self.dead_lettered = self.retries = self.assignments = 0
-        self.counts: dict[str, list[int]] = {}  # partition name -> [processed, failed]
+        self.counts: dict[TP, list[int]] = {}  # partition -> [processed, failed]
         self.high_watermarks: dict[str, int] = {}
         self.latency = [0] * (len(m.LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
@@ -140,17 +144,21 @@ class ConsumerLoop:
         if self.runner.backlog_size() < MAX_BACKLOG:
             msgs += self.consumer.consume(num_messages=FETCH_BATCH, timeout=0)
         jobs = []
-        for msg in msgs:
+        owned = self.book.owned
+        last_tp: tuple[Any, ...] = ()
+        part = None
+        for msg in msgs:  # runs for every message: kept lean (no calls it can do without)
             if msg.error():
                 self.on_consumer_error(msg.error())
                 continue
-            tp: TP = (msg.topic(), msg.partition())  # type: ignore[assignment]
-            epoch = self.book.epoch_of(tp)
-            if epoch < 0:
-                continue  # not ours (any more): never handled, never stored
             record = to_record(msg)
-            self.book.track(tp, record.offset)
-            jobs.append(Job(record, epoch))
+            tp = record[:2]
+            if tp != last_tp:
+                last_tp, part = tp, owned.get(tp)
+            if part is None:
+                continue  # not ours (any more): never handled, never stored
+            part.pending.append(record.offset)  # fetched, not finished: the book's "track"
+            jobs.append(Job(record, part.epoch))
         if jobs:
             self.runner.submit(jobs)
 
@@ -178,38 +186,62 @@ class ConsumerLoop:
 
     def collect(self) -> None:
         """Move finished work into the OffsetBook and store what may be stored."""
-        for job, outcome in self.runner.take_done():
+        latency, buckets, bisect_left = self.latency, m.LATENCY_BUCKETS, bisect.bisect_left
+        fastest = buckets[0]
+        group: list[int] = []  # offsets finished in a row for one partition and epoch
+        group_key: tuple[str, int, int] | None = None  # (topic, partition, epoch)
+        total = 0.0
+        for job, outcome, seconds in self.runner.take_done():  # for every message: kept lean
             rec = job.record
-            self.retries += job.attempts
-            self.observe(rec, outcome)
-            if outcome.store:
-                self.processed += 1
+            # The supervisor's latency histogram.
+            latency[0 if seconds <= fastest else bisect_left(buckets, seconds)] += 1
+            total += seconds
+            if job.attempts:
+                self.retries += job.attempts
+            if outcome is not STORED:
+                if not outcome.store:
+                    self.failed += 1
+                    self.tally((rec.topic, rec.partition))[1] += 1
+                    self.on_handler_failed(rec, outcome)
+                    continue
                 self.skipped += outcome.note == "skipped"
                 self.dead_lettered += outcome.note == "dead-lettered"
-                if not self.book.mark_done(job.tp, rec.offset, job.epoch):
-                    log.info("finished %s after its partition was revoked: not stored (the new owner "
-                             "handles it again)", rec.coordinates)
-                continue
-            self.failed += 1
-            error = outcome.error
-            log.error("handler raised %s on %s: %s; offset not stored, worker stops",
-                      type(error).__name__, rec.coordinates, error,
-                      exc_info=(type(error), error, error.__traceback__) if error else None,
-                      extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset})
-            self.request_drain(f"handler raised {type(error).__name__} on {rec.coordinates}",
-                               code=WorkerExit.HANDLER_FAILED)
+            key = (rec.topic, rec.partition, job.epoch)
+            if key != group_key:
+                self.mark_done(group_key, group)
+                group_key, group = key, []
+            group.append(rec.offset)
+        self.mark_done(group_key, group)
+        self.latency_sum += total
         self.store_dirty()
         self.pause_backing_off()
 
-    def observe(self, rec: Record, outcome: Outcome) -> None:
-        """Per-partition counts and the latency histogram, for the supervisor's metrics."""
-        name = f"{rec.topic}[{rec.partition}]"
-        counts = self.counts.get(name)
+    def tally(self, tp: TP) -> list[int]:
+        """The partition's [processed, failed] counts, for the supervisor's metrics."""
+        counts = self.counts.get(tp)
         if counts is None:
-            counts = self.counts[name] = [0, 0]
-        counts[0 if outcome.store else 1] += 1
-        self.latency[bisect.bisect_left(m.LATENCY_BUCKETS, outcome.seconds)] += 1
-        self.latency_sum += outcome.seconds
+            counts = self.counts[tp] = [0, 0]
+        return counts
+
+    def mark_done(self, key: tuple[str, int, int] | None, offsets: list[int]) -> None:
+        """Offsets of one partition finished in a row, fetched in assignment ``key[2]``."""
+        if key is None or not offsets:
+            return
+        topic, partition, epoch = key
+        self.processed += len(offsets)
+        self.tally((topic, partition))[0] += len(offsets)
+        if not self.book.mark_done((topic, partition), offsets, epoch):
+            log.info("finished %s[%d]@%s after its partition was revoked: not stored (the new owner "
+                     "handles them again)", topic, partition, ",".join(map(str, offsets[:5])))
+
+    def on_handler_failed(self, rec: Record, outcome: Outcome) -> None:
+        error = outcome.error
+        log.error("handler raised %s on %s: %s; offset not stored, worker stops",
+                  type(error).__name__, rec.coordinates, error,
+                  exc_info=(type(error), error, error.__traceback__) if error else None,
+                  extra={"topic": rec.topic, "partition": rec.partition, "offset": rec.offset})
+        self.request_drain(f"handler raised {type(error).__name__} on {rec.coordinates}",
+                           code=WorkerExit.HANDLER_FAILED)
 
     def on_stats(self, stats_json: str) -> None:
         """librdkafka's statistics (every statistics.interval.ms): keep each owned partition's high

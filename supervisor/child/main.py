@@ -173,19 +173,9 @@ def build_runner(cfg: m.Configure, handler: Any) -> Any:
                        dead_letter, poison, batch)
     concurrency = int(o.get("concurrency", 1))
     board = BoardWriter(str(o["board"]), concurrency) if o.get("board") else None
-
-    def on_start(thread: int, job: Any) -> None:
-        if board is None:
-            return
-        if job is None:
-            board.clear(thread)
-        else:
-            r = job.record
-            board.set(thread, r.topic, r.partition, r.offset)
-
     return HandlerRunner(execute, concurrency=concurrency, order_by=str(o.get("order_by", "partition")),
                          batch_size=int(o.get("batch_size", 1)), batch_timeout_s=float(o.get("batch_timeout_s", 0)),
-                         on_start=on_start if board is not None else None)
+                         board=board)
 
 
 class CommitRelay:

@@ -61,29 +61,32 @@ class OffsetBook:
         return book.epoch if book else -1
 
     def track(self, tp: TP, offset: int) -> None:
-        """A message of ``tp`` was fetched and handed to the runner."""
+        """A message of ``tp`` was fetched and handed to the runner. (The consumer loop appends to
+        ``pending`` itself, for speed; this is the same thing.)"""
         self.owned[tp].pending.append(offset)
 
-    def mark_done(self, tp: TP, offset: int, epoch: int) -> bool:
-        """Record that the handler finished ``offset``. False (and counted) when fenced."""
+    def mark_done(self, tp: TP, offsets: int | list[int], epoch: int) -> bool:
+        """Record that the handler finished ``offsets`` (of one partition, all fetched in the
+        assignment ``epoch``). False (and counted) when fenced."""
+        if isinstance(offsets, int):
+            offsets = [offsets]
         book = self.owned.get(tp)
         if book is None or book.epoch != epoch:
-            self.fenced += 1
+            self.fenced += len(offsets)
             return False
-        book.last_processed = max(book.last_processed, offset)
-        pending = book.pending
-        if pending and pending[0] == offset:  # the common, in-order case
-            pending.popleft()
-            nxt = offset + 1
-        else:
-            book.finished.add(offset)
-            nxt = -1
-        while pending and pending[0] in book.finished:
-            done = pending.popleft()
-            book.finished.discard(done)
-            nxt = done + 1
-        if nxt > book.stored:
-            self._dirty[tp] = nxt
+        pending, finished = book.pending, book.finished
+        last = -1
+        for offset in offsets:
+            if pending and pending[0] == offset:  # the common, in-order case
+                last = pending.popleft()
+            else:
+                finished.add(offset)
+        while pending and pending[0] in finished:
+            last = pending.popleft()
+            finished.discard(last)
+        book.last_processed = max(book.last_processed, max(offsets))
+        if last >= 0 and last + 1 > book.stored:
+            self._dirty[tp] = last + 1
         return True
 
     def take_dirty(self) -> dict[TP, int]:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from supervisor.child.runner import Job, Outcome
+from supervisor.child.runner import STORED, Job, Outcome
 from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
@@ -88,14 +88,28 @@ class Executor:
         self._local = threading.local()
 
     def __call__(self, jobs: list[Job]) -> Outcome:
+        """``STORED`` (that very object) when the handler returned; else what the policy says."""
         first = jobs[0].record
-        if (first.topic, first.partition, first.offset) in self.poison:
+        if self.poison and (first.topic, first.partition, first.offset) in self.poison:
             return self.fall_back(jobs, None, f"poison message: worker processes died on {first.coordinates}")
         try:
-            self.call([j.record for j in jobs])
-            return Outcome(store=True)
+            if self.batch or self.is_async:
+                self.call([j.record for j in jobs])
+            else:
+                self.process(first)  # the common case, kept short: it runs for every message
+            return STORED
         except BaseException as exc:  # noqa: BLE001 - the policy decides
             return self.on_failure(jobs, exc)
+
+    def one(self, job: Job) -> Outcome:
+        """``__call__`` for one message, shorter: this runs for every message."""
+        if self.batch or self.is_async or self.poison:
+            return self([job])
+        try:
+            self.process(job.record)
+            return STORED
+        except BaseException as exc:  # noqa: BLE001 - the policy decides
+            return self.on_failure([job], exc)
 
     def call(self, records: list[Record]) -> None:
         arg: Any = records if self.batch else records[0]

@@ -50,7 +50,7 @@ class Reporter:
             dead_lettered=loop.dead_lettered,
             retries=loop.retries,
             assignments=loop.assignments,
-            counts={k: list(v) for k, v in loop.counts.items()},
+            counts={tp_name(tp): list(v) for tp, v in loop.counts.items()},
             high_watermarks={k: v for k, v in loop.high_watermarks.items()
                              if (k.rpartition("[")[0], int(k.rpartition("[")[2][:-1])) in book.owned},
             latency_counts=list(itertools.accumulate(loop.latency)),

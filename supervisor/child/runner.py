@@ -12,7 +12,8 @@ parallel on ``concurrency`` threads. A message whose handler failed and is to be
 at the head of its lane until its backoff passed, so only that lane waits.
 
 Contract with the consumer thread:
-- ``submit`` appends work; ``take_done`` returns finished work as (job, Outcome);
+- ``submit`` appends work; ``take_done`` returns finished work as (job, Outcome, seconds in
+  the handler);
 - after an outcome with ``stop`` the runner takes no more work (``failure`` is set);
 - ``drop`` forgets queued work of partitions; ``wait_not_running`` waits for their running work;
 - ``backing_off`` names the partitions waiting out a retry backoff (their fetching is paused).
@@ -23,9 +24,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from supervisor.contract.inflight_board import BoardWriter
 from supervisor.record import Record
 
 TP = tuple[str, int]
@@ -54,29 +56,45 @@ class Outcome:
     retry_in: float | None = None
     error: BaseException | None = None
     note: str = ""
-    seconds: float = 0.0  # how long the handler (and policy) took
 
 
-# Runs one job (the handler plus the error policy), returns its Outcome. Given by the worker.
-Execute = Callable[[list[Job]], Outcome]
+# The outcome of every message whose handler simply returned (one object, not one per message).
+STORED = Outcome(store=True)
+
+RUN_MAX = 500            # messages a handler thread takes from a lane at once
+PUBLISH_EVERY = 256      # finished messages handed to the consumer thread together ...
+PUBLISH_AFTER_S = 0.002  # ... or after this long, whichever comes first
+
+
+class Execute(Protocol):
+    """Runs the handler plus the error policy (the worker gives a ``policies.Executor``)."""
+
+    def __call__(self, jobs: list[Job]) -> Outcome:
+        """A batch (or one job) through the handler and the policy."""
+
+    def one(self, job: Job) -> Outcome:
+        """The same for one job; returns ``STORED`` itself when the handler simply returned."""
 
 
 class HandlerRunner:
     def __init__(self, execute: Execute, concurrency: int = 1, order_by: str = "partition",
                  batch_size: int = 1, batch_timeout_s: float = 0.0,
-                 on_start: Callable[[int, Job | None], None] | None = None) -> None:
+                 board: BoardWriter | None = None) -> None:
         self._execute = execute
         self._cond = threading.Condition()
         self._lanes: OrderedDict[Lane, deque[Job]] = OrderedDict()
         self._active: set[Lane] = set()
-        self._done: list[tuple[Job, Outcome]] = []
+        # Finished work, appended by handler threads without the lock (deque appends and pops are
+        # atomic), so a message finished just before a long one is visible at once.
+        self._done: deque[tuple[Job, Outcome, float]] = deque()
         self._queued = 0
-        self.running: dict[int, tuple[Job, float]] = {}  # thread number -> (first job, since)
+        # thread number -> (the job it runs, since: time.perf_counter()); see oldest_running
+        self.running: dict[int, tuple[Job, float]] = {}
         self.failure: tuple[Job, Outcome] | None = None
         self._stopping = False
         self._order_by = order_by
         self._batch_size, self._batch_timeout_s = batch_size, batch_timeout_s
-        self._on_start = on_start  # tells the in-flight board what each thread works on
+        self._board = board  # each thread writes there what it works on, before the handler runs
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"ksup-handler-{i}", daemon=True)
                          for i in range(concurrency)]
 
@@ -87,27 +105,37 @@ class HandlerRunner:
     # ---- consumer-thread API ----------------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
+        lanes, lane_of = self._lanes, self._lane_of
         with self._cond:
+            last: Lane | None = None
+            queue: deque[Job] = deque()
             for job in jobs:
-                lane = self._lane_of(job)
-                self._lanes.setdefault(lane, deque()).append(job)
+                lane = lane_of(job)
+                if lane != last:  # consecutive jobs mostly share a lane
+                    last, queue = lane, lanes.setdefault(lane, deque())
+                queue.append(job)
             self._queued += len(jobs)
             self._cond.notify_all()
 
     def backlog_size(self) -> int:
+        """Queued, not yet taken by a handler thread (a thread's current run, RUN_MAX at most,
+        is not counted)."""
         return self._queued
 
     def busy(self) -> bool:
         return bool(self.running) or self._queued > 0
 
     def oldest_running(self) -> tuple[Job, float] | None:
+        """The job in a handler for the longest, and since when (wall clock, time.time())."""
         running = list(self.running.values())
-        return min(running, key=lambda r: r[1]) if running else None
+        if not running:
+            return None
+        job, since = min(running, key=lambda r: r[1])
+        return job, time.time() - (time.perf_counter() - since)
 
-    def take_done(self) -> list[tuple[Job, Outcome]]:
-        with self._cond:
-            done, self._done = self._done, []
-        return done
+    def take_done(self) -> list[tuple[Job, Outcome, float]]:
+        done, popleft = self._done, self._done.popleft
+        return [popleft() for _ in range(len(done))]
 
     def wait_progress(self, timeout: float) -> None:
         """Block up to ``timeout`` until something finished (or return at once if it has)."""
@@ -153,20 +181,24 @@ class HandlerRunner:
     # ---- handler threads ----------------------------------------------------------------------
 
     def _lane_of(self, job: Job) -> Lane:
+        r = job.record
         if self._order_by == "key":
-            return (job.record.topic, job.record.partition, job.record.key)
-        return job.tp
+            return (r.topic, r.partition, r.key)
+        return (r.topic, r.partition)
 
     def _take(self) -> tuple[Lane, list[Job]] | None:
-        """Under the lock: the next ready lane's head (a batch of heads in batch mode)."""
+        """Under the lock: the next ready lane's run of queued messages (``RUN_MAX`` at most,
+        taken off the lane), or in batch mode one batch of heads (left queued until finished)."""
         now = time.monotonic()
         for lane, jobs in self._lanes.items():
             if lane in self._active or not jobs or jobs[0].not_before > now:
                 continue
             self._lanes.move_to_end(lane)  # round robin: every partition gets its turn
-            if self._batch_size <= 1:
-                return lane, [jobs[0]]
-            return lane, self._batch_heads(now)
+            if self._batch_size > 1:
+                return lane, self._batch_heads(now)
+            run = [jobs.popleft() for _ in range(min(RUN_MAX, len(jobs)))]
+            self._queued -= len(run)
+            return lane, run
         return None
 
     def _batch_heads(self, now: float) -> list[Job]:
@@ -199,19 +231,86 @@ class HandlerRunner:
                     return
                 lane, jobs = taken
                 self._active.add(lane)
-                self.running[number] = (jobs[0], time.time())
-            if self._on_start is not None:
-                self._on_start(number, jobs[0])
-            t0 = time.perf_counter()
-            outcome = self._execute(jobs)
-            outcome.seconds = time.perf_counter() - t0
-            if self._on_start is not None:
-                self._on_start(number, None)
-            with cond:
-                self._finish(lane, jobs, outcome)
-                self._active.discard(lane)
-                del self.running[number]
-                cond.notify_all()
+                queue = self._lanes[lane]
+                self.running[number] = (jobs[0], time.perf_counter())  # busy from here on
+            try:
+                if self._batch_size > 1:
+                    self._run_batch(number, jobs)
+                else:
+                    self._run_lane(number, lane, queue, jobs)
+            finally:
+                with cond:
+                    self._active.discard(lane)
+                    self.running.pop(number, None)
+                    cond.notify_all()
+
+    def _run_lane(self, number: int, lane: Lane, queue: deque[Job], jobs: list[Job]) -> None:
+        """Run a lane's messages (taken off ``queue``) one by one, in order, without the lock:
+        each finished message goes straight to ``_done``; the consumer thread is woken every
+        ``PUBLISH_EVERY`` messages or ``PUBLISH_AFTER_S`` (it also looks on its own every few
+        milliseconds). Stops early when the runner stops or the lane was dropped (revoked): the
+        rest of the run is dropped with it. A retry puts the message and the rest of the run
+        back at the head of the lane."""
+        execute, board, running, done = self._execute.one, self._board, self.running, self._done
+        clock = time.perf_counter
+        published, unannounced = clock(), 0
+        for i, job in enumerate(jobs):  # for every message: kept lean
+            if self._stopping or self._lanes.get(lane) is not queue:
+                break
+            if board is not None:
+                r = job.record
+                board.set(number, r.topic, r.partition, r.offset)
+            t0 = clock()
+            running[number] = (job, t0)
+            outcome = execute(job)
+            t1 = clock()
+            if outcome is not STORED and outcome.retry_in is not None and not outcome.stop:
+                with self._cond:
+                    job.attempts += 1
+                    job.not_before = time.monotonic() + outcome.retry_in
+                    if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
+                        queue.extendleft(reversed(jobs[i:]))
+                        self._queued += len(jobs) - i
+                    self._cond.notify_all()
+                break
+            done.append((job, outcome, t1 - t0))
+            unannounced += 1
+            if outcome is not STORED and outcome.stop:
+                with self._cond:
+                    self._fail(job, outcome)
+                break
+            if unannounced >= PUBLISH_EVERY or t1 - published >= PUBLISH_AFTER_S:
+                with self._cond:
+                    self._cond.notify_all()
+                published, unannounced = t1, 0
+        if board is not None:
+            board.clear(number)
+
+    def _run_batch(self, number: int, jobs: list[Job]) -> None:
+        """One batch (jobs from the heads of lanes, still queued) through the handler."""
+        r = jobs[0].record
+        if self._board is not None:
+            self._board.set(number, r.topic, r.partition, r.offset)
+        t0 = time.perf_counter()
+        self.running[number] = (jobs[0], t0)
+        outcome = self._execute(jobs)
+        seconds = time.perf_counter() - t0
+        if self._board is not None:
+            self._board.clear(number)
+        with self._cond:
+            retry = outcome.retry_in is not None and not outcome.stop
+            for job in jobs:
+                if retry:  # they stay at the heads of their lanes
+                    job.attempts += 1
+                    job.not_before = time.monotonic() + (outcome.retry_in or 0.0)
+                    continue
+                queue = self._lanes.get(self._lane_of(job))
+                if queue and queue[0] is job:  # not when the lane was dropped meanwhile
+                    queue.popleft()
+                    self._queued -= 1
+                self._done.append((job, outcome, seconds))
+            if outcome.stop:
+                self._fail(jobs[-1], outcome)
 
     def _fill_wait(self) -> None:
         """Batch mode: give a partial batch up to batch_timeout to fill (lock held, released while waiting)."""
@@ -222,20 +321,9 @@ class HandlerRunner:
                 return
             self._cond.wait(left)
 
-    def _finish(self, lane: Lane, jobs: list[Job], outcome: Outcome) -> None:
-        if outcome.retry_in is not None and not outcome.stop:
-            for job in jobs:
-                job.attempts += 1
-                job.not_before = time.monotonic() + outcome.retry_in
-            return  # they stay at the head of their lanes
-        for job in jobs:
-            queue = self._lanes.get(self._lane_of(job))
-            if queue and queue[0] is job:
-                queue.popleft()
-                self._queued -= 1
-            self._done.append((job, outcome))
-        if outcome.stop:
-            self.failure = (jobs[-1], outcome)
-            self._stopping = True
-            self._lanes.clear()
-            self._queued = 0
+    def _fail(self, job: Job, outcome: Outcome) -> None:
+        """Under the lock: the policy said stop. Take no more work."""
+        self.failure = (job, outcome)
+        self._stopping = True
+        self._lanes.clear()
+        self._queued = 0

@@ -28,12 +28,18 @@ class BoardWriter:
             self._map = mmap.mmap(fd, RECORD * max(threads, 1))
         finally:
             os.close(fd)
+        # The topic name each thread's record holds (and its encoded length): called for every
+        # message, so the name is written only when it changes.
+        self._names: list[tuple[str, int] | None] = [None] * max(threads, 1)
 
     def set(self, thread: int, topic: str, partition: int, offset: int) -> None:
-        name = topic.encode()[:_TOPIC_MAX]
         base = thread * RECORD
-        self._map[base + _HEAD.size: base + _HEAD.size + len(name)] = name
-        self._map[base: base + _HEAD.size] = _HEAD.pack(1, partition, offset, len(name))
+        written = self._names[thread]
+        if written is None or written[0] != topic:
+            name = topic.encode()[:_TOPIC_MAX]
+            self._map[base + _HEAD.size: base + _HEAD.size + len(name)] = name
+            written = self._names[thread] = (topic, len(name))
+        _HEAD.pack_into(self._map, base, 1, partition, offset, written[1])
 
     def clear(self, thread: int) -> None:
         self._map[thread * RECORD] = 0
