@@ -189,6 +189,25 @@ def test_batch_handler_gets_lists_and_async_handlers_run():
     assert seen == [0, 1, 2]
 
 
+def test_a_retried_batch_goes_back_in_order_and_runs_again():
+    batches: list[list[int]] = []
+
+    def batch_handler(records: list[Record]) -> None:
+        batches.append([r.offset for r in records])
+        if len(batches) == 1:
+            raise RuntimeError("flaky")
+
+    runner = HandlerRunner(_executor(batch_handler, chain=("retry",), batch=True, backoff=0.05),
+                           batch_size=3, batch_timeout_s=0.05)
+    runner.start()
+    runner.submit([Job(_rec(p, o), 1) for p in (0, 1) for o in range(2)])
+    done = _run_until(runner, lambda d: len(d) == 4)
+    assert batches[0] == batches[1] and len(batches[0]) == 3, "the same batch again, in the same order"
+    assert sorted(j.attempts for j, _, _ in done) == [0, 1, 1, 1], "the retried three count an attempt"
+    offsets = {p: [j.record.offset for j, _, _ in done if j.record.partition == p] for p in (0, 1)}
+    assert offsets == {0: [0, 1], 1: [0, 1]}, "each partition in order"
+
+
 def test_runner_drop_removes_only_queued_work_of_those_partitions():
     runner = HandlerRunner(_executor(lambda r: None))  # not started: everything stays queued
     runner.submit([Job(_rec(p, o), 1) for p in (0, 1) for o in range(3)])

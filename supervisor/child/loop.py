@@ -143,10 +143,11 @@ class ConsumerLoop:
         msgs = [first]
         if self.runner.backlog_size() < MAX_BACKLOG:
             msgs += self.consumer.consume(num_messages=FETCH_BATCH, timeout=0)
-        jobs = []
+        runs: list[tuple[TP, list[Job]]] = []  # jobs fetched in a row from one partition
         owned = self.book.owned
         last_tp: tuple[Any, ...] = ()
         part = None
+        jobs: list[Job] = []
         for msg in msgs:  # runs for every message: kept lean (no calls it can do without)
             if msg.error():
                 self.on_consumer_error(msg.error())
@@ -154,13 +155,15 @@ class ConsumerLoop:
             record = to_record(msg)
             tp = record[:2]
             if tp != last_tp:
-                last_tp, part = tp, owned.get(tp)
+                last_tp, part, jobs = tp, owned.get(tp), []
+                if part is not None:
+                    runs.append((tp, jobs))
             if part is None:
                 continue  # not ours (any more): never handled, never stored
             part.pending.append(record.offset)  # fetched, not finished: the book's "track"
             jobs.append(Job(record, part.epoch))
-        if jobs:
-            self.runner.submit(jobs)
+        if runs:
+            self.runner.submit_runs(runs)
 
     def serve(self, seconds: float) -> None:
         """Keep the consumer served (callbacks, heartbeats) without taking new work: during a

@@ -86,6 +86,7 @@ class Executor:
         self.is_async = inspect.iscoroutinefunction(process) or inspect.iscoroutinefunction(
             getattr(process, "__call__", None))  # noqa: B004 - an object whose __call__ is async
         self._local = threading.local()
+        self.plain = process if not (batch or self.is_async or poison) else None
 
     def __call__(self, jobs: list[Job]) -> Outcome:
         """``STORED`` (that very object) when the handler returned; else what the policy says."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +76,13 @@ class Execute(Protocol):
     def one(self, job: Job) -> Outcome:
         """The same for one job; returns ``STORED`` itself when the handler simply returned."""
 
+    def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
+        """The policy's decision after the handler raised ``exc`` on ``jobs``."""
+
+    @property
+    def plain(self) -> Callable[[Record], object] | None:
+        """The handler, when calling it is all ``one`` does on success; else None."""
+
 
 class HandlerRunner:
     def __init__(self, execute: Execute, concurrency: int = 1, order_by: str = "partition",
@@ -94,6 +102,7 @@ class HandlerRunner:
         self._stopping = False
         self._order_by = order_by
         self._batch_size, self._batch_timeout_s = batch_size, batch_timeout_s
+        self._batch_origin: list[tuple[Lane, deque[Job], list[Job]]] = []  # batch mode: see _batch_heads
         self._board = board  # each thread writes there what it works on, before the handler runs
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"ksup-handler-{i}", daemon=True)
                          for i in range(concurrency)]
@@ -105,16 +114,20 @@ class HandlerRunner:
     # ---- consumer-thread API ----------------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
-        lanes, lane_of = self._lanes, self._lane_of
+        """Queue ``jobs`` (of any partitions) in their lanes."""
+        self.submit_runs([(job.tp, [job]) for job in jobs])
+
+    def submit_runs(self, runs: list[tuple[TP, list[Job]]]) -> None:
+        """Queue runs of jobs, each run fetched in a row from one partition."""
+        lanes = self._lanes
         with self._cond:
-            last: Lane | None = None
-            queue: deque[Job] = deque()
-            for job in jobs:
-                lane = lane_of(job)
-                if lane != last:  # consecutive jobs mostly share a lane
-                    last, queue = lane, lanes.setdefault(lane, deque())
-                queue.append(job)
-            self._queued += len(jobs)
+            for tp, jobs in runs:
+                if self._order_by == "key":
+                    for job in jobs:
+                        lanes.setdefault((*tp, job.record.key), deque()).append(job)
+                else:
+                    lanes.setdefault(tp, deque()).extend(jobs)
+                self._queued += len(jobs)
             self._cond.notify_all()
 
     def backlog_size(self) -> int:
@@ -187,8 +200,8 @@ class HandlerRunner:
         return (r.topic, r.partition)
 
     def _take(self) -> tuple[Lane, list[Job]] | None:
-        """Under the lock: the next ready lane's run of queued messages (``RUN_MAX`` at most,
-        taken off the lane), or in batch mode one batch of heads (left queued until finished)."""
+        """Under the lock: the next ready lane's run of queued messages (``RUN_MAX`` at most), or
+        in batch mode one batch from the heads of all lanes; either way taken off the lanes."""
         now = time.monotonic()
         for lane, jobs in self._lanes.items():
             if lane in self._active or not jobs or jobs[0].not_before > now:
@@ -202,13 +215,20 @@ class HandlerRunner:
         return None
 
     def _batch_heads(self, now: float) -> list[Job]:
-        """Batch mode (one handler thread): up to batch_size messages in order from all lanes."""
+        """Batch mode (one handler thread): up to batch_size messages in order from all lanes,
+        taken off them (``_batch_origin`` remembers from where, for a retry)."""
         batch: list[Job] = []
-        for jobs in self._lanes.values():
-            for job in jobs:
-                if len(batch) >= self._batch_size or job.not_before > now:
-                    break
-                batch.append(job)
+        self._batch_origin = []
+        for lane, jobs in self._lanes.items():
+            room = self._batch_size - len(batch)
+            if room <= 0:
+                break
+            if not jobs or jobs[0].not_before > now:
+                continue
+            part = [jobs.popleft() for _ in range(min(room, len(jobs)))]
+            self._batch_origin.append((lane, jobs, part))
+            batch += part
+        self._queued -= len(batch)
         return batch
 
     def _next_wait(self) -> float | None:
@@ -251,18 +271,30 @@ class HandlerRunner:
         milliseconds). Stops early when the runner stops or the lane was dropped (revoked): the
         rest of the run is dropped with it. A retry puts the message and the rest of the run
         back at the head of the lane."""
-        execute, board, running, done = self._execute.one, self._board, self.running, self._done
+        execute, running, done = self._execute, self.running, self._done
+        # The handler itself when the executor says a plain call is all it takes (sync, not
+        # batch, no poison): one call less per message; a raise still goes to the policy.
+        plain = execute.plain
+        first = jobs[0].record
+        board = self._board.offset_writer(number, first.topic, first.partition, first.offset) \
+            if self._board is not None else None
         clock = time.perf_counter
         published, unannounced = clock(), 0
         for i, job in enumerate(jobs):  # for every message: kept lean
             if self._stopping or self._lanes.get(lane) is not queue:
                 break
             if board is not None:
-                r = job.record
-                board.set(number, r.topic, r.partition, r.offset)
+                board(job.record.offset)  # before the handler runs: a crash names this message
             t0 = clock()
             running[number] = (job, t0)
-            outcome = execute(job)
+            if plain is None:
+                outcome = execute.one(job)
+            else:
+                try:
+                    plain(job.record)
+                    outcome = STORED
+                except BaseException as exc:  # noqa: BLE001 - the policy decides
+                    outcome = execute.on_failure([job], exc)
             t1 = clock()
             if outcome is not STORED and outcome.retry_in is not None and not outcome.stop:
                 with self._cond:
@@ -283,11 +315,11 @@ class HandlerRunner:
                 with self._cond:
                     self._cond.notify_all()
                 published, unannounced = t1, 0
-        if board is not None:
-            board.clear(number)
+        if self._board is not None:
+            self._board.clear(number)
 
     def _run_batch(self, number: int, jobs: list[Job]) -> None:
-        """One batch (jobs from the heads of lanes, still queued) through the handler."""
+        """One batch (jobs taken from the heads of lanes) through the handler."""
         r = jobs[0].record
         if self._board is not None:
             self._board.set(number, r.topic, r.partition, r.offset)
@@ -298,17 +330,17 @@ class HandlerRunner:
         if self._board is not None:
             self._board.clear(number)
         with self._cond:
-            retry = outcome.retry_in is not None and not outcome.stop
-            for job in jobs:
-                if retry:  # they stay at the heads of their lanes
-                    job.attempts += 1
-                    job.not_before = time.monotonic() + (outcome.retry_in or 0.0)
-                    continue
-                queue = self._lanes.get(self._lane_of(job))
-                if queue and queue[0] is job:  # not when the lane was dropped meanwhile
-                    queue.popleft()
-                    self._queued -= 1
-                self._done.append((job, outcome, seconds))
+            if outcome.retry_in is not None and not outcome.stop:
+                not_before = time.monotonic() + outcome.retry_in
+                for lane, queue, part in self._batch_origin:
+                    for job in part:
+                        job.attempts += 1
+                        job.not_before = not_before
+                    if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
+                        queue.extendleft(reversed(part))
+                        self._queued += len(part)
+                return
+            self._done.extend([(job, outcome, seconds) for job in jobs])
             if outcome.stop:
                 self._fail(jobs[-1], outcome)
 

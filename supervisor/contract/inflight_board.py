@@ -7,12 +7,16 @@ reader the supervisor after the worker has exited.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 RECORD = 256
 _HEAD = struct.Struct("<BiqH")  # in use, partition, offset, topic length
+_OFFSET = struct.Struct("<q")   # the offset field alone, at byte 5 of a record
+_OFFSET_AT = 5
 _TOPIC_MAX = RECORD - _HEAD.size
 
 
@@ -40,6 +44,12 @@ class BoardWriter:
             self._map[base + _HEAD.size: base + _HEAD.size + len(name)] = name
             written = self._names[thread] = (topic, len(name))
         _HEAD.pack_into(self._map, base, 1, partition, offset, written[1])
+
+    def offset_writer(self, thread: int, topic: str, partition: int, offset: int) -> Callable[[int], None]:
+        """``set`` once, then a callable that writes only the offset (for a run of messages of
+        one partition: called for every message, so it does nothing else)."""
+        self.set(thread, topic, partition, offset)
+        return functools.partial(_OFFSET.pack_into, self._map, thread * RECORD + _OFFSET_AT)
 
     def clear(self, thread: int) -> None:
         self._map[thread * RECORD] = 0
