@@ -44,13 +44,15 @@ compat: setup
 	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[test]' 'confluent-kafka==$(COMPAT_CONFLUENT)'
 	$(COMPAT_VENV)/bin/python -m pytest -m compat
 
-# Benchmarks (not tests: figures, ratios against a baseline in the same run). Results go to
-# bench-results/ (not committed); the README quotes them.
+# Benchmarks (not tests: figures, ratios against a baseline in the same run). Results and PNG
+# figures go to bench-results/ (not committed); the README quotes them (figures in docs/).
 bench: setup
+	$(PY) -m pip install -q -e '.[test,bench]'
 	mkdir -p bench-results
 	$(PY) -m tests.bench.throughput --json bench-results/throughput.json
 	$(PY) -m tests.bench.drain --json bench-results/drain.json
 	$(PY) -m tests.bench.reload --json bench-results/reload.json
+	$(PY) -m tests.bench.plot --results bench-results
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .demo .pytest_cache .mypy_cache .ruff_cache

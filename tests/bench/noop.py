@@ -1,5 +1,6 @@
 """Benchmark handlers that do nothing but note when the first and the BENCH_COUNT-th message
-were done (written to BENCH_OUT as two monotonic timestamps)."""
+were done (written to BENCH_OUT: pid, two monotonic timestamps, the count, and the worker
+process's CPU seconds, all threads, between the two)."""
 
 import os
 import time
@@ -11,17 +12,18 @@ _OUT = os.environ.get("BENCH_OUT", "")
 _SLEEP = float(os.environ.get("BENCH_SLEEP", "0"))
 _seen = 0
 _first = 0.0
+_first_cpu = 0.0
 
 
 def _tick(n: int) -> None:
-    global _seen, _first
+    global _seen, _first, _first_cpu
     if _seen == 0:
-        _first = time.monotonic()
+        _first, _first_cpu = time.monotonic(), time.process_time()
     before = _seen
     _seen += n
     if before < _COUNT <= _seen and _OUT:  # once, when the count is reached
         with open(_OUT, "a") as f:
-            f.write(f"{os.getpid()} {_first} {time.monotonic()} {_seen}\n")
+            f.write(f"{os.getpid()} {_first} {time.monotonic()} {_seen} {time.process_time() - _first_cpu}\n")
 
 
 def process(record: Record) -> None:

@@ -75,12 +75,14 @@ def one_mode(bootstrap: str, mode: str, work: Path) -> dict[str, object]:
     lost = sum(1 for p, end in ends.items() for o in range(end) if (p, o) not in seen)
     dups = sum(n - 1 for n in seen.values() if n > 1)
     worst = 0.0
+    timeline: dict[int, list[tuple[float, float]]] = {}  # partition -> (seconds since t0, gap before it)
     for p in range(PARTITIONS):
         times = sorted(ts for q, _, _, ts in got if q == p and t0 - 2e9 <= ts <= t1 + 2e9)
         gaps = [(b - a) / 1e9 for a, b in zip(times, times[1:], strict=False)]
         worst = max([worst, *gaps])
+        timeline[p] = [(round((b - t0) / 1e9, 3), round(g, 3)) for b, g in zip(times[1:], gaps, strict=True)]
     return {"mode": mode, "max_partition_gap_s": round(worst, 3), "duplicates": dups, "lost": lost,
-            "change_s": round((t1 - t0) / 1e9, 2), "messages": sum(ends.values())}
+            "change_s": round((t1 - t0) / 1e9, 2), "messages": sum(ends.values()), "gaps": timeline}
 
 
 def main() -> int:

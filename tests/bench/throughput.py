@@ -17,7 +17,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,44 +46,54 @@ def produce(bootstrap: str, topic: str, count: int, partitions: int) -> None:
     assert p.flush(120) == 0
 
 
-def plain_loop(bootstrap: str, topic: str, count: int, batch: bool) -> float:
-    """The plainest correct explicit-store loop: messages per second from first to last."""
+def plain_loop(bootstrap: str, topic: str, count: int, batch: bool) -> tuple[float, float]:
+    """The plainest correct explicit-store loop: messages per second from first to last, and
+    this process's CPU seconds (all threads, librdkafka's too) per message over the same span."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plain-{batch}-{time.monotonic_ns()}",
                   "auto.offset.reset": "earliest", "enable.auto.offset.store": False})
     c.subscribe([topic])
-    seen, first = 0, 0.0
+    seen, first, first_cpu = 0, 0.0, 0.0
     while seen < count:
         if batch:
             msgs = c.consume(num_messages=500, timeout=1.0)
             good = [m for m in msgs if m.error() is None]
             if good:
-                first = first or time.monotonic()
+                if not first:
+                    first, first_cpu = time.monotonic(), time.process_time()
                 seen += len(good)
                 c.store_offsets(message=good[-1])
         else:
             m = c.poll(1.0)
             if m is None or m.error() is not None:
                 continue
-            first = first or time.monotonic()
+            if not first:
+                first, first_cpu = time.monotonic(), time.process_time()
             seen += 1
             c.store_offsets(message=m)
     rate = seen / (time.monotonic() - first)
+    cpu = (time.process_time() - first_cpu) / seen
     c.close()
-    return rate
+    return rate, cpu
 
 
 def ksup_rate(bootstrap: str, topic: str, count: int, work: Path, workers: int = 1, extra: list[str] | None = None,
-              handler: str = "tests.bench.noop:process", sleep: float = 0.0) -> tuple[float, KsupRun]:
+              handler: str = "tests.bench.noop:process", sleep: float = 0.0,
+              started: Callable[[KsupRun], None] | None = None) -> tuple[float, KsupRun, float]:
+    """Messages per second over all workers, the run, and the workers' CPU seconds per message
+    (all threads of the worker processes; the supervisor's is in the footprint)."""
     out = work / f"done-{time.monotonic_ns()}.txt"
     env = {"BENCH_COUNT": str(count // workers if workers > 1 else count), "BENCH_OUT": str(out),
            "BENCH_SLEEP": str(sleep)}
     run = KsupRun(handler, bootstrap, topic, f"ksup-{time.monotonic_ns()}", workers=workers, env=env,
                   extra=["--log-format", "json", *(extra or [])], workdir=work)
+    if started is not None:
+        started(run)
     wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= workers, 900, "all processed", 0.2)
     rows = [line.split() for line in out.read_text().splitlines()]
     first = min(float(r[1]) for r in rows)
     last = max(float(r[2]) for r in rows)
-    return sum(int(r[3]) for r in rows) / (last - first), run
+    count_done = sum(int(r[3]) for r in rows)
+    return count_done / (last - first), run, sum(float(r[4]) for r in rows) / count_done
 
 
 def footprint(run: KsupRun, seconds: float = 5.0) -> dict[str, float]:
@@ -109,17 +121,21 @@ def main() -> int:
         t0 = time.monotonic()
         produce(b, "one", n, 1)
         results["produce_s"] = round(time.monotonic() - t0, 1)
-        results["plain_per_message"] = round(plain_loop(b, "one", n, batch=False))
-        rate, run = ksup_rate(b, "one", n, work)
+        rate, plain_cpu = plain_loop(b, "one", n, batch=False)
+        results["plain_per_message"] = round(rate)
+        rate, run, ksup_cpu = ksup_rate(b, "one", n, work)
         runs.append(run)
         results["ksup_per_message"] = round(rate)
+        results["cpu_us_per_message"] = {"plain": round(plain_cpu * 1e6, 2), "ksup": round(ksup_cpu * 1e6, 2)}
         run.signal(signal.SIGTERM)
         run.wait(60)
-        results["plain_batch"] = round(plain_loop(b, "one", n, batch=True))
-        rate, run = ksup_rate(b, "one", n, work, extra=["--batch-size", "500", "--batch-timeout", "0.05"],
+        rate, plain_cpu = plain_loop(b, "one", n, batch=True)
+        results["plain_batch"] = round(rate)
+        rate, run, ksup_cpu = ksup_rate(b, "one", n, work, extra=["--batch-size", "500", "--batch-timeout", "0.05"],
                               handler="tests.bench.noop:process_batch")
         runs.append(run)
         results["ksup_batch"] = round(rate)
+        results["cpu_us_per_message_batch"] = {"plain": round(plain_cpu * 1e6, 2), "ksup": round(ksup_cpu * 1e6, 2)}
         run.signal(signal.SIGTERM)
         run.wait(60)
 
@@ -127,12 +143,21 @@ def main() -> int:
         scaled = 40_000
         produce(b, "eight", scaled * 3, 8)
         results["scaling"] = {}
+        busy: dict[str, float] = {}
+
+        def measure_while_busy(run: KsupRun) -> None:
+            def measure() -> None:
+                time.sleep(4)  # boot and join; the 4 workers then process for ~10 s
+                busy.update(footprint(run, 3.0))
+            threading.Thread(target=measure, daemon=True).start()
+
         for workers in (1, 2, 4):
-            rate, run = ksup_rate(b, "eight", scaled, work, workers=workers, sleep=0.001)
+            rate, run, _ = ksup_rate(b, "eight", scaled, work, workers=workers, sleep=0.001,
+                                     started=measure_while_busy if workers == 4 else None)
             runs.append(run)
             results["scaling"][workers] = round(rate)
             if workers == 4:
-                results["footprint_busy"] = footprint(run, 3.0)
+                results["footprint_busy"] = dict(busy)
             run.signal(signal.SIGTERM)
             run.wait(60)
         create_topic(b, "idle", 4)
