@@ -53,6 +53,20 @@ def test_offset_book_stores_only_finished_and_fences_late_completions():
     assert book.fenced == 2
 
 
+def test_offset_book_runs_in_order_and_out_of_order():
+    book = OffsetBook()
+    tp = ("t", 0)
+    book.acquire([tp])
+    e = book.epoch_of(tp)
+    for o in (1, 2, 3, 5, 6, 7):  # 4 is a gap (compacted away or a transaction marker)
+        book.track(tp, o)
+    assert book.mark_done(tp, [1, 2, 3], e) and book.take_dirty() == {tp: 4}
+    assert book.mark_done(tp, [6], e) and book.take_dirty() == {}, "5 is not finished"
+    assert book.mark_done(tp, [5], e) and book.take_dirty() == {tp: 7}
+    assert book.mark_done(tp, [7], e) and book.take_dirty() == {tp: 8}
+    assert not book.owned[tp].pending and not book.owned[tp].finished
+
+
 def _rec(p: int, o: int) -> Record:
     return Record("t", p, o, None, None, [], (0, 0))
 
@@ -68,7 +82,7 @@ def _run_until(runner, predicate, timeout=5.0):
     done = []
     while time.monotonic() < deadline:
         runner.wait_progress(0.05)
-        done += runner.take_done()
+        done += [(job, outcome) for jobs, outcome in runner.take_done() for job in jobs]
         if predicate(done):
             break
     return done
@@ -86,7 +100,7 @@ def test_runner_stops_after_a_failure_and_keeps_order():
     runner.start()
     runner.submit([Job(_rec(0, o), 1) for o in range(5)])
     done = _run_until(runner, lambda d: runner.failure is not None)
-    assert [j.record.offset for j, _, _ in done] == [0, 1, 2]
+    assert [j.record.offset for j, _ in done] == [0, 1, 2]
     assert done[-1][1].stop and isinstance(done[-1][1].error, ValueError)
     assert seen == [0, 1]
     assert not runner.busy()
@@ -107,11 +121,25 @@ def test_work_finished_before_a_hanging_message_is_handed_over_while_it_hangs():
     runner.start()
     runner.submit([Job(_rec(0, o), 1) for o in range(10)])
     done = _run_until(runner, lambda d: len(d) >= 5, timeout=3)
-    assert [j.record.offset for j, _, _ in done] == [0, 1, 2, 3, 4]
+    assert [j.record.offset for j, _ in done] == [0, 1, 2, 3, 4]
     assert runner.oldest_running() is not None and runner.oldest_running()[0].record.offset == 5
     gate.set()
     done = _run_until(runner, lambda d: len(d) >= 5, timeout=3)
-    assert [j.record.offset for j, _, _ in done] == [5, 6, 7, 8, 9]
+    assert [j.record.offset for j, _ in done] == [5, 6, 7, 8, 9]
+
+
+def test_a_skipped_message_inside_a_run_keeps_its_place_and_its_outcome():
+    def handler(r: Record) -> None:
+        if r.offset == 2:
+            raise ValueError("bad")
+
+    runner = HandlerRunner(_executor(handler, chain=("skip",)))
+    runner.start()
+    runner.submit([Job(_rec(0, o), 1) for o in range(5)])
+    done = _run_until(runner, lambda d: len(d) == 5)
+    assert [(j.record.offset, o.note) for j, o in done] == [(0, ""), (1, ""), (2, "skipped"), (3, ""), (4, "")]
+    counts, total = runner.latency()
+    assert sum(counts) == 5 and total >= 0
 
 
 def test_retry_waits_only_for_its_own_partition_then_skips():
@@ -128,7 +156,7 @@ def test_retry_waits_only_for_its_own_partition_then_skips():
     done = _run_until(runner, lambda d: len(d) == 4)
     assert calls[:4] == [(0, 0), (1, 0), (1, 1), (1, 2)], "partition 1 runs while partition 0 backs off"
     assert calls.count((0, 0)) == 3, "first try and two retries"
-    skipped = [o for j, o, _ in done if j.record.partition == 0]
+    skipped = [o for j, o in done if j.record.partition == 0]
     assert skipped[0].store and skipped[0].note == "skipped"
 
 
@@ -152,9 +180,9 @@ def test_concurrency_by_key_completes_out_of_order_but_stores_the_contiguous_pre
         book.track(tp, j.record.offset)
     runner.submit(jobs)
     done = _run_until(runner, lambda d: len(d) == 3)
-    for j, _, _ in done:
+    for j, _ in done:
         book.mark_done(tp, j.record.offset, epoch)
-    assert sorted(j.record.offset for j, _, _ in done) == [0, 2, 3]
+    assert sorted(j.record.offset for j, _ in done) == [0, 2, 3]
     assert book.take_dirty() == {tp: 1}, "offset 1 is unfinished: store 1, not 4"
     gate.set()
     done = _run_until(runner, lambda d: len(d) == 1)
@@ -203,8 +231,8 @@ def test_a_retried_batch_goes_back_in_order_and_runs_again():
     runner.submit([Job(_rec(p, o), 1) for p in (0, 1) for o in range(2)])
     done = _run_until(runner, lambda d: len(d) == 4)
     assert batches[0] == batches[1] and len(batches[0]) == 3, "the same batch again, in the same order"
-    assert sorted(j.attempts for j, _, _ in done) == [0, 1, 1, 1], "the retried three count an attempt"
-    offsets = {p: [j.record.offset for j, _, _ in done if j.record.partition == p] for p in (0, 1)}
+    assert sorted(j.attempts for j, _ in done) == [0, 1, 1, 1], "the retried three count an attempt"
+    offsets = {p: [j.record.offset for j, _ in done if j.record.partition == p] for p in (0, 1)}
     assert offsets == {0: [0, 1], 1: [0, 1]}, "each partition in order"
 
 

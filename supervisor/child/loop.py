@@ -10,7 +10,6 @@ handler runs, so ``max.poll.interval.ms`` never expires because of ksup.
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import time
@@ -67,8 +66,6 @@ class ConsumerLoop:
         self.skipped = self.dead_lettered = self.retries = self.assignments = 0
         self.counts: dict[TP, list[int]] = {}  # partition -> [processed, failed]
         self.high_watermarks: dict[str, int] = {}
-        self.latency = [0] * (len(m.LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
         self.paused: set[TP] = set()  # partitions paused while their retry backs off
         self._last_backoff_check = 0.0
         self.lifecycle = lifecycle  # the handler's optional on_assign / on_revoke
@@ -189,33 +186,32 @@ class ConsumerLoop:
 
     def collect(self) -> None:
         """Move finished work into the OffsetBook and store what may be stored."""
-        latency, buckets, bisect_left = self.latency, m.LATENCY_BUCKETS, bisect.bisect_left
-        fastest = buckets[0]
-        group: list[int] = []  # offsets finished in a row for one partition and epoch
-        group_key: tuple[str, int, int] | None = None  # (topic, partition, epoch)
-        total = 0.0
-        for job, outcome, seconds in self.runner.take_done():  # for every message: kept lean
-            rec = job.record
-            # The supervisor's latency histogram.
-            latency[0 if seconds <= fastest else bisect_left(buckets, seconds)] += 1
-            total += seconds
-            if job.attempts:
-                self.retries += job.attempts
+        for jobs, outcome in self.runner.take_done():
             if outcome is not STORED:
                 if not outcome.store:
-                    self.failed += 1
-                    self.tally((rec.topic, rec.partition))[1] += 1
-                    self.on_handler_failed(rec, outcome)
+                    for job in jobs:
+                        rec = job.record
+                        self.failed += 1
+                        self.tally((rec.topic, rec.partition))[1] += 1
+                        self.on_handler_failed(rec, outcome)
                     continue
-                self.skipped += outcome.note == "skipped"
-                self.dead_lettered += outcome.note == "dead-lettered"
-            key = (rec.topic, rec.partition, job.epoch)
-            if key != group_key:
-                self.mark_done(group_key, group)
-                group_key, group = key, []
-            group.append(rec.offset)
-        self.mark_done(group_key, group)
-        self.latency_sum += total
+                self.skipped += len(jobs) * (outcome.note == "skipped")
+                self.dead_lettered += len(jobs) * (outcome.note == "dead-lettered")
+            first, last = jobs[0], jobs[-1]
+            if first.epoch == last.epoch and first.record[:2] == last.record[:2]:
+                # The common case, a lane's run: one partition, one assignment (epochs only grow).
+                self.mark_done((*first.record[:2], first.epoch), [j.record.offset for j in jobs])
+                continue
+            group: list[int] = []  # a batch across partitions: offsets in a row per partition
+            group_key: tuple[str, int, int] | None = None  # (topic, partition, epoch)
+            for job in jobs:
+                key = (*job.record[:2], job.epoch)
+                if key != group_key:
+                    self.mark_done(group_key, group)
+                    group_key, group = key, []
+                group.append(job.record.offset)
+            self.mark_done(group_key, group)
+        self.retries = self.runner.retries
         self.store_dirty()
         self.pause_backing_off()
 

@@ -76,11 +76,20 @@ class OffsetBook:
             return False
         pending, finished = book.pending, book.finished
         last = -1
-        for offset in offsets:
-            if pending and pending[0] == offset:  # the common, in-order case
-                last = pending.popleft()
-            else:
-                finished.add(offset)
+        n = len(offsets)
+        if len(pending) >= n and pending[0] == offsets[0] and pending[n - 1] == offsets[-1]:
+            # The common case: the n oldest fetched, in order. (Both are increasing, offsets are
+            # among pending, and pending has exactly n values from the first to the last: equal.)
+            popleft = pending.popleft
+            for _ in range(n):
+                popleft()
+            last = offsets[-1]
+        else:
+            for offset in offsets:
+                if pending and pending[0] == offset:
+                    last = pending.popleft()
+                else:
+                    finished.add(offset)
         while pending and pending[0] in finished:
             last = pending.popleft()
             finished.discard(last)

@@ -35,6 +35,7 @@ class Reporter:
             r = oldest[0].record
             in_flight = m.InFlight(r.topic, r.partition, r.offset, oldest[1])
         book = loop.book
+        latency, latency_sum = loop.runner.latency()
         self.channel.send(m.Report(
             pid=os.getpid(),
             state=loop.state,
@@ -53,7 +54,7 @@ class Reporter:
             counts={tp_name(tp): list(v) for tp, v in loop.counts.items()},
             high_watermarks={k: v for k, v in loop.high_watermarks.items()
                              if (k.rpartition("[")[0], int(k.rpartition("[")[2][:-1])) in book.owned},
-            latency_counts=list(itertools.accumulate(loop.latency)),
-            latency_sum=loop.latency_sum,
+            latency_counts=list(itertools.accumulate(latency)),
+            latency_sum=latency_sum,
             at=time.time(),
         ))

@@ -11,9 +11,15 @@ Ordering: work is queued in *lanes*, one per partition (or per partition and key
 parallel on ``concurrency`` threads. A message whose handler failed and is to be retried stays
 at the head of its lane until its backoff passed, so only that lane waits.
 
+How finished work travels back without a lock or a thread switch per message: a handler thread
+takes a run of a lane's messages and publishes a ``Progress`` for it; it advances
+``Progress.done`` after each message (a single writer), and the consumer thread takes the jobs
+up to it (a single reader). A batch's result is one entry of a deque. Handler latency is counted
+on the handler threads.
+
 Contract with the consumer thread:
-- ``submit`` appends work; ``take_done`` returns finished work as (job, Outcome, seconds in
-  the handler);
+- ``submit_runs`` appends work; ``take_done`` returns finished work as segments (jobs, Outcome):
+  jobs of one lane (or one batch) finished in order with that outcome;
 - after an outcome with ``stop`` the runner takes no more work (``failure`` is set);
 - ``drop`` forgets queued work of partitions; ``wait_not_running`` waits for their running work;
 - ``backing_off`` names the partitions waiting out a retry backoff (their fetching is paused).
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from supervisor.contract.inflight_board import BoardWriter
+from supervisor.contract.messages import LATENCY_BUCKETS
 from supervisor.record import Record
 
 TP = tuple[str, int]
@@ -62,8 +70,42 @@ class Outcome:
 # The outcome of every message whose handler simply returned (one object, not one per message).
 STORED = Outcome(store=True)
 
+Segment = tuple[list[Job], Outcome]
+
+
+@dataclass(slots=True, eq=False)
+class Progress:
+    """A lane run a handler thread works on. The handler thread writes ``special`` (outcomes
+    other than STORED, by index), then ``done`` (how many jobs finished), then ``over`` (it left
+    the run); the consumer thread reads ``over`` before ``done`` and owns ``taken``."""
+
+    jobs: list[Job]
+    done: int = 0
+    taken: int = 0
+    special: dict[int, Outcome] | None = None
+    over: bool = False
+
+    def take(self) -> list[Segment]:
+        """Consumer thread: the jobs finished since the last call, split at special outcomes."""
+        done, start = self.done, self.taken
+        if done <= start:
+            return []
+        self.taken = done
+        special = self.special
+        if not special or not any(start <= i < done for i in special):
+            return [(self.jobs[start:done], STORED)]
+        out: list[Segment] = []
+        for i in sorted(i for i in special if start <= i < done):
+            if i > start:
+                out.append((self.jobs[start:i], STORED))
+            out.append(([self.jobs[i]], special[i]))
+            start = i + 1
+        if start < done:
+            out.append((self.jobs[start:done], STORED))
+        return out
+
 RUN_MAX = 500            # messages a handler thread takes from a lane at once
-PUBLISH_EVERY = 256      # finished messages handed to the consumer thread together ...
+PUBLISH_EVERY = 256      # the consumer thread is woken after this many finished messages ...
 PUBLISH_AFTER_S = 0.002  # ... or after this long, whichever comes first
 
 
@@ -92,9 +134,17 @@ class HandlerRunner:
         self._cond = threading.Condition()
         self._lanes: OrderedDict[Lane, deque[Job]] = OrderedDict()
         self._active: set[Lane] = set()
-        # Finished work, appended by handler threads without the lock (deque appends and pops are
-        # atomic), so a message finished just before a long one is visible at once.
-        self._done: deque[tuple[Job, Outcome, float]] = deque()
+        # Finished work goes back without the lock (deque appends and pops are atomic), so a
+        # message finished just before a long one is visible at once: lane runs as Progress
+        # (new ones in _new_runs; the consumer thread keeps the open ones), batches in _done.
+        self._new_runs: deque[Progress] = deque()
+        self._open_runs: list[Progress] = []
+        self._done: deque[Segment] = deque()
+        # Handler latency, counted by each handler thread in its own slot: bucket counts, sum.
+        self._latency = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in range(concurrency)]
+        self._latency_sum = [0.0] * concurrency
+        self.retries = 0  # handler attempts that failed and were retried (under the lock)
+        self._changes = 0  # bumped by drop/stop/fail: a handler thread then re-checks its lane
         self._queued = 0
         # thread number -> (the job it runs, since: time.perf_counter()); see oldest_running
         self.running: dict[int, tuple[Job, float]] = {}
@@ -146,15 +196,31 @@ class HandlerRunner:
         job, since = min(running, key=lambda r: r[1])
         return job, time.time() - (time.perf_counter() - since)
 
-    def take_done(self) -> list[tuple[Job, Outcome, float]]:
-        done, popleft = self._done, self._done.popleft
-        return [popleft() for _ in range(len(done))]
+    def take_done(self) -> list[Segment]:
+        """Finished work since the last call, in order within each lane."""
+        done, new_runs = self._done, self._new_runs
+        out = [done.popleft() for _ in range(len(done))]
+        open_runs = self._open_runs
+        open_runs += [new_runs.popleft() for _ in range(len(new_runs))]
+        for run in open_runs:
+            out += run.take()
+        # A run is closed once its thread left it and all of it was taken (over is read before
+        # done: once over is set, done is final).
+        self._open_runs = [run for run in open_runs if not (run.over and run.taken >= run.done)]
+        return out
+
+    def has_done(self) -> bool:
+        return bool(self._done) or bool(self._new_runs) or any(r.done > r.taken for r in self._open_runs)
 
     def wait_progress(self, timeout: float) -> None:
         """Block up to ``timeout`` until something finished (or return at once if it has)."""
         with self._cond:
-            if not self._done and self.busy():
+            if not self.has_done() and self.busy():
                 self._cond.wait(timeout)
+
+    def latency(self) -> tuple[list[int], float]:
+        """Handler latency so far: per-bucket counts (LATENCY_BUCKETS, then +Inf) and the sum."""
+        return [sum(c) for c in zip(*self._latency, strict=True)], sum(self._latency_sum)
 
     def backing_off(self) -> set[TP]:
         now = time.monotonic()
@@ -169,6 +235,7 @@ class HandlerRunner:
             for lane in [lane for lane in self._lanes if lane[:2] in tps]:
                 dropped += len(self._lanes.pop(lane))
             self._queued -= dropped
+            self._changes += 1
         return dropped
 
     def wait_not_running(self, tps: set[TP] | None, deadline: float) -> bool:
@@ -189,6 +256,7 @@ class HandlerRunner:
             self._stopping = True
             self._lanes.clear()
             self._queued = 0
+            self._changes += 1
             self._cond.notify_all()
 
     # ---- handler threads ----------------------------------------------------------------------
@@ -265,58 +333,83 @@ class HandlerRunner:
                     cond.notify_all()
 
     def _run_lane(self, number: int, lane: Lane, queue: deque[Job], jobs: list[Job]) -> None:
-        """Run a lane's messages (taken off ``queue``) one by one, in order, without the lock:
-        each finished message goes straight to ``_done``; the consumer thread is woken every
-        ``PUBLISH_EVERY`` messages or ``PUBLISH_AFTER_S`` (it also looks on its own every few
-        milliseconds). Stops early when the runner stops or the lane was dropped (revoked): the
-        rest of the run is dropped with it. A retry puts the message and the rest of the run
-        back at the head of the lane."""
-        execute, running, done = self._execute, self.running, self._done
+        """Run a lane's messages (taken off ``queue``) one by one, in order, without the lock,
+        advancing a Progress the consumer thread reads; it is woken every ``PUBLISH_EVERY``
+        messages or ``PUBLISH_AFTER_S`` (it also looks on its own every few milliseconds).
+        Stops early when the runner stops or the lane was dropped (revoked): the rest of the run
+        is dropped with it. A retry puts the message and the rest of the run back at the head of
+        the lane."""
+        execute, running = self._execute, self.running
+        progress = Progress(jobs)
+        self._new_runs.append(progress)
         # The handler itself when the executor says a plain call is all it takes (sync, not
         # batch, no poison): one call less per message; a raise still goes to the policy.
         plain = execute.plain
         first = jobs[0].record
         board = self._board.offset_writer(number, first.topic, first.partition, first.offset) \
             if self._board is not None else None
+        latency, fastest = self._latency[number], LATENCY_BUCKETS[0]
         clock = time.perf_counter
-        published, unannounced = clock(), 0
-        for i, job in enumerate(jobs):  # for every message: kept lean
-            if self._stopping or self._lanes.get(lane) is not queue:
-                break
-            if board is not None:
-                board(job.record.offset)  # before the handler runs: a crash names this message
-            t0 = clock()
-            running[number] = (job, t0)
-            if plain is None:
-                outcome = execute.one(job)
-            else:
-                try:
-                    plain(job.record)
-                    outcome = STORED
-                except BaseException as exc:  # noqa: BLE001 - the policy decides
-                    outcome = execute.on_failure([job], exc)
-            t1 = clock()
-            if outcome is not STORED and outcome.retry_in is not None and not outcome.stop:
-                with self._cond:
-                    job.attempts += 1
-                    job.not_before = time.monotonic() + outcome.retry_in
-                    if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
-                        queue.extendleft(reversed(jobs[i:]))
-                        self._queued += len(jobs) - i
-                    self._cond.notify_all()
-                break
-            done.append((job, outcome, t1 - t0))
-            unannounced += 1
-            if outcome is not STORED and outcome.stop:
-                with self._cond:
-                    self._fail(job, outcome)
-                break
-            if unannounced >= PUBLISH_EVERY or t1 - published >= PUBLISH_AFTER_S:
-                with self._cond:
-                    self._cond.notify_all()
-                published, unannounced = t1, 0
-        if self._board is not None:
-            self._board.clear(number)
+        published, unannounced, spent = clock(), 0, 0.0
+        seen = self._changes
+        try:
+            for i, job in enumerate(jobs):  # for every message: kept lean
+                if self._changes != seen:  # a drop or stop happened: does it concern this lane?
+                    if self._stopping or self._lanes.get(lane) is not queue:
+                        break
+                    seen = self._changes
+                if board is not None:
+                    board(job.record.offset)  # before the handler runs: a crash names this message
+                t0 = clock()
+                running[number] = (job, t0)
+                if plain is None:
+                    outcome = execute.one(job)
+                else:
+                    try:
+                        plain(job.record)
+                        outcome = STORED
+                    except BaseException as exc:  # noqa: BLE001 - the policy decides
+                        outcome = execute.on_failure([job], exc)
+                t1 = clock()
+                seconds = t1 - t0
+                latency[0 if seconds <= fastest else bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                spent += seconds
+                if outcome is not STORED:
+                    if outcome.retry_in is not None and not outcome.stop:
+                        self._retry_later(lane, queue, jobs[i:], outcome.retry_in)
+                        break
+                    if progress.special is None:
+                        progress.special = {}
+                    progress.special[i] = outcome
+                    progress.done = i + 1
+                    if outcome.stop:
+                        with self._cond:
+                            self._fail(job, outcome)
+                        break
+                    continue
+                progress.done = i + 1
+                unannounced += 1
+                if unannounced >= PUBLISH_EVERY or t1 - published >= PUBLISH_AFTER_S:
+                    with self._cond:
+                        self._cond.notify_all()
+                    published, unannounced = t1, 0
+        finally:
+            progress.over = True
+            self._latency_sum[number] += spent
+            if self._board is not None:
+                self._board.clear(number)
+
+    def _retry_later(self, lane: Lane, queue: deque[Job], jobs: list[Job], delay: float) -> None:
+        """The head job failed and is to be retried: it and the rest of the run go back to the
+        head of the lane (if it still exists), to run again after ``delay``."""
+        with self._cond:
+            self.retries += 1
+            jobs[0].attempts += 1
+            jobs[0].not_before = time.monotonic() + delay
+            if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
+                queue.extendleft(reversed(jobs))
+                self._queued += len(jobs)
+            self._cond.notify_all()
 
     def _run_batch(self, number: int, jobs: list[Job]) -> None:
         """One batch (jobs taken from the heads of lanes) through the handler."""
@@ -327,10 +420,13 @@ class HandlerRunner:
         self.running[number] = (jobs[0], t0)
         outcome = self._execute(jobs)
         seconds = time.perf_counter() - t0
+        self._latency[number][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # per handler call
+        self._latency_sum[number] += seconds
         if self._board is not None:
             self._board.clear(number)
         with self._cond:
             if outcome.retry_in is not None and not outcome.stop:
+                self.retries += 1
                 not_before = time.monotonic() + outcome.retry_in
                 for lane, queue, part in self._batch_origin:
                     for job in part:
@@ -340,7 +436,7 @@ class HandlerRunner:
                         queue.extendleft(reversed(part))
                         self._queued += len(part)
                 return
-            self._done.extend([(job, outcome, seconds) for job in jobs])
+            self._done.append((jobs, outcome))
             if outcome.stop:
                 self._fail(jobs[-1], outcome)
 
@@ -359,3 +455,4 @@ class HandlerRunner:
         self._stopping = True
         self._lanes.clear()
         self._queued = 0
+        self._changes += 1
