@@ -9,6 +9,7 @@ This is the one place where the worker's exit code is chosen.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import importlib.metadata
 import logging
 import os
@@ -146,6 +147,7 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
     runner = build_runner(cfg, handler)
     loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop, handler.instance)
     commits.target = loop
+    tune_gc()
     runner.start()
     log.info("joining group %s for %s", cfg.kafka.get("group.id"), ", ".join(cfg.topics))
     code = loop.run()
@@ -155,6 +157,22 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
         except Exception:
             log.exception("handler teardown raised")
     return int(code)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for the consumer loop. Every message brings a few
+    small container objects (a record, a job, tuples) that refcounting frees; but while they wait
+    in the backlog, collections keep walking them, and full collections walk everything the
+    imports left behind (measured: a quarter of the consumer thread's time at 200k msg/s). So:
+    move what boot created out of the collector's sight (it lives as long as the process), and
+    collect the youngest generation every 10,000 allocations instead of 700, by which time most
+    messages' objects are gone already. Cycles the handler makes are still collected."""
+    if os.environ.get("KSUP_GC_DEFAULTS"):  # for comparing, and a way out
+        return
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, 10_000), middle, old)
 
 
 def build_runner(cfg: m.Configure, handler: Any) -> Any:
