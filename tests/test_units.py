@@ -67,6 +67,20 @@ def test_offset_book_runs_in_order_and_out_of_order():
     assert not book.owned[tp].pending and not book.owned[tp].finished
 
 
+def test_offset_book_in_order_needs_no_tracking_and_still_fences():
+    book = OffsetBook(in_order=True)
+    tp = ("t", 0)
+    book.acquire([tp])
+    e = book.epoch_of(tp)
+    book.track(tp, 5)
+    assert not book.owned[tp].pending, "in order: nothing tracked per message"
+    assert book.mark_done(tp, [9], e) and book.take_dirty() == {tp: 10}
+    book.release([tp])
+    book.acquire([tp])
+    assert not book.mark_done(tp, [12], e), "an earlier assignment's completion is fenced"
+    assert book.take_dirty() == {}
+
+
 def _rec(p: int, o: int) -> Record:
     return Record("t", p, o, None, None, [], (0, 0))
 

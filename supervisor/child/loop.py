@@ -54,7 +54,8 @@ class ConsumerLoop:
         self.channel = channel
         self.topics = topics
         self.revoke_timeout_s = float(options.get("revoke_timeout_s", 10.0))
-        self.book = OffsetBook()
+        # One lane per partition (not per key): messages of a partition finish in fetch order.
+        self.book = OffsetBook(in_order=options.get("order_by", "partition") != "key")
         self.reporter = Reporter(channel, float(options.get("report_interval_s", 1.0)))
         self.state = "joining"
         self.stop_reason: str | None = None
@@ -141,8 +142,8 @@ class ConsumerLoop:
         if self.runner.backlog_size() < MAX_BACKLOG:
             msgs += self.consumer.consume(num_messages=FETCH_BATCH, timeout=0)
         runs: list[tuple[TP, list[Job]]] = []  # jobs fetched in a row from one partition
-        owned = self.book.owned
-        last_tp: tuple[Any, ...] = ()
+        owned, track = self.book.owned, not self.book.in_order
+        topic, partition = "", -1
         part = None
         jobs: list[Job] = []
         for msg in msgs:  # runs for every message: kept lean (no calls it can do without)
@@ -150,14 +151,15 @@ class ConsumerLoop:
                 self.on_consumer_error(msg.error())
                 continue
             record = to_record(msg)
-            tp = record[:2]
-            if tp != last_tp:
-                last_tp, part, jobs = tp, owned.get(tp), []
+            if record.partition != partition or record.topic != topic:
+                topic, partition, jobs = record.topic, record.partition, []
+                part = owned.get((topic, partition))
                 if part is not None:
-                    runs.append((tp, jobs))
+                    runs.append(((topic, partition), jobs))
             if part is None:
                 continue  # not ours (any more): never handled, never stored
-            part.pending.append(record.offset)  # fetched, not finished: the book's "track"
+            if track:
+                part.pending.append(record.offset)  # fetched, not finished: the book's "track"
             jobs.append(Job(record, part.epoch))
         if runs:
             self.runner.submit_runs(runs)
@@ -200,7 +202,9 @@ class ConsumerLoop:
             first, last = jobs[0], jobs[-1]
             if first.epoch == last.epoch and first.record[:2] == last.record[:2]:
                 # The common case, a lane's run: one partition, one assignment (epochs only grow).
-                self.mark_done((*first.record[:2], first.epoch), [j.record.offset for j in jobs])
+                # In order, the book only needs the last offset.
+                offsets = [last.record.offset] if self.book.in_order else [j.record.offset for j in jobs]
+                self.mark_done((*first.record[:2], first.epoch), offsets, len(jobs))
                 continue
             group: list[int] = []  # a batch across partitions: offsets in a row per partition
             group_key: tuple[str, int, int] | None = None  # (topic, partition, epoch)
@@ -222,13 +226,16 @@ class ConsumerLoop:
             counts = self.counts[tp] = [0, 0]
         return counts
 
-    def mark_done(self, key: tuple[str, int, int] | None, offsets: list[int]) -> None:
-        """Offsets of one partition finished in a row, fetched in assignment ``key[2]``."""
+    def mark_done(self, key: tuple[str, int, int] | None, offsets: list[int], count: int | None = None) -> None:
+        """Offsets of one partition finished in a row, fetched in assignment ``key[2]``
+        (``count`` messages: more than ``offsets`` when the book is in order and only the last
+        offset is given)."""
         if key is None or not offsets:
             return
         topic, partition, epoch = key
-        self.processed += len(offsets)
-        self.tally((topic, partition))[0] += len(offsets)
+        count = len(offsets) if count is None else count
+        self.processed += count
+        self.tally((topic, partition))[0] += count
         if not self.book.mark_done((topic, partition), offsets, epoch):
             log.info("finished %s[%d]@%s after its partition was revoked: not stored (the new owner "
                      "handles them again)", topic, partition, ",".join(map(str, offsets[:5])))

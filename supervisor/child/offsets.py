@@ -8,6 +8,10 @@ Rules it enforces:
   in: every assignment of a partition gets a new epoch, and a completion from an older epoch is
   fenced (a late finish after a revoke must not move the committed offset);
 - per partition, offsets only move forward.
+
+``in_order``: every partition's messages finish in the order they were fetched (one lane per
+partition: the default ``--order-by partition``, and batches). Then the first unfinished is
+simply the one after the last finished, and the book keeps no per-message list.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class OffsetBook:
     _epoch: int = 0
     _dirty: dict[TP, int] = field(default_factory=dict)
     fenced: int = 0
+    in_order: bool = False
 
     def acquire(self, tps: list[TP]) -> None:
         for tp in tps:
@@ -61,9 +66,10 @@ class OffsetBook:
         return book.epoch if book else -1
 
     def track(self, tp: TP, offset: int) -> None:
-        """A message of ``tp`` was fetched and handed to the runner. (The consumer loop appends to
-        ``pending`` itself, for speed; this is the same thing.)"""
-        self.owned[tp].pending.append(offset)
+        """A message of ``tp`` was fetched and handed to the runner (not needed ``in_order``).
+        (The consumer loop appends to ``pending`` itself, for speed; this is the same thing.)"""
+        if not self.in_order:
+            self.owned[tp].pending.append(offset)
 
     def mark_done(self, tp: TP, offsets: int | list[int], epoch: int) -> bool:
         """Record that the handler finished ``offsets`` (of one partition, all fetched in the
@@ -77,7 +83,9 @@ class OffsetBook:
         pending, finished = book.pending, book.finished
         last = -1
         n = len(offsets)
-        if len(pending) >= n and pending[0] == offsets[0] and pending[n - 1] == offsets[-1]:
+        if self.in_order:
+            last = offsets[-1]
+        elif len(pending) >= n and pending[0] == offsets[0] and pending[n - 1] == offsets[-1]:
             # The common case: the n oldest fetched, in order. (Both are increasing, offsets are
             # among pending, and pending has exactly n values from the first to the last: equal.)
             popleft = pending.popleft
