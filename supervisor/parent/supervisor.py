@@ -2,12 +2,14 @@
 
 One loop does all the work; signal handlers only record (``signals.py``). Each tick waits for
 any event (a signal, a worker message, worker output, a control-socket request), then performs
-the duties in a fixed order: dispatch signals, reap exited workers, release drained workers,
-stop stuck workers, start/restart/recycle/scale workers. The supervisor decides; workers obey.
+the duties in a fixed order: dispatch signals, reap exited workers (``worker_events.py``),
+release drained workers, stop stuck workers, step a rolling reload (``rolling.py``), then
+start/restart/recycle/scale workers one membership change at a time (``membership.py``). The
+supervisor decides; workers obey.
 
-Life cycle: STARTING (spawn N workers; they import the handler and check the broker, then wait)
--> RUNNING (all loaded: tell them Go) -> STOPPING (Drain sent; SIGKILL at the deadline) ->
-STOPPED. A boot failure during STARTING halts before any worker joined the group.
+Life cycle (``state.py``): STARTING (spawn N workers; they import the handler and check the
+broker, then wait) -> RUNNING (all loaded: tell them Go) -> STOPPING (Drain sent; SIGKILL at the
+deadline) -> STOPPED. A boot failure during STARTING halts before any worker joined the group.
 """
 
 from __future__ import annotations
@@ -20,33 +22,25 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from enum import Enum
 
 from supervisor import config as cfgmod
 from supervisor.config import Settings
 from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
-from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
+from supervisor.contract.exitcodes import ExitCode, describe_returncode
 from supervisor.errors import HaltSupervisor
-from supervisor.parent import policy, rolling, worker_output
+from supervisor.parent import membership, policy, rolling, worker_events, worker_output
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
 from supervisor.parent.signals import SignalQueue
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.spawn import spawn_worker
+from supervisor.parent.state import State
 
 log = logging.getLogger("ksup.supervisor")
 
 TICK_S = 0.5                    # longest sleep of the loop when nothing happens
 STACK_DUMP_BEFORE_KILL_S = 1.0  # SIGUSR1 (the worker dumps its stacks) this long before SIGKILL
-CHANGE_SETTLE_MAX_S = 60.0      # a membership change counts as done after this long regardless
-
-
-class State(Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 class Supervisor:
@@ -103,12 +97,12 @@ class Supervisor:
         self.wait_for_events(TICK_S)
         self.dispatch_signals()
         now = time.monotonic()
-        self.reap_workers(now)
+        worker_events.reap_workers(self, now)
         self.release_leavers()
         self.murder_workers(now)
         if self.rolling():
             rolling.step(self, self.roll, now)  # type: ignore[arg-type]
-        self.manage_workers(now)
+        membership.manage(self, now)
         self.hooks.on_tick(self)
 
     def wait_for_events(self, timeout: float) -> None:
@@ -120,7 +114,7 @@ class Supervisor:
             if callable(data):
                 data()  # an adapter's handler (control socket)
             elif key.fileobj is data.channel:
-                self.read_messages(data)
+                worker_events.read_messages(self, data)
             else:
                 worker_output.read_stderr(data, self.selector)
 
@@ -140,85 +134,6 @@ class Supervisor:
                 self.scale(self.target_workers + 1)
             elif signum == signal.SIGTTOU:
                 self.scale(self.target_workers - 1)
-
-    def read_messages(self, slot: WorkerSlot) -> None:
-        assert slot.channel is not None
-        for msg in slot.channel.read_available():
-            self.on_message(slot, msg)
-        if slot.channel.closed:
-            try:
-                self.selector.unregister(slot.channel)
-            except (KeyError, ValueError):
-                pass
-            slot.channel.close()
-
-    def on_message(self, slot: WorkerSlot, msg: m.Message) -> None:
-        if isinstance(msg, m.Report):
-            slot.report, slot.report_at = msg, time.monotonic()
-            if msg.state in ("assigned", "draining") and slot.assigned_at is None:
-                slot.assigned_at = time.monotonic()
-        elif isinstance(msg, m.Loaded):
-            slot.advance("loaded")
-            self.partitions_total = msg.partitions
-            slot.handler_version = msg.handler_version
-            slot.report_at = time.monotonic()
-            log.info("worker %d (pid %d) loaded %s (confluent-kafka %s)",
-                     slot.index, msg.pid, msg.handler, msg.client_version)
-        elif isinstance(msg, m.BootFailed):
-            slot.boot_failed = msg
-            if slot not in self.slots:
-                return  # an incoming worker of a rolling reload: the roll stops, the old one stays
-            # A worker that cannot even import the handler will not do better on a restart.
-            if self.state is State.STARTING or msg.exit_code != WorkerExit.BROKER_UNREACHABLE:
-                raise HaltSupervisor(msg.reason, policy.halt_code_for_boot_failure(msg.exit_code))
-        elif isinstance(msg, m.ReadyToLeave):
-            slot.ready_to_leave = True
-            self.release_leavers()
-        elif isinstance(msg, m.Exiting):
-            slot.exiting = msg
-            self.receipt.add(slot.index, msg)
-
-    def reap_workers(self, now: float) -> None:
-        """Collect exited workers; log each death with its cause; decide what follows."""
-        for slot in list(self.slots):
-            if slot.proc is None or slot.state == "exited" or slot.proc.poll() is None:
-                continue
-            if slot.channel is not None and not slot.channel.closed:
-                self.read_messages(slot)
-            worker_output.read_stderr(slot, self.selector, final=True)
-            report = describe_returncode(slot.proc.returncode)
-            slot.state = "exited"
-            self.hooks.on_worker_exit(self, slot, report)
-            clean = report.code == 0 and slot.drain_sent_at is not None
-            if clean:
-                log.info("worker %d (pid %d) exited: %s", slot.index, slot.pid,
-                         slot.exiting.reason if slot.exiting else report.describe())
-            else:
-                inflight = self.note_poison(slot) if self.state is State.RUNNING else ""
-                log.log(logging.WARNING if self.state is State.STOPPING else logging.ERROR,
-                        "worker %d (pid %d) %s%s%s%s", slot.index, slot.pid, report.describe(),
-                        worker_output.last_moments(slot), f"; in flight at death: {inflight}" if inflight else "",
-                        worker_output.stderr_tail(slot))
-            self.after_exit(slot, now, clean, report.describe())
-
-    def after_exit(self, slot: WorkerSlot, now: float, clean: bool, how: str) -> None:
-        if self.state is not State.RUNNING or slot.then == "replaced":
-            return  # a replaced slot's successor is put in place by the rolling reload
-        if slot.then == "remove":
-            self.slots.remove(slot)
-            log.info("worker slot %d removed (%d workers)", slot.index, len(self.slots))
-            return
-        if slot.then == "recycle" and clean:
-            slot.respawn_at = now
-            return
-        slot.deaths.append(now)
-        self.deaths.append(now)
-        if policy.is_crash_loop(self.deaths, now, self.settings.crash_loop_deaths, self.settings.crash_loop_window):
-            raise HaltSupervisor(f"crash loop: {self.settings.crash_loop_deaths} worker deaths within "
-                                 f"{self.settings.crash_loop_window:g}s; last: {how}", ExitCode.CRASH_LOOP)
-        delay = policy.restart_delay(slot.deaths, now, self.settings.restart_delay)
-        slot.respawn_at = now + delay
-        log.info("worker %d restarts in %.1fs", slot.index, delay)
 
     def murder_workers(self, now: float) -> None:
         """Stop workers whose handler is stuck or whose loop went silent; SIGKILL workers past
@@ -248,68 +163,6 @@ class Supervisor:
                 if self.state is State.STOPPING:
                     self.forced = True
 
-    def manage_workers(self, now: float) -> None:
-        """Start, restart, recycle and scale workers: at most one group-membership change at a
-        time, so the group rebalances once per change instead of in a storm."""
-        if self.state is State.STOPPING:
-            if not any(s.alive for s in self.slots):
-                self.state = State.STOPPED
-            return
-        if self.state is State.STARTING:
-            if all(s.state == "loaded" for s in self.slots):
-                self.state = State.RUNNING
-                log.info("all %d workers loaded: joining group %s", len(self.slots), self.settings.group)
-                for slot in self.slots:
-                    self.go(slot)
-            return
-        for slot in self.slots:
-            if slot.state == "loaded" and not slot.joined:
-                self.go(slot)
-        if self.rolling() or self.change_in_progress(now):
-            return
-        for slot in self.slots:
-            if not slot.alive and slot.respawn_at is not None and now >= slot.respawn_at:
-                slot.restarts += 1
-                self.spawn(slot, now)
-                return
-        if any(not s.alive and s.respawn_at is not None for s in self.slots):
-            # A dead worker's (static) membership holds up every rebalance until it is back or its
-            # session expires: bring it back before anything else changes the group.
-            return
-        if len(self.slots) < self.target_workers:
-            used = {s.index for s in self.slots}
-            slot = WorkerSlot(min(i for i in range(len(self.slots) + 1) if i not in used))
-            self.slots.append(slot)
-            self.slots.sort(key=lambda s: s.index)
-            self.spawn(slot, now)
-            return
-        live = [s for s in self.slots if s.then != "remove"]
-        if len(live) > self.target_workers:
-            victim = max(live, key=lambda s: s.index)
-            victim.then = "remove"
-            if victim.alive:
-                self.drain_slot(victim, "scale down", self.settings.worker_drain_timeout,
-                                self.settings.graceful_timeout)
-            else:
-                self.slots.remove(victim)
-            return
-        for slot in self.slots:
-            why = policy.recycle_reason(slot, self.settings)
-            if slot.alive and slot.joined and why:
-                slot.then = "recycle"
-                log.info("worker %d (pid %d) recycles: %s", slot.index, slot.pid, why)
-                self.drain_slot(slot, f"recycle: {why}", self.settings.worker_drain_timeout,
-                                self.settings.graceful_timeout)
-                return
-
-    def change_in_progress(self, now: float) -> bool:
-        """A worker is booting, joining (no assignment yet) or draining out of the group."""
-        for s in self.slots:
-            if s.alive and (s.drain_sent_at is not None or s.assigned_at is None) \
-                    and now - s.spawned_at < CHANGE_SETTLE_MAX_S:
-                return True
-        return False
-
     # ---- actions --------------------------------------------------------------------------------
 
     def configure_for(self, index: int) -> m.Configure:
@@ -320,21 +173,6 @@ class Supervisor:
         options = {**cfgmod.worker_options(s, self.log_format), "board": board,
                    "poison": [list(p) for p in sorted(self.poison)]}
         return m.Configure(index, s.handler, list(s.topics), cfgmod.kafka_config(s, index), options)
-
-    def note_poison(self, slot: WorkerSlot) -> str:
-        """After a worker died: count a death against each message it had in flight (read from
-        its in-flight board); a message at --poison-after deaths goes to dead-letter/skip next
-        time. Returns the in-flight messages, for the log."""
-        board = slot.configure.options.get("board") if slot.configure else None
-        inflight = inflight_board.read(str(board)) if board else []
-        for key in inflight:
-            self.poison_counts[key] += 1
-            fallback = [p for p in self.settings.on_error if p in ("dead-letter", "skip")]
-            if self.poison_counts[key] >= self.settings.poison_after and fallback and key not in self.poison:
-                self.poison.add(key)
-                log.error("%s[%d]@%d killed %d worker processes: the next worker will %s it without "
-                          "running the handler", *key, self.poison_counts[key], fallback[0])
-        return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
 
     def spawn(self, slot: WorkerSlot, now: float) -> None:
         configure = self.configure_for(slot.index)
