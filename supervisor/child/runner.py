@@ -261,12 +261,6 @@ class HandlerRunner:
 
     # ---- handler threads ----------------------------------------------------------------------
 
-    def _lane_of(self, job: Job) -> Lane:
-        r = job.record
-        if self._order_by == "key":
-            return (r.topic, r.partition, r.key)
-        return (r.topic, r.partition)
-
     def _take(self) -> tuple[Lane, list[Job]] | None:
         """Under the lock: the next ready lane's run of queued messages (``RUN_MAX`` at most), or
         in batch mode one batch from the heads of all lanes; either way taken off the lanes."""
