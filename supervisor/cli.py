@@ -283,31 +283,42 @@ def health(socket_path: str | None, group: str | None) -> None:
 @click.option("--partitions", type=int, default=8, show_default=True, help="Partitions of the scratch topic.")
 @click.option("-w", "--workers", type=int, default=4, show_default=True)
 @click.option("--rate", type=int, default=2_000, show_default=True, help="Messages produced per second.")
-@click.option("--faults", default=",".join(("sigterm", "kill", "reload", "scale", "exception")), show_default=True,
-              help="Faults to inject: sigterm, kill, reload, scale, exception (comma-separated; empty for none).")
+@click.option("--faults", default=None,
+              help="Faults to inject, comma-separated (empty for none): sigterm, kill, reload, scale, exception "
+                   "(the default), and broker-restart (the default too when --broker-restart-command is given).")
+@click.option("--broker-restart-command", default=None, metavar="CMD",
+              help="Shell command that restarts a broker and returns once it serves again (the broker-restart fault).")
 @click.option("--fault-interval", type=float, default=3.0, show_default=True, help="Seconds between faults.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the fault schedule (reproducible).")
 @click.option("-X", "kafka_props", multiple=True, metavar="KEY=VALUE", help="librdkafka property (security etc.).")
 @click.option("--keep-topic", is_flag=True, help="Do not delete the scratch topic at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int, rate: int, faults: str,
-           fault_interval: float, seed: int, kafka_props: tuple[str, ...], keep_topic: bool, as_json: bool) -> None:
+def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int, rate: int, faults: str | None,
+           broker_restart_command: str | None, fault_interval: float, seed: int, kafka_props: tuple[str, ...],
+           keep_topic: bool, as_json: bool) -> None:
     """Prove at-least-once on your own cluster: a scratch topic, N messages, ksup workers with a
     recording handler, faults on a seeded schedule; exits 0 only when nothing was lost."""
-    from supervisor.verify.run import FAULTS, Plan, report, run
+    from supervisor.verify.run import DEFAULT_FAULTS, FAULTS, Plan, report, run
     from supervisor.verify.run import as_json as to_json
 
-    chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
+    if faults is None:
+        chosen = DEFAULT_FAULTS + (("broker-restart",) if broker_restart_command else ())
+    else:
+        chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
     unknown = [f for f in chosen if f not in FAULTS]
     if unknown:
         fail(f"unknown fault(s) {', '.join(unknown)} (choose from {', '.join(FAULTS)})", ExitCode.USAGE)
+    if "broker-restart" in chosen and not broker_restart_command:
+        fail("the broker-restart fault needs --broker-restart-command (a command that restarts a broker "
+             "and returns once it is back)", ExitCode.USAGE)
     try:
         kafka = dict(cfgmod.parse_kafka_property(p) for p in kafka_props)
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
     setup_logging("text", "warning", "supervisor", secrets=secret_values(kafka))
-    plan = Plan(bootstrap_servers, messages, partitions, workers, rate, chosen, fault_interval, seed, kafka, keep_topic)
+    plan = Plan(bootstrap_servers, messages, partitions, workers, rate, chosen, fault_interval, seed, kafka, keep_topic,
+                broker_restart_command=broker_restart_command)
     try:
         outcome = run(plan, show_progress=not as_json)
     except Exception as exc:  # a broker that does not answer, a ksup that did not start, ...

@@ -144,29 +144,18 @@ class LocalKafka:
         libs = ensure_jars(self.version)
         t0 = time.monotonic()
         props = self._write_properties()
-        cp = f"{libs}/*"
         subprocess.run(
-            ["java", "-Xmx256m", "-cp", cp, "kafka.tools.StorageTool", "format",
+            ["java", "-Xmx256m", "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
              "-t", _cluster_id(), "-c", str(props), "--ignore-formatted"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
         )
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            ["java", *JVM_OPTS, "-cp", cp, "kafka.Kafka", str(props)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # stop it as a group by pid, never by name
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Kafka exited with {self.proc.returncode}; see {self.log_path}")
-            if b"Kafka Server started" in self.log_path.read_bytes():
-                self.start_seconds = time.monotonic() - t0
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"Kafka did not start within {timeout:.0f}s; see {self.log_path}")
+        self.proc = _launch(self.workdir, libs)
+        try:
+            _wait_started(self.workdir, self.proc.pid, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
 
     def rss_bytes(self) -> int:
         if self.proc is None:
@@ -179,20 +168,84 @@ class LocalKafka:
 
     def stop(self, timeout: float = 20.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        except ProcessLookupError:
-            pass
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            except ProcessLookupError:
+                pass
+        # A restart (``restart_in``) may have replaced our process with one we did not start.
+        pid_file = self.workdir / "broker.pid"
+        if pid_file.exists() and (proc is None or int(pid_file.read_text()) != proc.pid):
+            _stop_pid(int(pid_file.read_text()), timeout)
+        pid_file.unlink(missing_ok=True)  # stopped: never signal that pid again
 
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _launch(workdir: Path, libs: Path) -> subprocess.Popen[bytes]:
+    """Start the broker of ``workdir`` (formatted already); its pid goes to broker.pid."""
+    log_path = workdir / "broker.log"
+    if log_path.exists():
+        log_path.replace(workdir / f"broker-{time.monotonic_ns()}.log")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        ["java", *JVM_OPTS, "-cp", f"{libs}/*", "kafka.Kafka", str(workdir / "server.properties")],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,  # stop it as a group by pid, never by name
+    )
+    log.close()
+    (workdir / "broker.pid").write_text(str(proc.pid))
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone for us
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_started(workdir: Path, pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    log_path = workdir / "broker.log"
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise RuntimeError(f"Kafka exited; see {log_path}")
+        if b"Kafka Server started" in log_path.read_bytes():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"Kafka did not start within {timeout:.0f}s; see {log_path}")
+
+
+def _stop_pid(pid: int, timeout: float = 20.0) -> None:
+    """Stop a broker we may not be the parent of: SIGTERM its group, SIGKILL at the deadline."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if not _alive(pid):
+            return
+
+
+def restart_in(workdir: Path, timeout: float = 90.0) -> float:
+    """Restart the broker of ``workdir`` (a clean shutdown, then the same node on the same ports
+    and data); returns once it serves again, with how long it was away."""
+    t0 = time.monotonic()
+    _stop_pid(int((workdir / "broker.pid").read_text()))
+    proc = _launch(workdir, ensure_jars())
+    _wait_started(workdir, proc.pid, timeout)
+    return time.monotonic() - t0
 
 
 def main(argv: list[str]) -> int:
@@ -200,8 +253,11 @@ def main(argv: list[str]) -> int:
         t0 = time.monotonic()
         print(ensure_jars(), f"({time.monotonic() - t0:.1f}s)")
         return 0
+    if argv[:1] == ["restart"] and len(argv) == 2:
+        print(f"restarted in {restart_in(Path(argv[1])):.1f}s")
+        return 0
     if argv[:1] != ["run"]:
-        print("usage: localkafka.py fetch|run", file=sys.stderr)
+        print("usage: localkafka.py fetch|run|restart WORKDIR", file=sys.stderr)
         return 2
     broker = LocalKafka()
     stop = False

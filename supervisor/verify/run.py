@@ -4,7 +4,9 @@ then check from the records and the broker that every message was processed at l
 
 Faults: ``sigterm`` (stop ksup with SIGTERM and start it again), ``kill`` (SIGKILL one worker),
 ``reload`` (rolling reload), ``scale`` (one worker more, then back), ``exception`` (a message
-whose handler raises once). Each duplicate is attributed to the last fault before it.
+whose handler raises once), ``broker-restart`` (runs the user's ``--broker-restart-command``,
+which restarts a broker and returns once it is back; ksup verify does not manage brokers). Each
+duplicate is attributed to the last fault before it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from typing import Any
 
 from supervisor.adapters.control import request
 
-FAULTS = ("sigterm", "kill", "reload", "scale", "exception")
+FAULTS = ("sigterm", "kill", "reload", "scale", "exception", "broker-restart")
+DEFAULT_FAULTS = FAULTS[:-1]  # broker-restart needs a command
+BROKER_RESTART_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -37,13 +41,14 @@ class Plan:
     partitions: int = 8
     workers: int = 4
     rate: int = 2_000            # messages produced per second
-    faults: tuple[str, ...] = FAULTS
+    faults: tuple[str, ...] = DEFAULT_FAULTS
     fault_interval: float = 3.0  # seconds between faults
     seed: int = 1
     kafka: dict[str, str] = field(default_factory=dict)
     keep_topic: bool = False
     handler_sleep: float = 0.0005
     timeout: float = 600.0
+    broker_restart_command: str | None = None  # a shell command; returns once the broker is back
 
 
 @dataclass
@@ -226,6 +231,12 @@ def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dic
     elif fault == "scale":
         ksup.ask({"cmd": "scale", "workers": plan.workers if scaled else plan.workers + 1})
         scaled = not scaled
+    elif fault == "broker-restart" and plan.broker_restart_command:
+        done = subprocess.run(plan.broker_restart_command, shell=True, timeout=BROKER_RESTART_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"--broker-restart-command exited {done.returncode}: "
+                               f"{(done.stderr or done.stdout).strip()[-300:]}")
     return ksup, scaled
 
 
