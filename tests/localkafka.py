@@ -99,7 +99,6 @@ class LocalKafka:
         self.port = free_port()
         self.controller_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "broker.log"
         self.start_seconds = 0.0
 
     @property

@@ -61,10 +61,8 @@ class ConsumerLoop:
         self.stop_reason: str | None = None
         self.exit_code = WorkerExit.OK
         self.drain_timeout_s = float(options.get("graceful_timeout_s", 30.0))
-        self.processed = 0
-        self.failed = 0
         self.revocations = 0
-        self.skipped = self.dead_lettered = self.retries = self.assignments = 0
+        self.skipped = self.dead_lettered = self.assignments = 0
         self.counts: dict[TP, list[int]] = {}  # partition -> [processed, failed]
         self.high_watermarks: dict[str, int] = {}
         self.paused: set[TP] = set()  # partitions paused while their retry backs off
@@ -193,7 +191,6 @@ class ConsumerLoop:
                 if not outcome.store:
                     for job in jobs:
                         rec = job.record
-                        self.failed += 1
                         self.tally((rec.topic, rec.partition))[1] += 1
                         self.on_handler_failed(rec, outcome)
                     continue
@@ -215,9 +212,16 @@ class ConsumerLoop:
                     group_key, group = key, []
                 group.append(job.record.offset)
             self.mark_done(group_key, group)
-        self.retries = self.runner.retries
         self.store_dirty()
         self.pause_backing_off()
+
+    @property
+    def processed(self) -> int:
+        return sum(c[0] for c in self.counts.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(c[1] for c in self.counts.values())
 
     def tally(self, tp: TP) -> list[int]:
         """The partition's [processed, failed] counts, for the supervisor's metrics."""
@@ -234,7 +238,6 @@ class ConsumerLoop:
             return
         topic, partition, epoch = key
         count = len(offsets) if count is None else count
-        self.processed += count
         self.tally((topic, partition))[0] += count
         if not self.book.mark_done((topic, partition), offsets, epoch):
             log.info("finished %s[%d]@%s after its partition was revoked: not stored (the new owner "

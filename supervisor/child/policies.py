@@ -102,16 +102,6 @@ class Executor:
         except BaseException as exc:  # noqa: BLE001 - the policy decides
             return self.on_failure(jobs, exc)
 
-    def one(self, job: Job) -> Outcome:
-        """``__call__`` for one message, shorter: this runs for every message."""
-        if self.batch or self.is_async or self.poison:
-            return self([job])
-        try:
-            self.process(job.record)
-            return STORED
-        except BaseException as exc:  # noqa: BLE001 - the policy decides
-            return self.on_failure([job], exc)
-
     def call(self, records: list[Record]) -> None:
         arg: Any = records if self.batch else records[0]
         if not self.is_async:

@@ -49,7 +49,7 @@ class Reporter:
             revocations=loop.revocations,
             skipped=loop.skipped,
             dead_lettered=loop.dead_lettered,
-            retries=loop.retries,
+            retries=loop.runner.retries,
             assignments=loop.assignments,
             counts={tp_name(tp): list(v) for tp, v in loop.counts.items()},
             high_watermarks={k: v for k, v in loop.high_watermarks.items()

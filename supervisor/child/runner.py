@@ -115,15 +115,12 @@ class Execute(Protocol):
     def __call__(self, jobs: list[Job]) -> Outcome:
         """A batch (or one job) through the handler and the policy."""
 
-    def one(self, job: Job) -> Outcome:
-        """The same for one job; returns ``STORED`` itself when the handler simply returned."""
-
     def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
         """The policy's decision after the handler raised ``exc`` on ``jobs``."""
 
     @property
     def plain(self) -> Callable[[Record], object] | None:
-        """The handler, when calling it is all ``one`` does on success; else None."""
+        """The handler, when calling it is all the executor does on success; else None."""
 
 
 class HandlerRunner:
@@ -357,7 +354,7 @@ class HandlerRunner:
                 t0 = clock()
                 running[number] = (job, t0)
                 if plain is None:
-                    outcome = execute.one(job)
+                    outcome = execute([job])
                 else:
                     try:
                         plain(job.record)
