@@ -21,6 +21,9 @@ class ExitCode(IntEnum):
     COMMIT_FAILED = 5       # a worker's final synchronous commit failed (duplicates follow)
     CRASH_LOOP = 6          # workers kept dying; supervisor stopped instead of spinning
     BROKER_UNREACHABLE = 7  # no broker answered within --broker-timeout, or no such topic
+    FENCED = 8              # another process uses our group.instance.id (same --instance-id-prefix in one group)
+    BROKER_UNSUPPORTED = 9  # the broker lacks a feature the settings ask for (e.g. KIP-848 on Kafka 3.x)
+    AUTH_FAILED = 13        # the broker refused ksup's credentials (SASL / TLS)
     CONFIG = 78             # EX_CONFIG: unknown or unsafe setting
 
 
@@ -34,7 +37,12 @@ class WorkerExit(IntEnum):
     BROKER_UNREACHABLE = 7
     HANDLER_FAILED = 10     # the handler raised; its message was not stored
     DRAIN_TIMEOUT = 11      # the handler did not finish within the drain timeout; not stored
-    KAFKA_FATAL = 12        # librdkafka raised a fatal error (e.g. fenced static member)
+    FENCED = 8              # the broker fenced this static member: another process has its group.instance.id
+    BROKER_UNSUPPORTED = 9  # the broker lacks a feature the settings ask for (e.g. KIP-848 on Kafka 3.x)
+    KAFKA_FATAL = 12        # librdkafka raised another fatal error
+    AUTH_FAILED = 13        # the broker refused the worker's credentials (SASL / TLS)
+    HANDLER_CRASHED = 14    # a handler thread died of an exception outside the handler (a policy or ksup bug)
+    INCOMPATIBLE_SUPERVISOR = 15  # the supervisor speaks another wire-protocol version (mixed releases)
     CONFIG = 78
 
 
