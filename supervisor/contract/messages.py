@@ -113,6 +113,10 @@ class Report:
     # Handler latency: cumulative counts per bucket of LATENCY_BUCKETS (+Inf last), and the sum.
     latency_counts: list[int] = field(default_factory=list)
     latency_sum: float = 0.0
+    # Persistent Kafka-side problems the worker sees now, one line each, empty when fine (for
+    # example the topic was deleted, commits keep failing, no broker answers). Status, health
+    # and the log show them.
+    problems: list[str] = field(default_factory=list)
 
 
 # Upper bounds (seconds) of the handler latency histogram buckets; +Inf is implied.
