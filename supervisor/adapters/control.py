@@ -120,7 +120,7 @@ class ControlServer:
         if response is not None:
             self._reply(conn, response)
         if not keep:
-            self._drop(conn)
+            self._drop(conn, keep_waiter=True)
 
     def handle(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict[str, Any] | None, bool]:
         """One request -> (response, keep the connection open). Never raises."""
@@ -176,10 +176,16 @@ class ControlServer:
             except OSError:
                 pass
 
-    def _drop(self, conn: socket.socket) -> None:
+    def _drop(self, conn: socket.socket, keep_waiter: bool = False) -> None:
+        """Forget a connection. A waiter (``stop``/``reload --wait``) stays registered after its
+        request (``keep_waiter``) until answered; one whose caller went away (end of file) is
+        dropped here too: left in the selector, its EOF would wake the loop forever."""
         self._buffers.pop(conn, None)
-        if conn in self.waiters or conn in self.reload_waiters:
+        if keep_waiter and (conn in self.waiters or conn in self.reload_waiters):
             return
+        for waiting in (self.waiters, self.reload_waiters):
+            if conn in waiting:
+                waiting.remove(conn)
         if self._selector is not None:
             try:
                 self._selector.unregister(conn)

@@ -111,7 +111,7 @@ class MetricsHooks(Hooks):
         if slot.exiting is not None and slot.exiting.drain_seconds:
             self.drains[0] += 1
             self.drains[1] += slot.exiting.drain_seconds
-        if sup.state.value == "running" and slot.then != "replaced":
+        if sup.state.value == "running" and slot.then.value != "replaced":
             self.restarts[_cause(slot, report)] += 1
 
     def on_tick(self, sup: Any) -> None:
@@ -184,7 +184,7 @@ class MetricsHooks(Hooks):
         for s in sup.slots:
             if s.report is not None and s.alive:
                 rss.add_metric([str(s.index)], s.report.rss_bytes)
-            shown = s.report.state if s.report is not None and s.state == "running" else s.state
+            shown = s.report.state if s.report is not None and s.state.value == "running" else s.state.value
             state.add_metric([str(s.index), shown], 1)
         sup_state = GaugeMetricFamily("ksup_supervisor_state", "1 for the supervisor's state.", labels=["state"])
         sup_state.add_metric([sup.state.value], 1)
@@ -239,7 +239,7 @@ def partition_offsets(sup: Any) -> dict[str, tuple[int, int]]:
 
 
 def _cause(slot: Any, report: Any) -> str:
-    if slot.then == "recycle":
+    if slot.then.value == "recycle":
         return "recycle"
     if slot.stuck_reason:
         return "stuck"

@@ -33,7 +33,7 @@ class SupervisorCommands:
                             "age_s": round(now_wall - f.since, 3)}
             workers.append({
                 "slot": s.index, "pid": s.pid if s.alive else None,
-                "state": (r.state if r is not None and s.state == "running" else s.state),
+                "state": (r.state if r is not None and s.state.value == "running" else s.state.value),
                 "partitions": r.assignment if r else [],
                 "in_flight": inflight,
                 "processed": r.processed if r else 0,

@@ -1,6 +1,14 @@
-"""Group membership changes (parent side): start, restart, recycle and scale workers, at most one
-change at a time, so the group rebalances once per change instead of in a storm. Called from
-the Supervisor's loop."""
+"""The membership rule (parent side, sans I/O): start, restart, recycle and scale workers.
+
+- Restarts never wait. A dead slot's (static) member holds up every rebalance of the group until
+  it is back or its session expires, so its restart must not queue behind another member's join
+  (that join waits for the dead member: a deadlock for a whole session timeout, and crash loops
+  hidden behind 45 s gaps between deaths).
+- A slot being removed never joins: scaling down takes slots that have not joined yet first and
+  drains them before they are told Go; slots above the target are never started.
+- Everything else that changes the group (a new slot joining, a joined slot leaving, a recycle)
+  happens one change at a time, so the group rebalances once per change instead of in a storm.
+"""
 
 from __future__ import annotations
 
@@ -9,74 +17,96 @@ from typing import TYPE_CHECKING
 
 from supervisor.parent import policy
 from supervisor.parent.slots import WorkerSlot
-from supervisor.parent.state import State
+from supervisor.parent.state import After, SlotState, State
 
 if TYPE_CHECKING:
-    from supervisor.parent.supervisor import Supervisor
+    from supervisor.parent.core import SupervisorCore
 
 log = logging.getLogger("ksup.supervisor")
 
 CHANGE_SETTLE_MAX_S = 60.0  # a membership change counts as done after this long regardless
 
 
-def manage(sup: Supervisor, now: float) -> None:
-    """Start, restart, recycle and scale workers: at most one group-membership change at a
-    time, so the group rebalances once per change instead of in a storm."""
-    if sup.state is State.STOPPING:
-        if not any(s.alive for s in sup.slots):
-            sup.state = State.STOPPED
+def manage(core: SupervisorCore) -> None:
+    now = core.now
+    if core.state is State.STOPPING:
+        if not any(s.alive for s in core.processes()):
+            core.state = State.STOPPED
         return
-    if sup.state is State.STARTING:
-        if all(s.state == "loaded" for s in sup.slots):
-            sup.state = State.RUNNING
-            log.info("all %d workers loaded: joining group %s", len(sup.slots), sup.settings.group)
-            for slot in sup.slots:
-                sup.go(slot)
+    if core.state is State.STARTING:
+        if all(s.state is SlotState.LOADED for s in core.slots):
+            core.state = State.RUNNING
+            log.info("all %d workers loaded: joining group %s", len(core.slots), core.settings.group)
+            for slot in core.slots:
+                core.go(slot)
         return
-    for slot in sup.slots:
-        if slot.state == "loaded" and not slot.joined:
-            sup.go(slot)
-    if sup.rolling() or change_in_progress(sup, now):
+    if core.state is not State.RUNNING:
         return
-    for slot in sup.slots:
-        if not slot.alive and slot.respawn_at is not None and now >= slot.respawn_at:
+    scale_down_unjoined(core)
+    for slot in core.slots:
+        if slot.state is SlotState.LOADED and not slot.joined and slot.then is not After.REMOVE:
+            core.go(slot)
+    current = core.roll.current if core.rolling() and core.roll is not None else None
+    for slot in core.slots:
+        if not slot.alive and slot.respawn_at is not None and now >= slot.respawn_at and slot.index != current:
             slot.restarts += 1
-            sup.spawn(slot, now)
-            return
-    if any(not s.alive and s.respawn_at is not None for s in sup.slots):
-        # A dead worker's (static) membership holds up every rebalance until it is back or its
-        # session expires: bring it back before anything else changes the group.
+            core.spawn(slot)
+    if core.rolling() or change_in_progress(core):
         return
-    if len(sup.slots) < sup.target_workers:
-        used = {s.index for s in sup.slots}
-        slot = WorkerSlot(min(i for i in range(len(sup.slots) + 1) if i not in used))
-        sup.slots.append(slot)
-        sup.slots.sort(key=lambda s: s.index)
-        sup.spawn(slot, now)
+    if any(not s.alive and s.respawn_at is not None for s in core.slots):
+        return  # bring the dead back before anything else changes the group
+    if len(core.slots) < core.target_workers:
+        used = {s.index for s in core.slots}
+        slot = WorkerSlot(min(i for i in range(len(core.slots) + 1) if i not in used))
+        core.slots.append(slot)
+        core.slots.sort(key=lambda s: s.index)
+        core.spawn(slot)
         return
-    live = [s for s in sup.slots if s.then != "remove"]
-    if len(live) > sup.target_workers:
+    live = [s for s in core.slots if s.then is not After.REMOVE]
+    if len(live) > core.target_workers:
         victim = max(live, key=lambda s: s.index)
-        victim.then = "remove"
+        victim.then = After.REMOVE
         if victim.alive:
-            sup.drain_slot(victim, "scale down", sup.settings.worker_drain_timeout,
-                            sup.settings.graceful_timeout)
+            core.drain_slot(victim, "scale down", core.settings.worker_drain_timeout, core.settings.graceful_timeout)
         else:
-            sup.slots.remove(victim)
+            core.slots.remove(victim)
         return
-    for slot in sup.slots:
-        why = policy.recycle_reason(slot, sup.settings)
+    for slot in core.slots:
+        why = policy.recycle_reason(slot, core.settings)
         if slot.alive and slot.joined and why:
-            slot.then = "recycle"
-            log.info("worker %d (pid %d) recycles: %s", slot.index, slot.pid, why)
-            sup.drain_slot(slot, f"recycle: {why}", sup.settings.worker_drain_timeout,
-                            sup.settings.graceful_timeout)
+            slot.then = After.RECYCLE
+            log.info("worker %d (pid %s) recycles: %s", slot.index, slot.pid, why)
+            core.drain_slot(slot, f"recycle: {why}", core.settings.worker_drain_timeout,
+                            core.settings.graceful_timeout)
             return
 
-def change_in_progress(sup: Supervisor, now: float) -> bool:
-    """A worker is booting, joining (no assignment yet) or draining out of the group."""
-    for s in sup.slots:
+
+def scale_down_unjoined(core: SupervisorCore) -> None:
+    """Above the target, remove at once (no group change) the slots that never joined: booting
+    or loaded ones are drained before Go, dead ones waiting for a restart are dropped. Highest
+    slot numbers go first, as in a normal scale-down."""
+    live = [s for s in core.slots if s.then is not After.REMOVE]
+    excess = len(live) - core.target_workers
+    if excess <= 0:
+        return
+    current = core.roll.current if core.rolling() and core.roll is not None else None
+    unjoined = [s for s in sorted(live, key=lambda s: -s.index) if not s.joined and s.index != current]
+    for victim in unjoined[:excess]:  # members of the group go one change at a time (manage)
+        victim.then = After.REMOVE
+        if victim.alive:
+            core.drain_slot(victim, "scale down (never joined)", 0.0, core.settings.quick_timeout)
+        else:
+            core.slots.remove(victim)
+            log.info("worker slot %d removed (%d workers)", victim.index, len(core.slots))
+
+
+def change_in_progress(core: SupervisorCore) -> bool:
+    """A worker is booting or joining (no assignment yet) or draining out of the group. A slot
+    being removed before it ever joined changes nothing in the group."""
+    for s in core.slots:
+        if s.then is After.REMOVE and not s.joined:
+            continue
         if s.alive and (s.drain_sent_at is not None or s.assigned_at is None) \
-                and now - s.spawned_at < CHANGE_SETTLE_MAX_S:
+                and core.now - s.spawned_at < CHANGE_SETTLE_MAX_S:
             return True
     return False

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from supervisor.parent.slots import WorkerSlot
 
 MAX_RESTART_DELAY_S = 30.0
+BOOT_EXTRA_S = 15.0  # a worker's boot deadline: --broker-timeout plus this (import, Consumer())
 HEALTHY_RESET_S = 60.0  # a worker that lived this long restarts with the first delay again
 
 
@@ -18,6 +19,12 @@ def restart_delay(deaths: list[float], now: float, first_delay: float) -> float:
     """Exponential backoff per slot over the deaths since it was last healthy for a while."""
     recent = [t for t in deaths if now - t < HEALTHY_RESET_S]
     return float(min(first_delay * 2.0 ** max(len(recent) - 1, 0), MAX_RESTART_DELAY_S))
+
+
+def boot_deadline(s: Settings) -> float:
+    """How long a worker may take from its start to ``Loaded``: its own broker wait plus time to
+    import the handler and create the Consumer. Past it the worker is killed (it hangs)."""
+    return s.broker_timeout + BOOT_EXTRA_S
 
 
 def is_crash_loop(all_deaths: list[float], now: float, limit: int, window: float) -> bool:

@@ -1,14 +1,14 @@
-"""Rolling reload (parent side): replace every worker, one slot at a time, with a fresh process
-that imports the code installed now.
+"""Rolling reload (parent side, sans I/O): replace every worker, one slot at a time, with a
+fresh process that imports the code installed now.
 
-For each slot, in order:
-1. ``boot``: start the incoming process next to the old one. It imports the handler, creates its
+For each slot, in order (``RollPhase``):
+1. BOOT: start the incoming process next to the old one. It imports the handler, creates its
    Consumer and checks the broker, then waits: it has not joined the group, so it shares its
-   ``group.instance.id`` with no live member. If it cannot boot, the roll stops here and the
-   old worker keeps running (nothing was lost, nothing changed).
-2. ``drain``: the old worker drains (finish in flight, store, commit, close). Under static
+   ``group.instance.id`` with no live member. If it cannot boot (it fails, dies, or is not loaded
+   within the boot deadline), the roll stops here and the old worker keeps running.
+2. DRAIN: the old worker drains (finish in flight, store, commit, close). Under static
    membership it does not leave the group, so nothing is rebalanced.
-3. ``join``: once the old process has exited, the incoming one takes the slot and joins; under
+3. JOIN: once the old process has exited, the incoming one takes the slot and joins; under
    static membership it gets the same partitions back. The next slot waits until it has its
    assignment (the roll is gated on readiness); a crash here stops the roll.
 """
@@ -16,14 +16,15 @@ For each slot, in order:
 from __future__ import annotations
 
 import logging
-import time
+import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from supervisor.parent.slots import WorkerSlot
+from supervisor.parent.state import After, RollPhase, SlotState
 
 if TYPE_CHECKING:
-    from supervisor.parent.supervisor import Supervisor
+    from supervisor.parent.core import SupervisorCore
 
 log = logging.getLogger("ksup.supervisor")
 
@@ -47,129 +48,138 @@ class SlotResult:
 class Roll:
     queue: list[int]
     started_at: float
-    phase: str = "boot"
+    phase: RollPhase = RollPhase.BOOT
     current: int | None = None
     incoming: WorkerSlot | None = None
     old: WorkerSlot | None = None
     drain_started: float = 0.0
     results: list[SlotResult] = field(default_factory=list)
     error: str | None = None
-    done: bool = False
+    ended_at: float | None = None
 
-    def summary(self) -> dict[str, Any]:
+    @property
+    def done(self) -> bool:
+        return self.phase is RollPhase.DONE
+
+    def summary(self, now: float) -> dict[str, Any]:
         return {"ok": self.error is None, "error": self.error,
                 "slots": [r.as_dict() for r in self.results],
-                "seconds": round(time.monotonic() - self.started_at, 3)}
+                "seconds": round((self.ended_at or now) - self.started_at, 3)}
 
 
-def start_roll(sup: Supervisor) -> Roll:
-    roll = Roll(queue=sorted(s.index for s in sup.slots if s.alive), started_at=time.monotonic())
+def start_roll(core: SupervisorCore) -> Roll:
+    roll = Roll(queue=sorted(s.index for s in core.slots if s.alive), started_at=core.now)
     log.info("rolling reload of %d worker(s) begins", len(roll.queue))
     return roll
 
 
-def step(sup: Supervisor, roll: Roll, now: float) -> None:
-    """Advance the roll by whatever is possible now. Called from the supervisor loop."""
-    if roll.done:
-        return
-    if roll.phase == "boot" and roll.incoming is None:
-        _begin_slot(sup, roll, now)
-    elif roll.phase == "boot":
-        _check_boot(sup, roll)
-    elif roll.phase == "drain":
-        _check_drain(sup, roll, now)
-    elif roll.phase == "join":
-        _check_join(sup, roll, now)
+def step(core: SupervisorCore, roll: Roll) -> None:
+    """Advance the roll by whatever is possible now. Called on every tick."""
+    _STEPS[roll.phase](core, roll)
 
 
-def _begin_slot(sup: Supervisor, roll: Roll, now: float) -> None:
+def _boot(core: SupervisorCore, roll: Roll) -> None:
+    if roll.incoming is None:
+        _begin_slot(core, roll)
+    else:
+        _check_boot(core, roll)
+
+
+def _begin_slot(core: SupervisorCore, roll: Roll) -> None:
     while roll.queue:
         index = roll.queue.pop(0)
-        old = next((s for s in sup.slots if s.index == index and s.alive and s.joined), None)
+        old = next((s for s in core.slots if s.index == index and s.alive and s.joined
+                    and s.then is not After.REMOVE), None)
         if old is None:
             continue  # gone meanwhile (scaled down, or dead and restarting with new code anyway)
         roll.current, roll.old = index, old
         roll.results.append(SlotResult(index, old.pid))
         incoming = WorkerSlot(index, restarts=old.restarts)
-        sup.spawn(incoming, now)  # not in sup.slots until the old process has gone
-        roll.incoming, roll.phase = incoming, "boot"
-        roll.results[-1].new_pid = incoming.pid
-        log.info("reload: worker %d: new process %s is booting next to %d", index, incoming.pid, old.pid)
+        core.spawn(incoming)  # not in core.slots until the old process has gone
+        roll.incoming, roll.phase = incoming, RollPhase.BOOT
+        log.info("reload: worker %d: a new process is booting next to %s", index, old.pid)
         return
-    finish(sup, roll, None)
+    finish(core, roll, None)
 
 
-def _check_boot(sup: Supervisor, roll: Roll) -> None:
+def _check_boot(core: SupervisorCore, roll: Roll) -> None:
     incoming, old = roll.incoming, roll.old
     assert incoming is not None and old is not None
-    if incoming.boot_failed is not None or (incoming.proc is not None and incoming.proc.poll() is not None):
-        why = incoming.boot_failed.reason if incoming.boot_failed else "the new process exited while booting"
-        sup.kill(incoming, 15)
-        forget(sup, incoming)
-        finish(sup, roll, f"worker {roll.current}: {why}; the old worker keeps running")
+    if roll.results and roll.results[-1].new_pid is None:
+        roll.results[-1].new_pid = incoming.pid
+    if incoming.boot_failed is not None or incoming.state is SlotState.EXITED or incoming.stuck_reason:
+        why = incoming.boot_failed.reason if incoming.boot_failed else \
+            incoming.stuck_reason or "the new process exited while booting"
+        core.kill(incoming, signal.SIGKILL, group=True)
+        if incoming.alive:
+            core.strays.append(incoming)
+        roll.incoming = None
+        finish(core, roll, f"worker {roll.current}: {why}; the old worker keeps running")
         return
-    if incoming.state == "loaded":
-        roll.phase, roll.drain_started = "drain", time.monotonic()
-        sup.drain_slot(old, "rolling reload", sup.settings.worker_drain_timeout, sup.settings.graceful_timeout)
-        old.then = "replaced"
+    if not old.alive:
+        # The old worker died meanwhile: the slot restarts with the new code anyway.
+        core.kill(incoming, signal.SIGKILL, group=True)
+        core.strays.append(incoming)
+        roll.incoming, roll.old, roll.phase = None, None, RollPhase.BOOT
+        roll.results[-1].error = "the old worker died during the roll; restarted instead"
+        return
+    if incoming.state is SlotState.LOADED:
+        roll.phase, roll.drain_started = RollPhase.DRAIN, core.now
+        core.drain_slot(old, "rolling reload", core.settings.worker_drain_timeout, core.settings.graceful_timeout)
+        old.then = After.REPLACED
 
 
-def _check_drain(sup: Supervisor, roll: Roll, now: float) -> None:
+def _check_drain(core: SupervisorCore, roll: Roll) -> None:
     old, incoming = roll.old, roll.incoming
     assert old is not None and incoming is not None
     if old.alive:
         return
-    if incoming.proc is None or incoming.proc.poll() is not None:
-        finish(sup, roll, f"worker {roll.current}: the new process died before joining")
+    if incoming.state is SlotState.EXITED:
+        old.then = After.RESTART
+        old.respawn_at = core.now
+        roll.incoming = None
+        finish(core, roll, f"worker {roll.current}: the new process died before joining")
         return
     # The old process is gone: only now may its successor use the slot's group.instance.id.
-    position = sup.slots.index(old)
-    sup.slots[position] = incoming
-    sup.go(incoming)
-    roll.phase = "join"
+    position = core.slots.index(old)
+    core.slots[position] = incoming
+    core.go(incoming)
+    roll.phase = RollPhase.JOIN
 
 
-def _check_join(sup: Supervisor, roll: Roll, now: float) -> None:
+def _check_join(core: SupervisorCore, roll: Roll) -> None:
     incoming = roll.incoming
     assert incoming is not None
     if not incoming.alive:
-        finish(sup, roll, f"worker {roll.current}: the new process died after joining")
+        finish(core, roll, f"worker {roll.current}: the new process died after joining")
         return
-    if incoming.assigned_at is not None and sup.settled():
+    if incoming.assigned_at is not None and core.settled():
         roll.results[-1].gap_s = incoming.assigned_at - roll.drain_started
         log.info("reload: worker %d replaced (pid %s -> %s), partitions without a consumer for %.3fs",
                  roll.current, roll.results[-1].old_pid, incoming.pid, roll.results[-1].gap_s)
         roll.incoming = roll.old = None
-        roll.phase = "boot"
-    elif now - incoming.spawned_at > JOIN_TIMEOUT_S:
-        finish(sup, roll, f"worker {roll.current}: no assignment {JOIN_TIMEOUT_S:.0f}s after joining")
+        roll.phase = RollPhase.BOOT
+    elif core.now - incoming.spawned_at > JOIN_TIMEOUT_S:
+        finish(core, roll, f"worker {roll.current}: no assignment {JOIN_TIMEOUT_S:.0f}s after joining")
 
 
-def finish(sup: Supervisor, roll: Roll, error: str | None) -> None:
-    roll.error, roll.done = error, True
+def _done(core: SupervisorCore, roll: Roll) -> None:
+    pass
+
+
+_STEPS = {RollPhase.BOOT: _boot, RollPhase.DRAIN: _check_drain, RollPhase.JOIN: _check_join,
+          RollPhase.DONE: _done}
+
+
+def finish(core: SupervisorCore, roll: Roll, error: str | None) -> None:
+    if roll.done:
+        return
+    roll.error, roll.phase, roll.ended_at = error, RollPhase.DONE, core.now
     if error:
         if roll.results:
             roll.results[-1].error = error
         log.error("rolling reload stopped: %s", error)
     else:
         log.info("rolling reload done: %d worker(s) replaced in %.1fs", len(roll.results),
-                 time.monotonic() - roll.started_at)
-    sup.hooks.on_reload_done(sup, roll.summary())
-
-
-def forget(sup: Supervisor, slot: WorkerSlot) -> None:
-    """Drop a process that never made it into the slot list (after it exits)."""
-    if slot.proc is not None:
-        try:
-            slot.proc.wait(5)
-        except Exception:
-            slot.proc.kill()
-            slot.proc.wait(5)
-    for obj in (slot.channel, slot.proc.stderr if slot.proc else None):
-        if obj is not None:
-            try:
-                sup.selector.unregister(obj)
-            except (KeyError, ValueError):
-                pass
-    if slot.channel is not None:
-        slot.channel.close()
+                 core.now - roll.started_at)
+    core.notify("on_reload_done", roll.summary(core.now))

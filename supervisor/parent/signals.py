@@ -38,9 +38,12 @@ class SignalQueue:
         taken, self.pending[:] = list(self.pending), []
         return taken
 
-    def uninstall(self) -> None:
+    def uninstall(self, ignore: bool = False) -> None:
+        """Stop listening. ``ignore``: on the way out, after the receipt is written, a late
+        SIGTERM/SIGINT must not turn our exit code into 143/130, so they stay ignored."""
         for sig in HANDLED:
-            signal.signal(sig, signal.SIG_DFL)
+            keep = ignore and sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+            signal.signal(sig, signal.SIG_IGN if keep else signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         os.close(self.read_fd)
         os.close(self.write_fd)

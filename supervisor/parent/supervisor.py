@@ -1,19 +1,24 @@
-"""Supervisor: the parent's main loop. Start reading at ``run`` and ``tick``.
+"""Supervisor: the parent's I/O loop around the sans-I/O core (``core.py``). Start reading at
+``run`` and ``tick``.
 
 One loop does all the work; signal handlers only record (``signals.py``). Each tick waits for
-any event (a signal, a worker message, worker output, a control-socket request), then performs
-the duties in a fixed order: dispatch signals, reap exited workers (``worker_events.py``),
-release drained workers, stop stuck workers, step a rolling reload (``rolling.py``), then
-start/restart/recycle/scale workers one membership change at a time (``membership.py``). The
-supervisor decides; workers obey.
+any event (a signal, a worker message, worker output, a control-socket request, a child's
+exit), turns what it saw into events for the core, and carries out the actions the core
+returns: spawn a worker, send it a message, signal it (or its process group), call the adapters'
+hooks. The loop decides nothing itself; the supervisor decides, workers obey.
 
 Life cycle (``state.py``): STARTING (spawn N workers; they import the handler and check the
 broker, then wait) -> RUNNING (all loaded: tell them Go) -> STOPPING (Drain sent; SIGKILL at the
 deadline) -> STOPPED. A boot failure during STARTING halts before any worker joined the group.
+
+Children: the supervisor reaps with ``waitpid(-1)`` and is a child subreaper, so whatever a
+worker's handler leaves behind is re-parented to it and reaped (no zombies, also as PID 1 in a
+container); a worker's process group is signalled when it is killed and when it exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import selectors
@@ -21,26 +26,28 @@ import shutil
 import signal
 import tempfile
 import time
-from collections import Counter
+from typing import Any
 
 from supervisor import config as cfgmod
 from supervisor.config import Settings
 from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
-from supervisor.contract.exitcodes import ExitCode, describe_returncode
-from supervisor.errors import HaltSupervisor
-from supervisor.parent import membership, policy, rolling, worker_events, worker_output
+from supervisor.contract.exitcodes import ExitCode
+from supervisor.parent import events as ev
+from supervisor.parent import rolling, worker_output
+from supervisor.parent.core import SupervisorCore
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
 from supervisor.parent.signals import SignalQueue
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.spawn import spawn_worker
 from supervisor.parent.state import State
+from supervisor.parent.worker_output import read_stderr
 
 log = logging.getLogger("ksup.supervisor")
 
-TICK_S = 0.5                    # longest sleep of the loop when nothing happens
-STACK_DUMP_BEFORE_KILL_S = 1.0  # SIGUSR1 (the worker dumps its stacks) this long before SIGKILL
+TICK_S = 0.5                 # longest sleep of the loop when nothing happens
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 
 class Supervisor:
@@ -48,61 +55,95 @@ class Supervisor:
         self.settings = settings
         self.log_format = log_format
         self.hooks = hooks or NullHooks()
-        self.target_workers = settings.workers
-        self.slots = [WorkerSlot(i) for i in range(settings.workers)]
-        self.state = State.STARTING
+        self.core = SupervisorCore(settings, time.monotonic())
         self.started_at = time.time()
         self.signals = SignalQueue()
         self.selector = selectors.DefaultSelector()
-        self.receipt = Receipt()
-        self.exit_code: ExitCode | None = None  # set by a halt; otherwise computed at the end
-        self.halt_reason = ""
-        self.stop_reason = ""
-        self.deaths: list[float] = []
-        self.forced = False
-        self.quick = False
         self.last_tick = time.monotonic()
-        self.roll: rolling.Roll | None = None
-        self.partitions_total = 0  # of the subscribed topics, as the workers' metadata says
         self.board_dir = tempfile.mkdtemp(prefix="ksup-inflight-")
-        self.poison_counts: Counter[tuple[str, int, int]] = Counter()
-        self.poison: set[tuple[str, int, int]] = set()
+        self.procs: dict[int, WorkerSlot] = {}  # pid -> slot, until reaped and reported
+
+    # ---- the core's view, for the adapters (status, health, metrics, systemd) -------------------
+
+    @property
+    def slots(self) -> list[WorkerSlot]:
+        return self.core.slots
+
+    @property
+    def state(self) -> State:
+        return self.core.state
+
+    @property
+    def target_workers(self) -> int:
+        return self.core.target_workers
+
+    @property
+    def stop_reason(self) -> str:
+        return self.core.stop_reason
+
+    @property
+    def roll(self) -> rolling.Roll | None:
+        return self.core.roll
+
+    @property
+    def partitions_total(self) -> int:
+        return self.core.partitions_total
+
+    @property
+    def receipt(self) -> Receipt:
+        return self.core.receipt
+
+    def settled(self) -> bool:
+        return self.core.settled()
+
+    def rolling(self) -> bool:
+        return self.core.rolling()
+
+    # ---- commands (control socket, signals): events for the core ----------------------------------
+
+    def scale(self, workers: int) -> str | None:
+        return self.post(ev.Scale(workers))  # type: ignore[no-any-return]
+
+    def reload(self) -> str | None:
+        return self.post(ev.Reload())  # type: ignore[no-any-return]
+
+    def stop(self, reason: str, quick: bool, timeout: float | None = None) -> None:
+        self.post(ev.Stop(reason, quick, timeout))
+
+    def post(self, event: ev.Event) -> Any:
+        answer, actions = self.core.handle(event, time.monotonic(), time.time())
+        self.apply(actions)
+        return answer
 
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
         self.signals.install()
         self.selector.register(self.signals.read_fd, selectors.EVENT_READ, None)
-        log.info("starting %d worker(s) for %s: group %s, topics %s",
-                 len(self.slots), self.settings.handler, self.settings.group, ",".join(self.settings.topics))
+        become_subreaper()
         try:
             self.hooks.on_start(self)
-            for slot in self.slots:
-                self.spawn(slot, time.monotonic())
-            while self.state is not State.STOPPED:
-                try:
-                    self.tick(time.monotonic())
-                except HaltSupervisor as halt:
-                    self.halt(halt.reason, halt.exit_code)
+            self.apply(self.core.start(time.monotonic()))
+            while self.core.state is not State.STOPPED:
+                self.tick()
         finally:
             self.kill_all_now()
-            self.signals.uninstall()
             shutil.rmtree(self.board_dir, ignore_errors=True)
-        code = self.exit_code if self.exit_code is not None else self.final_code()
+        code = self.core.final_code()
+        # Signals stay recorded-only until the receipt is written and ksup has exited with its
+        # own code: a late SIGTERM must neither kill us (143) nor lose the receipt.
         self.finish(code)
+        self.signals.uninstall(ignore=True)
         return int(code)
 
-    def tick(self, now: float) -> None:
-        self.last_tick = now
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
         self.wait_for_events(TICK_S)
-        self.dispatch_signals()
-        now = time.monotonic()
-        worker_events.reap_workers(self, now)
-        self.release_leavers()
-        self.murder_workers(now)
-        if self.rolling():
-            rolling.step(self, self.roll, now)  # type: ignore[arg-type]
-        membership.manage(self, now)
+        for signum in self.signals.take():
+            if signum != signal.SIGCHLD:
+                self.post(ev.SignalReceived(signum))
+        self.reap()
+        self.post(ev.Tick())
         self.hooks.on_tick(self)
 
     def wait_for_events(self, timeout: float) -> None:
@@ -110,216 +151,164 @@ class Supervisor:
         for key, _ in self.selector.select(timeout):
             data = key.data
             if data is None:
-                continue  # the signal pipe: dispatch_signals reads it
+                continue  # the signal pipe: tick reads it
             if callable(data):
                 data()  # an adapter's handler (control socket)
             elif key.fileobj is data.channel:
-                worker_events.read_messages(self, data)
+                self.read_messages(data)
             else:
-                worker_output.read_stderr(data, self.selector)
+                read_stderr(data, self.selector)
 
-    # ---- duties ---------------------------------------------------------------------------------
+    def read_messages(self, slot: WorkerSlot) -> None:
+        channel = slot.channel
+        if channel is None:
+            return
+        for msg in channel.read_available():
+            self.post(ev.WorkerMessage(slot, msg))
+        if channel.closed:
+            self._unregister(channel)
+            channel.close()
 
-    def dispatch_signals(self) -> None:
-        for signum in self.signals.take():
-            if signum in (signal.SIGTERM, signal.SIGINT) and self.state is not State.STOPPING:
-                self.stop(f"{signal.Signals(signum).name} received", quick=False)
-            elif signum in (signal.SIGINT, signal.SIGQUIT):
-                self.stop(f"{signal.Signals(signum).name} received: quick stop", quick=True)
-            elif signum == signal.SIGHUP:
-                error = self.reload()
-                if error:
-                    log.warning("SIGHUP: %s", error)
-            elif signum == signal.SIGTTIN:
-                self.scale(self.target_workers + 1)
-            elif signum == signal.SIGTTOU:
-                self.scale(self.target_workers - 1)
-
-    def murder_workers(self, now: float) -> None:
-        """Stop workers whose handler is stuck or whose loop went silent; SIGKILL workers past
-        their drain deadline (just before, ask for their stacks so the log shows where)."""
-        for slot in self.slots:
-            if not slot.alive:
+    def reap(self) -> None:
+        """Collect every exited child (``waitpid(-1)``: workers, and whatever was re-parented to
+        us); report the workers' exits to the core."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            slot = self.procs.get(pid)
+            if slot is not None and slot.proc is not None and slot.proc.returncode is None:
+                slot.proc.returncode = os.waitstatus_to_exitcode(status)
+        for pid, slot in list(self.procs.items()):
+            proc = slot.proc
+            if proc is None or proc.poll() is None:
                 continue
-            if slot.drain_sent_at is None and self.state is State.RUNNING:
-                problem = policy.stuck(slot, now, time.time(), self.settings)
-                if problem:
-                    slot.stuck_reason = problem
-                    log.error("worker %d (pid %d) %s: stopping it", slot.index, slot.pid, problem)
-                    self.drain_slot(slot, problem, wait_s=0.0, deadline_s=self.settings.quick_timeout + 5.0)
-                    if "silent" in problem:
-                        slot.kill_at = now + STACK_DUMP_BEFORE_KILL_S  # its loop cannot drain
-            if slot.kill_at is None or now < slot.kill_at - STACK_DUMP_BEFORE_KILL_S:
-                continue
-            if not slot.stacks_asked:
-                slot.stacks_asked = True
-                self.kill(slot, signal.SIGUSR1)
-            if now >= slot.kill_at and not slot.killed:
-                inflight = slot.report.in_flight if slot.report else None
-                log.error("worker %d (pid %d) did not stop in time: SIGKILL%s", slot.index, slot.pid,
-                          f" (in flight: {worker_output.coords(inflight)})" if inflight else "")
-                self.kill(slot, signal.SIGKILL)
-                slot.killed = True
-                if self.state is State.STOPPING:
-                    self.forced = True
+            del self.procs[pid]
+            if slot.channel is not None and not slot.channel.closed:
+                self.read_messages(slot)
+            read_stderr(slot, self.selector, final=True)
+            if slot.channel is not None:
+                self._unregister(slot.channel)
+                slot.channel.close()
+            board = slot.configure.options.get("board") if slot.configure else None
+            inflight = inflight_board.read(str(board)) if board else []
+            self.post(ev.WorkerExited(slot, proc.returncode, inflight, worker_output.stderr_tail(slot)))
 
-    # ---- actions --------------------------------------------------------------------------------
+    # ---- carrying out the core's actions ------------------------------------------------------------
 
-    def configure_for(self, index: int) -> m.Configure:
+    def apply(self, actions: list[ev.Action]) -> None:
+        for action in actions:
+            if isinstance(action, ev.Send):
+                if action.slot.channel is not None:
+                    action.slot.channel.send(action.msg)
+            elif isinstance(action, ev.Kill):
+                self.kill(action.slot, action.sig, action.group)
+            elif isinstance(action, ev.Spawn):
+                self.spawn(action.slot, action.poison)
+            else:
+                getattr(self.hooks, action.name)(self, *action.args)
+
+    def configure_for(self, index: int, poison: tuple[tuple[str, int, int], ...]) -> m.Configure:
         """What a new worker in slot ``index`` is told: settings, its in-flight board, poison."""
         s = self.settings
         board = os.path.join(self.board_dir, f"slot-{index}-{time.monotonic_ns()}")
         inflight_board.create(board, s.concurrency)
         options = {**cfgmod.worker_options(s, self.log_format), "board": board,
-                   "poison": [list(p) for p in sorted(self.poison)]}
+                   "poison": [list(p) for p in poison]}
         return m.Configure(index, s.handler, list(s.topics), cfgmod.kafka_config(s, index), options)
 
-    def spawn(self, slot: WorkerSlot, now: float) -> None:
-        configure = self.configure_for(slot.index)
+    def spawn(self, slot: WorkerSlot, poison: tuple[tuple[str, int, int], ...]) -> None:
+        configure = self.configure_for(slot.index, poison)
         proc, channel = spawn_worker(configure)
-        slot.configure = configure
-        slot.reset_for_spawn(proc, channel, now)
-        if self.settings.max_messages:
-            slot.recycle_after = policy.jittered(self.settings.max_messages, slot.index, slot.restarts)
+        slot.configure, slot.proc, slot.channel, slot.pid = configure, proc, channel, proc.pid
+        self.procs[proc.pid] = slot
         self.selector.register(channel, selectors.EVENT_READ, slot)
         assert proc.stderr is not None
         os.set_blocking(proc.stderr.fileno(), False)
         self.selector.register(proc.stderr, selectors.EVENT_READ, slot)
         log.info("worker %d started (pid %d)", slot.index, proc.pid)
 
-    def go(self, slot: WorkerSlot) -> None:
-        if slot.channel is not None:
-            slot.channel.send(m.Go())
-        slot.joined = True
-        slot.advance("running")
-
-    def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float) -> None:
-        """Ask one worker to drain (Drain over the pipe plus SIGTERM, which also reaches a worker
-        still booting); SIGKILL it if it has not exited ``deadline_s`` from now."""
-        if slot.channel is not None:
-            slot.channel.send(m.Drain(wait_s, reason))
-        self.kill(slot, signal.SIGTERM)
-        now = time.monotonic()
-        slot.drain_sent_at = slot.drain_sent_at or now
-        slot.kill_at = min(slot.kill_at or now + deadline_s, now + deadline_s)
-        slot.advance("draining")
-
-    def stop(self, reason: str, quick: bool, timeout: float | None = None) -> None:
-        """Ask every worker to drain. Idempotent; a quick stop shortens the deadlines."""
-        if self.state is State.STOPPING and (self.quick or not quick):
+    def kill(self, slot: WorkerSlot, sig: int, group: bool = False) -> None:
+        """Signal a worker (its process group: workers lead sessions of their own). The group of
+        a reaped worker is signalled only while its pid has not been handed to anyone else."""
+        pid = slot.pid
+        if pid is None:
             return
-        self.stop_reason = self.stop_reason or reason
-        self.quick = self.quick or quick
-        self.state = State.STOPPING
-        s = self.settings
-        graceful = timeout if timeout is not None else s.graceful_timeout
-        wait, deadline = (s.quick_timeout, s.quick_timeout + 5.0) if quick else \
-            (cfgmod.drain_wait(graceful), graceful)
-        if self.roll is not None and not self.roll.done:
-            if self.roll.incoming is not None and self.roll.incoming not in self.slots:
-                self.kill(self.roll.incoming, signal.SIGKILL)  # booted only: it never joined
-                rolling.forget(self, self.roll.incoming)
-            rolling.finish(self, self.roll, f"interrupted: {reason}")
-        log.info("%s: draining %d worker(s) (deadline %.0fs)", reason,
-                 sum(1 for x in self.slots if x.alive), deadline)
-        self.hooks.on_stopping(self)
-        for slot in self.slots:
-            slot.respawn_at = None
-            if slot.alive:
-                # A worker that never joined (still booting) has nothing to commit: however it
-                # ends (even killed by this SIGTERM before its handler is installed) is no failure.
-                slot.in_final_drain = slot.joined
-                self.drain_slot(slot, reason, wait, deadline)
-
-    def settled(self) -> bool:
-        """Every worker has joined and reported an assignment, and together they own every
-        partition: the group is not in the middle of a rebalance."""
-        alive = [s for s in self.slots if s.alive]
-        if not alive or any(s.assigned_at is None or s.report is None for s in alive):
-            return False
-        owned = {p for s in alive if s.report is not None for p in s.report.assignment}
-        return len(owned) >= self.partitions_total
-
-    def rolling(self) -> bool:
-        return self.roll is not None and not self.roll.done
-
-    def reload(self) -> str | None:
-        """Start a rolling reload; returns an error message when refused."""
-        if self.state is not State.RUNNING:
-            return f"cannot reload while {self.state.value}"
-        if self.rolling():
-            return "a rolling reload is already in progress"
-        self.roll = rolling.start_roll(self)
-        self.hooks.on_reload_start(self)
-        return None
-
-    def scale(self, workers: int) -> str | None:
-        """Set the number of workers; manage_workers gets there one change at a time. Returns an
-        error message when refused."""
-        if workers < 1:
-            return f"cannot scale to {workers}: at least 1 worker"
-        if self.state not in (State.STARTING, State.RUNNING):
-            return f"cannot scale while {self.state.value}"
-        log.info("scaling from %d to %d workers", self.target_workers, workers)
-        self.target_workers = workers
-        return None
-
-    def halt(self, reason: str, code: ExitCode) -> None:
-        if self.exit_code is None:
-            log.error("stopping: %s", reason)
-            self.exit_code, self.halt_reason = code, reason
-        self.stop(reason, quick=self.state is State.STARTING)
-
-    def release_leavers(self) -> None:
-        """Let drained workers close. During a stop, only once every worker that is still in the
-        group has committed; otherwise (one worker draining alone) at once."""
-        in_group = [s for s in self.slots if s.alive and s.joined]
-        if self.state is State.STOPPING and not all(s.ready_to_leave for s in in_group):
-            return
-        for slot in in_group:
-            if slot.ready_to_leave and not slot.leave_sent and slot.channel is not None:
-                slot.channel.send(m.Leave())
-                slot.leave_sent = True
-
-    def kill(self, slot: WorkerSlot, sig: int) -> None:
-        if slot.proc is not None and slot.proc.poll() is None:
-            try:
+        try:
+            if group:
+                if slot.proc is not None and slot.proc.returncode is not None and _pid_reused(pid):
+                    return
+                os.killpg(pid, sig)
+            elif slot.proc is not None and slot.proc.returncode is None:
                 slot.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def kill_all_now(self) -> None:
-        """Last resort on the way out (also after a bug in the loop): no worker outlives us."""
-        for slot in self.slots:
+        """Last resort on the way out (also after a bug in the loop): no worker, nor anything a
+        worker started, outlives us."""
+        for slot in list(self.procs.values()):
             if slot.proc is not None and slot.proc.poll() is None:
-                self.kill(slot, signal.SIGKILL)
+                self.kill(slot, signal.SIGKILL, group=True)
                 slot.proc.wait(10)
             if slot.proc is not None:
-                worker_output.read_stderr(slot, self.selector, final=True)
+                read_stderr(slot, self.selector, final=True)
+        for slot in self.core.slots + self.core.strays:
+            if slot.pid is not None:
+                self.kill(slot, signal.SIGKILL, group=True)
+        self.reap_strangers()
+
+    def reap_strangers(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def _unregister(self, obj: Any) -> None:
+        try:
+            self.selector.unregister(obj)
+        except (KeyError, ValueError):
+            pass
 
     # ---- the end ----------------------------------------------------------------------------------
 
     def final_reason(self, code: ExitCode) -> str:
-        """One line for the operator when the exit code is not 0."""
-        if self.halt_reason:
-            return self.halt_reason
-        for slot in self.slots:
-            if slot.killed and slot.in_final_drain:
-                return f"worker {slot.index} did not drain within --graceful-timeout and was killed"
-            if slot.exiting is not None and slot.exiting.exit_code != 0:
-                return f"worker {slot.index}: {slot.exiting.reason} (exit {slot.exiting.exit_code})"
-        return code.name.lower()
+        return self.core.final_reason(code)
 
     def final_code(self) -> ExitCode:
-        # Only the workers this stop drained: one that died earlier was logged (and restarting).
-        codes = [describe_returncode(s.proc.returncode).code for s in self.slots
-                 if s.proc is not None and s.proc.returncode is not None and s.in_final_drain]
-        return policy.final_exit_code(codes, self.forced)
+        return self.core.final_code()
 
     def finish(self, code: ExitCode) -> None:
-        reason = self.stop_reason or "stopped"
-        body = self.receipt.as_dict(int(code), reason)
+        body = self.core.receipt_body(code)
         log.info("shutdown receipt: exit %d (%s)", int(code), code.name, extra={"receipt": body})
         if self.settings.receipt:
-            self.receipt.write(self.settings.receipt, int(code), reason)
+            try:
+                self.core.receipt.write(self.settings.receipt, int(code), body["reason"])
+            except OSError as exc:
+                log.error("could not write the receipt to %s: %s", self.settings.receipt, exc)
         self.hooks.on_exit(self, int(code))
+
+
+def become_subreaper() -> None:
+    """Have orphaned descendants (a handler's helpers whose worker died) re-parented to us
+    rather than to init, so that we reap them. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _pid_reused(pid: int) -> bool:
+    """After our worker ``pid`` was reaped, is there a new process with that pid leading its
+    own group (then the group is not ours to signal)?"""
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False

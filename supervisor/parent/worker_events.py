@@ -1,118 +1,131 @@
-"""What the supervisor does when a worker speaks or exits (parent side): reports, boot results,
-ready-to-leave and exit notices over the pipe; reaping, the cause of each death, the messages
-it held (poison counting), and what follows (restart with backoff, crash-loop halt, removal).
-Functions of the Supervisor, called from its loop."""
+"""What the supervisor decides when a worker speaks or exits (parent side, sans I/O): reports,
+boot results, ready-to-leave and exit notices; the cause of each death, the messages it held
+(poison counting), and what follows (restart with backoff, the crash-loop halt, removal).
+Functions of the SupervisorCore; the I/O loop reads the pipes and reaps the processes."""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
-from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
-from supervisor.parent import policy, worker_output
+from supervisor.parent import policy
 from supervisor.parent.slots import WorkerSlot
-from supervisor.parent.state import State
+from supervisor.parent.state import After, SlotState, State
 
 if TYPE_CHECKING:
-    from supervisor.parent.supervisor import Supervisor
+    from supervisor.parent.core import SupervisorCore
+    from supervisor.parent.events import WorkerExited
 
 log = logging.getLogger("ksup.supervisor")
 
 
-def read_messages(sup: Supervisor, slot: WorkerSlot) -> None:
-    assert slot.channel is not None
-    for msg in slot.channel.read_available():
-        on_message(sup, slot, msg)
-    if slot.channel.closed:
-        try:
-            sup.selector.unregister(slot.channel)
-        except (KeyError, ValueError):
-            pass
-        slot.channel.close()
-
-def on_message(sup: Supervisor, slot: WorkerSlot, msg: m.Message) -> None:
+def on_message(core: SupervisorCore, slot: WorkerSlot, msg: m.Message) -> None:
+    now = core.now
     if isinstance(msg, m.Report):
-        slot.report, slot.report_at = msg, time.monotonic()
+        slot.report, slot.report_at = msg, now
         if msg.state in ("assigned", "draining") and slot.assigned_at is None:
-            slot.assigned_at = time.monotonic()
+            slot.assigned_at = now
+        core.receipt.note_report(msg)
     elif isinstance(msg, m.Loaded):
-        slot.advance("loaded")
-        sup.partitions_total = msg.partitions
+        slot.advance(SlotState.LOADED)
+        core.partitions_total = msg.partitions
         slot.handler_version = msg.handler_version
-        slot.report_at = time.monotonic()
+        slot.report_at = now
         log.info("worker %d (pid %d) loaded %s (confluent-kafka %s)",
                  slot.index, msg.pid, msg.handler, msg.client_version)
     elif isinstance(msg, m.BootFailed):
         slot.boot_failed = msg
-        if slot not in sup.slots:
+        if slot not in core.slots:
             return  # an incoming worker of a rolling reload: the roll stops, the old one stays
         # A worker that cannot even import the handler will not do better on a restart.
-        if sup.state is State.STARTING or msg.exit_code != WorkerExit.BROKER_UNREACHABLE:
+        if core.state is State.STARTING or msg.exit_code != WorkerExit.BROKER_UNREACHABLE:
             raise HaltSupervisor(msg.reason, policy.halt_code_for_boot_failure(msg.exit_code))
     elif isinstance(msg, m.ReadyToLeave):
         slot.ready_to_leave = True
-        sup.release_leavers()
+        core.release_leavers()
     elif isinstance(msg, m.Exiting):
         slot.exiting = msg
-        sup.receipt.add(slot.index, msg)
+        core.receipt.add(slot.index, msg)
 
-def reap_workers(sup: Supervisor, now: float) -> None:
-    """Collect exited workers; log each death with its cause; decide what follows."""
-    for slot in list(sup.slots):
-        if slot.proc is None or slot.state == "exited" or slot.proc.poll() is None:
-            continue
-        if slot.channel is not None and not slot.channel.closed:
-            read_messages(sup, slot)
-        worker_output.read_stderr(slot, sup.selector, final=True)
-        report = describe_returncode(slot.proc.returncode)
-        slot.state = "exited"
-        sup.hooks.on_worker_exit(sup, slot, report)
-        clean = report.code == 0 and slot.drain_sent_at is not None
-        if clean:
-            log.info("worker %d (pid %d) exited: %s", slot.index, slot.pid,
-                     slot.exiting.reason if slot.exiting else report.describe())
-        else:
-            inflight = note_poison(sup, slot) if sup.state is State.RUNNING else ""
-            log.log(logging.WARNING if sup.state is State.STOPPING else logging.ERROR,
-                    "worker %d (pid %d) %s%s%s%s", slot.index, slot.pid, report.describe(),
-                    worker_output.last_moments(slot), f"; in flight at death: {inflight}" if inflight else "",
-                    worker_output.stderr_tail(slot))
-        after_exit(sup, slot, now, clean, report.describe())
 
-def after_exit(sup: Supervisor, slot: WorkerSlot, now: float, clean: bool, how: str) -> None:
-    if sup.state is not State.RUNNING or slot.then == "replaced":
-        return  # a replaced slot's successor is put in place by the rolling reload
-    if slot.then == "remove":
-        sup.slots.remove(slot)
-        log.info("worker slot %d removed (%d workers)", slot.index, len(sup.slots))
+def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
+    """A reaped worker: log its death with its cause; decide what follows."""
+    slot = event.slot
+    if slot.state is SlotState.EXITED:
         return
-    if slot.then == "recycle" and clean:
+    was = slot.state
+    slot.returncode = event.returncode
+    report = describe_returncode(event.returncode)
+    slot.state = SlotState.EXITED
+    # Whatever the worker started and left behind in its session goes with it.
+    core.kill_group_of_exited(slot)
+    core.notify("on_worker_exit", slot, report)
+    clean = report.code == 0 and slot.drain_sent_at is not None
+    if clean:
+        log.info("worker %d (pid %s) exited: %s", slot.index, slot.pid,
+                 slot.exiting.reason if slot.exiting else report.describe())
+    else:
+        inflight = note_poison(core, event.inflight) if core.state is State.RUNNING else ""
+        log.log(logging.WARNING if core.state is State.STOPPING else logging.ERROR,
+                "worker %d (pid %s) %s%s%s%s", slot.index, slot.pid, report.describe(),
+                last_moments(slot, core.wall), f"; in flight at death: {inflight}" if inflight else "",
+                event.tail)
+    if slot not in core.slots:
+        return  # an incoming worker of a rolling reload, or a killed stray: rolling.py decides
+    if core.state is State.STARTING and not clean:
+        # Died before every worker loaded: the code or the config cannot boot (BootFailed, when
+        # the worker could say so, already halted with its own code).
+        why = slot.stuck_reason or f"{report.describe()} while booting, before it loaded the handler"
+        raise HaltSupervisor(f"worker {slot.index} (pid {slot.pid}) {why}{event.tail}", ExitCode.BOOT_FAILED)
+    after_exit(core, slot, clean, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING)
+
+
+def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, booting: bool = False) -> None:
+    now = core.now
+    if core.state is not State.RUNNING or slot.then is After.REPLACED:
+        return  # a replaced slot's successor is put in place by the rolling reload
+    if slot.then is After.REMOVE:
+        core.slots.remove(slot)
+        log.info("worker slot %d removed (%d workers)", slot.index, len(core.slots))
+        return
+    if slot.then is After.RECYCLE and clean:
         slot.respawn_at = now
         return
     slot.deaths.append(now)
-    sup.deaths.append(now)
-    if policy.is_crash_loop(sup.deaths, now, sup.settings.crash_loop_deaths, sup.settings.crash_loop_window):
-        raise HaltSupervisor(f"crash loop: {sup.settings.crash_loop_deaths} worker deaths within "
-                             f"{sup.settings.crash_loop_window:g}s; last: {how}", ExitCode.CRASH_LOOP)
-    delay = policy.restart_delay(slot.deaths, now, sup.settings.restart_delay)
+    core.deaths.append(now)
+    if policy.is_crash_loop(core.deaths, now, core.settings.crash_loop_deaths, core.settings.crash_loop_window):
+        raise HaltSupervisor(f"crash loop: {core.settings.crash_loop_deaths} worker deaths within "
+                             f"{core.settings.crash_loop_window:g}s; last: worker {slot.index} {how}",
+                             ExitCode.CRASH_LOOP)
+    delay = policy.restart_delay(slot.deaths, now, core.settings.restart_delay)
     slot.respawn_at = now + delay
     log.info("worker %d restarts in %.1fs", slot.index, delay)
 
-def note_poison(sup: Supervisor, slot: WorkerSlot) -> str:
-    """After a worker died: count a death against each message it had in flight (read from
-    its in-flight board); a message at --poison-after deaths goes to dead-letter/skip next
-    time. Returns the in-flight messages, for the log."""
-    board = slot.configure.options.get("board") if slot.configure else None
-    inflight = inflight_board.read(str(board)) if board else []
+
+def note_poison(core: SupervisorCore, inflight: list[tuple[str, int, int]]) -> str:
+    """After a worker died: count a death against each message it had in flight (its in-flight
+    board, read by the I/O loop); a message at --poison-after deaths goes to dead-letter/skip
+    next time. Returns the in-flight messages, for the log."""
     for key in inflight:
-        sup.poison_counts[key] += 1
-        fallback = [p for p in sup.settings.on_error if p in ("dead-letter", "skip")]
-        if sup.poison_counts[key] >= sup.settings.poison_after and fallback and key not in sup.poison:
-            sup.poison.add(key)
+        core.poison_counts[key] += 1
+        fallback = [p for p in core.settings.on_error if p in ("dead-letter", "skip")]
+        if core.poison_counts[key] >= core.settings.poison_after and fallback and key not in core.poison:
+            core.poison.add(key)
             log.error("%s[%d]@%d killed %d worker processes: the next worker will %s it without "
-                      "running the handler", *key, sup.poison_counts[key], fallback[0])
+                      "running the handler", *key, core.poison_counts[key], fallback[0])
     return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
+
+
+def last_moments(slot: WorkerSlot, wall: float) -> str:
+    """What the worker was doing when it ended, for the death log line."""
+    if slot.exiting is not None:
+        return f": {slot.exiting.reason}"
+    if slot.stuck_reason:
+        return f": {slot.stuck_reason}"
+    inflight = slot.report.in_flight if slot.report else None
+    if inflight is not None:
+        return f"; in flight: {inflight.topic}[{inflight.partition}]@{inflight.offset} for {wall - inflight.since:.1f}s"
+    return ""

@@ -1,0 +1,84 @@
+"""The parent's rules as they were before issue 13 (commit a188b2a), ported to the core's
+interface, for showing that the simulation finds the old bugs. Used by the tests only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from supervisor.parent import membership, policy, worker_events
+from supervisor.parent.slots import WorkerSlot
+from supervisor.parent.state import After, SlotState, State
+
+if TYPE_CHECKING:
+    import pytest
+
+    from supervisor.parent.core import SupervisorCore
+
+
+def old_manage(core: SupervisorCore) -> None:
+    """membership.manage at a188b2a: nothing else changes while any change is in progress, a
+    restart included; a loaded slot is told Go whatever the target."""
+    now = core.now
+    if core.state is State.STOPPING:
+        if not any(s.alive for s in core.processes()):
+            core.state = State.STOPPED
+        return
+    if core.state is State.STARTING:
+        if all(s.state is SlotState.LOADED for s in core.slots):
+            core.state = State.RUNNING
+            for slot in core.slots:
+                core.go(slot)
+        return
+    for slot in core.slots:
+        if slot.state is SlotState.LOADED and not slot.joined:
+            core.go(slot)
+    if core.rolling() or membership.change_in_progress(core):
+        return
+    for slot in core.slots:
+        if not slot.alive and slot.respawn_at is not None and now >= slot.respawn_at:
+            slot.restarts += 1
+            core.spawn(slot)
+            return
+    if any(not s.alive and s.respawn_at is not None for s in core.slots):
+        return
+    if len(core.slots) < core.target_workers:
+        used = {s.index for s in core.slots}
+        slot = WorkerSlot(min(i for i in range(len(core.slots) + 1) if i not in used))
+        core.slots.append(slot)
+        core.slots.sort(key=lambda s: s.index)
+        core.spawn(slot)
+        return
+    live = [s for s in core.slots if s.then is not After.REMOVE]
+    if len(live) > core.target_workers:
+        victim = max(live, key=lambda s: s.index)
+        victim.then = After.REMOVE
+        if victim.alive:
+            core.drain_slot(victim, "scale down", core.settings.worker_drain_timeout, core.settings.graceful_timeout)
+        else:
+            core.slots.remove(victim)
+
+
+def old_change_in_progress(core: SupervisorCore) -> bool:
+    for s in core.slots:
+        if s.alive and (s.drain_sent_at is not None or s.assigned_at is None) \
+                and core.now - s.spawned_at < membership.CHANGE_SETTLE_MAX_S:
+            return True
+    return False
+
+
+def install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put the old rules in place: the old membership rule, no halt for a worker that dies
+    while starting (its exit was ignored), no boot deadline."""
+    monkeypatch.setattr(membership, "manage", old_manage)
+    monkeypatch.setattr(membership, "change_in_progress", old_change_in_progress)
+    monkeypatch.setattr(policy, "boot_deadline", lambda s: float("inf"))
+    real_on_exit = worker_events.on_exit
+
+    def on_exit(core: SupervisorCore, event: Any) -> None:
+        if core.state is State.STARTING and event.slot in core.slots:
+            event.slot.state = SlotState.EXITED  # the old reaper: logged, then nothing followed
+            event.slot.returncode = event.returncode
+            return
+        real_on_exit(core, event)
+
+    monkeypatch.setattr(worker_events, "on_exit", on_exit)

@@ -1,0 +1,277 @@
+"""The supervisor's failure paths where two things happen at once (issue 13): restarts behind a
+pending join, crash loops, quick scale up/down, workers that die or hang at import, a reload
+waiter that went away, signals at the end of a stop, exit reasons, receipts after a forced
+stop, and the workers' own children. Real broker, real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from tests.harness import ksup_cli, read_record, wait_until
+from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
+
+pytestmark = pytest.mark.kafka
+
+HANDLER = "tests.handlers.recording:process"
+BOOT_FAILED, FORCED, CRASH_LOOP = 3, 4, 6
+
+
+def status(group: str) -> dict:
+    out = ksup_cli("status", "--json", "-g", group)
+    if out.returncode != 0:
+        return {"supervisor": {}, "workers": []}
+    return json.loads(out.stdout)
+
+
+def last_line(run) -> str:
+    lines = [line for line in run.log_text().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# ---- finding 1: a restart must not wait behind a pending join; crash loops are seen --------------
+
+def test_always_failing_handler_with_two_workers_is_a_crash_loop(ksup, bootstrap, names):
+    """Two static members dying together: each restart used to wait for the other's join, which
+    waited (classic protocol) for the dead member's session: deaths 45 s apart, never 5 in 60 s."""
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 20, partitions=2)
+    run = ksup("tests.handlers.failing:process", bootstrap, topic, group, workers=2,
+               extra=["--restart-delay", "0.2"])
+    assert run.wait(100) == CRASH_LOOP, run.tail()
+    assert "crash loop: 5 worker deaths within 60s" in run.log_text()
+    assert committed_offsets(bootstrap, group, topic, 2) == {0: -1001, 1: -1001}
+
+
+def test_worker_dying_while_another_joins_is_restarted_at_once(ksup, bootstrap, names, tmp_path):
+    """Scale up (a new member joins: the group rebalances and waits for every member) and kill a
+    worker right then. The old rule kept the dead worker's restart behind the join, and the join
+    waited (classic, static) for the dead member's session: no consumer for 45 s."""
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["-X", "session.timeout.ms=45000"])
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 0)
+    assert ksup_cli("scale", "3", "-g", group).returncode == 0
+    run.wait_for_log("worker 2 started", 30)
+    os.kill(victim, signal.SIGKILL)
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 30,
+               "every partition consumed again, well within the 45 s session timeout", 0.5)
+    assert run.stop() == 0, run.tail()
+
+
+# ---- finding 2: scale up then down quickly --------------------------------------------------------
+
+def test_quick_scale_up_then_down_leaves_no_partition_without_a_consumer(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["-X", "session.timeout.ms=45000"])
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    for _ in range(5):
+        run.signal(signal.SIGTTIN)
+    for _ in range(5):
+        run.signal(signal.SIGTTOU)
+    time.sleep(1)  # pacing only: let the decisions happen, then produce more
+    wait_until(lambda: status(group)["supervisor"].get("workers_target") == 1, 30, "target back at 1")
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    # Well below the 45 s session timeout a static member that left without LeaveGroup holds.
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 30,
+               "every partition consumed after the quick scale up and down", 0.5)
+    assert run.stop() == 0, run.tail()
+
+
+# ---- finding 3: boot failures and boot deadlines --------------------------------------------------
+
+def test_worker_dying_at_import_halts_with_boot_failed(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    (tmp_path / "dies.py").write_text("import os\nos._exit(1)\n")
+    run = ksup("dies:process", bootstrap, topic, group, cwd=tmp_path)
+    assert run.wait(60) == BOOT_FAILED, run.tail()
+    assert "ksup: exit 3 (BOOT_FAILED): worker 0" in last_line(run), run.tail()
+    assert "exit 1" in last_line(run)
+
+
+def test_worker_hanging_at_import_has_a_boot_deadline(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    (tmp_path / "hangs.py").write_text("import time\ntime.sleep(3600)\n")
+    run = ksup("hangs:process", bootstrap, topic, group, cwd=tmp_path, extra=["--broker-timeout", "1"])
+    assert run.wait(60) == BOOT_FAILED, run.tail()
+    assert "did not load the handler within" in last_line(run), run.tail()
+    assert run.seen_pids and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                     for p in run.seen_pids)
+
+
+HANDLER_V1 = '''
+import os
+_fd = os.open(os.environ["KSUP_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def process(record):
+    os.write(_fd, f"{record.partition} {record.offset} {os.getpid()}\\n".encode())
+'''
+
+
+def test_reload_with_a_new_worker_hanging_at_import_stops_with_a_reason(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 20, partitions=2)
+    (tmp_path / "versioned.py").write_text(HANDLER_V1)
+    record = tmp_path / "record.txt"
+    run = ksup("versioned:process", bootstrap, topic, group, workers=1, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(record), "PYTHONDONTWRITEBYTECODE": "1"},
+               extra=["--broker-timeout", "1"])
+    wait_until(lambda: len(read_record(record)) >= 20, 60, "first messages processed")
+    (tmp_path / "versioned.py").write_text("import time\ntime.sleep(3600)\n")
+    out = ksup_cli("reload", "-g", group, timeout=90)
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "did not load the handler within" in out.stderr, out.stderr
+    # The roll is over: scaling works again (the new worker, with the hanging code, is refused at
+    # its boot deadline too, but the request is taken).
+    assert ksup_cli("scale", "2", "-g", group).returncode == 0
+    assert run.proc.poll() is None
+    assert run.stop() == 0, run.tail()
+
+
+# ---- finding 4: a reload --wait caller that went away ----------------------------------------------
+
+def test_reload_waiter_that_disconnects_does_not_make_the_loop_spin(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 20, partitions=2)
+    record = tmp_path / "record.txt"
+    sock_path = tmp_path / "ctl.sock"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--control-socket", str(sock_path)])
+    wait_until(lambda: len(read_record(record)) >= 20, 60, "first messages processed")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock_path))
+        s.sendall(b'{"cmd": "reload", "wait": true}\n')
+    # The caller is gone (Ctrl+C). Measure the supervisor's CPU during the roll.
+    me = psutil.Process(run.proc.pid)
+    t0, c0 = time.monotonic(), sum(me.cpu_times()[:2])
+    time.sleep(1.5)  # pacing: the measurement window
+    used = (sum(me.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
+    assert used < 0.15, f"supervisor used {used:.0%} CPU with a disconnected reload waiter"
+    run.wait_for_log("rolling reload done", 90)
+    t0, c0 = time.monotonic(), sum(me.cpu_times()[:2])
+    time.sleep(1.0)
+    used = (sum(me.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
+    assert used < 0.15, f"supervisor used {used:.0%} CPU after the roll"
+    assert run.stop() == 0, run.tail()
+
+
+# ---- finding 6: signals near the end of a stop -----------------------------------------------------
+
+def test_a_storm_of_sigterms_never_kills_ksup_nor_loses_the_receipt(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 5, partitions=1)
+    for attempt in range(5):
+        record = tmp_path / f"record-{attempt}.txt"
+        run = ksup(HANDLER, bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)})
+        run.wait_for_log("all 1 workers loaded", 60)
+        run.wait_for_log("assigned", 60)
+        for _ in range(20):  # 20 in 100 ms, then one every 5 ms until ksup is gone
+            run.signal(signal.SIGTERM)
+            time.sleep(0.005)
+        deadline = time.monotonic() + 60
+        while run.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(run.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+            time.sleep(0.005)
+        code = run.wait(10)
+        assert code == 0, f"run {attempt}: exit {code}\n{run.tail()}"
+        assert run.receipt()["exit_code"] == 0, f"run {attempt}: no receipt"
+
+
+# ---- finding 7: the exit reason names the stuck worker; the receipt after a forced stop ------------
+
+def test_forced_stop_blames_the_stuck_worker_and_keeps_a_receipt(ksup, bootstrap, names, tmp_path):
+    """Worker 2 is frozen (SIGSTOP): it never commits, so the others, drained, wait to leave
+    together and are killed at the deadline too. The last line must name worker 2, and the
+    receipt must still say what each partition had processed and committed (from the reports)."""
+    topic, group = names
+    create_topic(bootstrap, topic, 3)
+    produce_sequence(bootstrap, topic, 60, partitions=3)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=3, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--graceful-timeout", "4"])
+    wait_until(lambda: len(read_record(record)) >= 60, 60, "all processed")
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["committed"]) == 3, 30, "commits reported")
+    frozen = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 2)
+    os.kill(frozen, signal.SIGSTOP)
+    assert run.stop(60) == FORCED, run.tail()
+    line = last_line(run)
+    assert "worker 2 did not drain within --graceful-timeout and was killed" in line, line
+    receipt = run.receipt()
+    assert set(receipt["partitions"]) == {f"{topic}[{p}]" for p in range(3)}, receipt
+    done: dict[int, int] = {}
+    for p, o, _ in read_record(record):
+        done[p] = max(done.get(p, -1), o)
+    for p in range(3):
+        entry = receipt["partitions"][f"{topic}[{p}]"]
+        assert 0 <= entry["last_processed"] <= done[p], (p, entry, done)
+        assert entry["committed"] <= entry["last_processed"] + 1
+
+
+# ---- finding 10: the workers' own children --------------------------------------------------------
+
+SPAWNER = '''
+import os, subprocess
+_fd = os.open(os.environ["KSUP_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+_started = False
+def process(record):
+    global _started
+    if not _started:
+        _started = True
+        child = subprocess.Popen(["sleep", "300"])  # a helper the handler forgot about
+        # and an orphan: the shell exits at once, its background sleep loses its parent
+        subprocess.run(["sh", "-c", "sleep 1 & echo $! > " + os.environ["KSUP_TEST_ORPHAN"]])
+        with open(os.environ["KSUP_TEST_CHILD"], "w") as f:
+            f.write(str(child.pid))
+    os.write(_fd, f"{record.partition} {record.offset} {os.getpid()}\\n".encode())
+'''
+
+
+def test_grandchildren_are_reaped_and_do_not_outlive_a_stop(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 5, partitions=1)
+    (tmp_path / "spawner.py").write_text(SPAWNER)
+    child_file, orphan_file = tmp_path / "child.pid", tmp_path / "orphan.pid"
+    run = ksup("spawner:process", bootstrap, topic, group, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt"), "KSUP_TEST_CHILD": str(child_file),
+                    "KSUP_TEST_ORPHAN": str(orphan_file)})
+    wait_until(lambda: child_file.exists() and orphan_file.exists() and orphan_file.read_text().strip(),
+               60, "the handler's children")
+    child, orphan = int(child_file.read_text()), int(orphan_file.read_text())
+    # The orphan is re-parented to ksup (a child subreaper), which reaps it when it ends.
+    wait_until(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).ppid() == run.proc.pid
+               or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, 5, "orphan re-parented or gone")
+    assert psutil.pid_exists(orphan) and psutil.Process(orphan).ppid() == run.proc.pid, \
+        "the handler's orphan was not re-parented to ksup"
+    wait_until(lambda: not psutil.pid_exists(orphan), 10, "the orphan reaped (no zombie left)")
+    assert run.stop() == 0, run.tail()
+    gone = not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone, "a worker's child outlived the stop"
+
