@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from supervisor.parent.supervisor import Supervisor
 
 LOOP_STALL_S = 5.0  # the loop ticks at least every 0.5 s; this long without a tick is a stall
+UNOWNED_GRACE_S = 10.0  # a rebalance leaves partitions without a consumer for well under this
 
 
 class SupervisorCommands:
@@ -69,6 +70,9 @@ class SupervisorCommands:
             problem = policy.stuck(s, now, time.time(), sup.settings)
             if problem:
                 problems.append(f"worker {s.index} {problem}")
+        coverage = sup.core.coverage_problem(UNOWNED_GRACE_S)
+        if coverage:
+            problems.append(coverage)
         return {"healthy": not problems, "problems": problems}
 
     def scale(self, workers: int) -> dict[str, Any]:

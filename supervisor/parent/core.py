@@ -55,6 +55,7 @@ class SupervisorCore:
         self.forced = False
         self.quick = False
         self.roll: rolling.Roll | None = None
+        self.unowned_since: float | None = None
         self.partitions_total = 0  # of the subscribed topics, as the workers' metadata says
         self.poison_counts: Counter[tuple[str, int, int]] = Counter()
         self.poison: set[tuple[str, int, int]] = set()
@@ -97,6 +98,7 @@ class SupervisorCore:
     # ---- duties on every tick -----------------------------------------------------------------
 
     def tick(self) -> None:
+        self.note_coverage()
         self.release_leavers()
         self.watch()
         if self.rolling():
@@ -245,7 +247,8 @@ class SupervisorCore:
                 # A worker that never joined (still booting) has nothing to commit: however it
                 # ends (even killed by this SIGTERM before its handler is installed) is no failure.
                 slot.in_final_drain = slot.joined
-                self.drain_slot(slot, reason, wait, deadline)
+                # One that never joined has nothing to commit: it gets the quick deadline.
+                self.drain_slot(slot, reason, wait, deadline if slot.joined else min(deadline, s.quick_timeout))
         membership.manage(self)  # nothing alive: STOPPED at once
 
     def reload(self) -> str | None:
@@ -296,6 +299,25 @@ class SupervisorCore:
         if not alive or any(s.assigned_at is None or s.report is None for s in alive):
             return False
         return len(self.owned_partitions()) >= self.partitions_total
+
+    def note_coverage(self) -> None:
+        """Remember since when some partition has had no consumer while every worker reports
+        (for health: a departed static member can hold partitions with nobody consuming them)."""
+        reporting = [s for s in self.slots if s.alive and s.report is not None]
+        short = self.state is State.RUNNING and self.partitions_total > 0 and bool(reporting) \
+            and len(self.owned_partitions()) < self.partitions_total
+        if not short:
+            self.unowned_since = None
+        elif self.unowned_since is None:
+            self.unowned_since = self.now
+
+    def coverage_problem(self, grace_s: float) -> str | None:
+        """The health rule's part about partitions: some have had no consumer for ``grace_s``."""
+        if self.unowned_since is None or self.now - self.unowned_since < grace_s:
+            return None
+        missing = self.partitions_total - len(self.owned_partitions())
+        return f"{missing} of {self.partitions_total} partition(s) without a consumer for " \
+               f"{self.now - self.unowned_since:.0f}s"
 
     def owned_partitions(self) -> set[str]:
         return {p for s in self.slots if s.alive and s.report is not None for p in s.report.assignment}

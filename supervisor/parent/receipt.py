@@ -35,13 +35,15 @@ class Receipt:
 
     def note_report(self, report: m.Report) -> None:
         """Keep, per partition, the highest stored (finished + 1) and committed offsets any
-        worker reported."""
+        worker reported (a report lists stored offsets not yet committed)."""
         for name, stored in report.stored.items():
             entry = self.reported.setdefault(name, {"last_processed": -1, "committed": -1})
             entry["last_processed"] = max(entry["last_processed"], stored - 1)
         for name, committed in report.committed.items():
             entry = self.reported.setdefault(name, {"last_processed": -1, "committed": -1})
             entry["committed"] = max(entry["committed"], committed)
+            # Only finished work is ever stored, hence committed: everything before it was done.
+            entry["last_processed"] = max(entry["last_processed"], committed - 1)
 
     def merged(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {name: dict(v) for name, v in self.partitions.items()}
