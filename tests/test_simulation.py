@@ -29,7 +29,7 @@ from tests.sim import old_rules
 from tests.sim.group import GroupProtocol
 from tests.sim.world import Boot, Plan, World
 
-EXAMPLES = int(os.environ.get("KSUP_SIM_EXAMPLES", "1500"))
+EXAMPLES = int(os.environ.get("KSUP_SIM_EXAMPLES", "3000"))
 # Stops end a story, so they are drawn less often than the signals that change the group.
 SIGNALS = [signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP] * 3 + [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT]
 
