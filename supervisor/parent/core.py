@@ -179,7 +179,7 @@ class SupervisorCore:
 
     def go(self, slot: WorkerSlot) -> None:
         self.send(slot, m.Go())
-        slot.joined = True
+        slot.joined = slot.member = True
         slot.advance(SlotState.RUNNING)
 
     def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float) -> None:

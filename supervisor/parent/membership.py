@@ -4,8 +4,9 @@
   it is back or its session expires, so its restart must not queue behind another member's join
   (that join waits for the dead member: a deadlock for a whole session timeout, and crash loops
   hidden behind 45 s gaps between deaths).
-- A slot being removed never joins: scaling down takes slots that have not joined yet first and
-  drains them before they are told Go; slots above the target are never started.
+- A slot being removed never joins: the slots above the target that are not in the group now
+  (booting, loaded, dead) go at once, drained before they are told Go or not restarted; a
+  rolling reload does not replace them either.
 - Everything else that changes the group (a new slot joining, a joined slot leaving, a recycle)
   happens one change at a time, so the group rebalances once per change instead of in a storm.
 """
@@ -44,7 +45,8 @@ def manage(core: SupervisorCore) -> None:
         return
     scale_down_unjoined(core)
     for slot in core.slots:
-        if slot.state is SlotState.LOADED and not slot.joined and slot.then is not After.REMOVE:
+        if slot.state is SlotState.LOADED and not slot.joined and slot.then is not After.REMOVE \
+                and not above_target(core, slot):
             core.go(slot)
     current = core.roll.current if core.rolling() and core.roll is not None else None
     for slot in core.slots:
@@ -82,22 +84,28 @@ def manage(core: SupervisorCore) -> None:
 
 
 def scale_down_unjoined(core: SupervisorCore) -> None:
-    """Above the target, remove at once (no group change) the slots that never joined: booting
-    or loaded ones are drained before Go, dead ones waiting for a restart are dropped. Highest
-    slot numbers go first, as in a normal scale-down."""
-    live = [s for s in core.slots if s.then is not After.REMOVE]
-    excess = len(live) - core.target_workers
-    if excess <= 0:
-        return
+    """Above the target, the highest-numbered slots go. Those not in the group now go at once,
+    with no group change: a process that has not been told Go is drained before it joins, a dead
+    one is not restarted. (A dead member's partitions then wait for its session to expire, as
+    after any scale-down of a static member.) Joined ones leave one change at a time (manage)."""
+    live = sorted((s for s in core.slots if s.then is not After.REMOVE), key=lambda s: s.index)
     current = core.roll.current if core.rolling() and core.roll is not None else None
-    unjoined = [s for s in sorted(live, key=lambda s: -s.index) if not s.joined and s.index != current]
-    for victim in unjoined[:excess]:  # members of the group go one change at a time (manage)
+    for victim in live[core.target_workers:]:
+        if victim.joined or victim.index == current:
+            continue
         victim.then = After.REMOVE
         if victim.alive:
             core.drain_slot(victim, "scale down (never joined)", 0.0, core.settings.quick_timeout)
         else:
             core.slots.remove(victim)
             log.info("worker slot %d removed (%d workers)", victim.index, len(core.slots))
+
+
+def above_target(core: SupervisorCore, slot: WorkerSlot) -> bool:
+    """The slot is among those a scale-down will remove (the highest numbers beyond the target):
+    it must not join, nor be replaced by a rolling reload."""
+    kept = sorted((s for s in core.slots if s.then is not After.REMOVE), key=lambda s: s.index)
+    return slot not in kept[:core.target_workers]
 
 
 def change_in_progress(core: SupervisorCore) -> bool:

@@ -20,6 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from supervisor.parent import membership
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, RollPhase, SlotState
 
@@ -90,8 +91,9 @@ def _begin_slot(core: SupervisorCore, roll: Roll) -> None:
         index = roll.queue.pop(0)
         old = next((s for s in core.slots if s.index == index and s.alive and s.joined
                     and s.then is not After.REMOVE), None)
-        if old is None:
-            continue  # gone meanwhile (scaled down, or dead and restarting with new code anyway)
+        if old is None or membership.above_target(core, old):
+            continue  # gone meanwhile (scaled down, or dead and restarting with new code anyway),
+            # or about to be removed by a scale-down: a new process must not join in its place
         roll.current, roll.old = index, old
         roll.results.append(SlotResult(index, old.pid))
         incoming = WorkerSlot(index, restarts=old.restarts)

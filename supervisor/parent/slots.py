@@ -32,6 +32,8 @@ class WorkerSlot:
     kill_at: float | None = None       # SIGKILL deadline once a drain was asked
     killed: bool = False               # we sent SIGKILL
     joined: bool = False               # told Go: a group member (or about to be)
+    member: bool = False               # some process of this slot joined: under static membership
+    #                                    its instance id is in the group (even dead) until its session expires
     ready_to_leave: bool = False       # drained and committed, waiting for Leave
     leave_sent: bool = False
     handler_version: str = ""          # as the worker reported it when it loaded

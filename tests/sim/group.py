@@ -146,6 +146,8 @@ class Group:
                 return m.process
         return None
 
-    def held_by_departed_for_good(self, partition: int) -> bool:
-        return any(partition in m.assignment and m.process is None and m.leaving_for_good
+    def held_by_departed_for_good(self, partition: int, removed: set[str]) -> bool:
+        """Held by a member whose process is gone for good (its slot was scaled away): a static
+        member keeps its partitions until its session expires, the documented trade-off."""
+        return any(partition in m.assignment and m.process is None and (m.leaving_for_good or m.instance in removed)
                    for m in self.members.values())

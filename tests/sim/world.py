@@ -325,7 +325,7 @@ class World:
         for p in range(self.partitions):
             consumer = self.group.consumer_of(p)
             if consumer is not None or core.state is not State.RUNNING or self.always_fail_since is not None \
-                    or self.group.held_by_departed_for_good(p):
+                    or self.group.held_by_departed_for_good(p, self.removed_instances()):
                 self.unowned_since.pop(p, None)
                 continue
             since = max(self.unowned_since.setdefault(p, now), self.last_fault)
@@ -333,6 +333,10 @@ class World:
                 raise Violation(f"partition {p} without a consumer for {now - since:.0f}s (bound {bound:g}s)")
         if core.state is State.STOPPED:
             self.check_end()
+
+    def removed_instances(self) -> set[str]:
+        kept = {f"ksup-{s.index}" for s in self.core.slots if s.then is not After.REMOVE}
+        return {i for i in self.group.members if i not in kept}
 
     def check_end(self) -> None:
         left = [w.pid for w in self.workers.values() if w.alive]
