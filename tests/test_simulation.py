@@ -133,3 +133,106 @@ def test_simulation_finds_the_old_rules(monkeypatch: pytest.MonkeyPatch) -> None
         run_state_machine_as_test(Supervision, settings=settings(
             SETTINGS, max_examples=400, phases=[Phase.generate], print_blob=False))
     print(f"the simulation found on the old rules: {found.value}")
+
+
+# ---- the findings of issue 13 as fixed stories: each passes on the new rules and fails on the old --
+
+def _kill(world: World, index: int) -> None:
+    worker = next(w for w in world.workers.values() if w.alive and w.slot.index == index)
+    world.fault(f"SIGKILL worker {index}")
+    worker.signal(signal.SIGKILL, world.now)
+    world.deliver()
+
+
+def _always_fail(world: World) -> None:
+    world.always_fail_since = world.now
+    world.next_plan.handler_fails = True
+    for worker in world.workers.values():
+        worker.plan.handler_fails = True
+
+
+def story_restart_behind_a_join(world: World) -> None:
+    """Finding 1: a worker dies while a new member joins (classic: the join waits for every
+    member, the dead one included)."""
+    world.post(ev.SignalReceived(signal.SIGTTIN))
+    world.advance(0.6)  # the new slot is booting: a membership change is in progress
+    _kill(world, 0)
+    world.advance(45.0)
+
+
+def story_crash_loop_during_a_reload(world: World) -> None:
+    """Finding 1/3: an always-failing handler while a rolling reload runs: deaths must still
+    restart and count (exit 6), not wait behind the roll."""
+    _always_fail(world)
+    world.post(ev.Reload())
+    world.advance(100.0)
+    assert world.core.exit_code is not None and int(world.core.exit_code) == 6, world.core.exit_code
+
+
+def story_quick_scale_up_and_down(world: World) -> None:
+    """Finding 2: SIGTTIN x5 then SIGTTOU x5: no slot joins after the scale-down was decided."""
+    for _ in range(5):
+        world.post(ev.SignalReceived(signal.SIGTTIN))
+    world.advance(0.6)
+    for _ in range(5):
+        world.post(ev.SignalReceived(signal.SIGTTOU))
+    world.advance(20.0)
+
+
+def story_worker_dies_at_import(world: World) -> None:
+    """Finding 3: the first worker dies at import (no message): halt with exit 3."""
+    world.advance(30.0)
+    assert world.core.exit_code is not None and int(world.core.exit_code) == 3, world.core.exit_code
+
+
+def story_worker_hangs_at_import(world: World) -> None:
+    """Finding 3: the first worker hangs at import: the boot deadline halts with exit 3."""
+    world.advance(30.0)
+    assert world.core.exit_code is not None and int(world.core.exit_code) == 3, world.core.exit_code
+
+
+def story_kill_during_a_reload(world: World) -> None:
+    """Finding 3: a worker dies while a rolling reload boots its successor: it is restarted."""
+    world.next_plan = Plan(boot_s=3.0)
+    world.post(ev.Reload())
+    world.advance(0.6)
+    _kill(world, 0)
+    world.advance(45.0)
+
+
+STORIES = {
+    "restart_behind_a_join": (story_restart_behind_a_join, None, 4),
+    "crash_loop_during_a_reload": (story_crash_loop_during_a_reload, None, 1),
+    "quick_scale_up_and_down": (story_quick_scale_up_and_down, None, 4),
+    "worker_dies_at_import": (story_worker_dies_at_import, Boot.DIE, 4),
+    "worker_hangs_at_import": (story_worker_hangs_at_import, Boot.HANG, 4),
+    "kill_during_a_reload": (story_kill_during_a_reload, None, 4),
+}
+
+
+def _run_story(name: str) -> None:
+    story, first_boot, partitions = STORIES[name]
+    world = World(GroupProtocol.CLASSIC, 2, partitions)
+    if first_boot is not None:
+        first = next(iter(world.workers.values()))
+        first.plan = Plan(boot=first_boot)
+        world.bad_boot_at = world.now
+    else:
+        world.advance(3.0)
+    story(world)
+    world.post(ev.Stop("end of the story"))
+    world.advance(50.0)
+    assert world.core.state is State.STOPPED
+
+
+@pytest.mark.parametrize("name", list(STORIES))
+def test_story_on_the_new_rules(name: str) -> None:
+    _run_story(name)
+
+
+@pytest.mark.parametrize("name", list(STORIES))
+def test_story_fails_on_the_old_rules(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    old_rules.install(monkeypatch)
+    with pytest.raises(AssertionError) as failed:
+        _run_story(name)
+    print(f"old rules, {name}: {str(failed.value).splitlines()[0]}")
