@@ -118,6 +118,9 @@ def _check_boot(core: SupervisorCore, roll: Roll) -> None:
         roll.incoming = None
         finish(core, roll, f"worker {roll.current}: {why}; the old worker keeps running")
         return
+    if membership.above_target(core, old):
+        _drop_slot_from_roll(core, roll, "scaled down during the roll")
+        return
     if not old.alive:
         # The old worker died meanwhile: the slot restarts with the new code anyway.
         core.kill(incoming, signal.SIGKILL, group=True)
@@ -131,10 +134,30 @@ def _check_boot(core: SupervisorCore, roll: Roll) -> None:
         old.then = After.REPLACED
 
 
+def _drop_slot_from_roll(core: SupervisorCore, roll: Roll, why: str) -> None:
+    """Give up replacing the current slot (the roll goes on with the next): its incoming
+    process, which never joined, is killed."""
+    incoming = roll.incoming
+    if incoming is not None:
+        core.kill(incoming, signal.SIGKILL, group=True)
+        if incoming.alive:
+            core.strays.append(incoming)
+    if roll.results:
+        roll.results[-1].error = why
+    roll.incoming = roll.old = None
+    roll.phase = RollPhase.BOOT
+
+
 def _check_drain(core: SupervisorCore, roll: Roll) -> None:
     old, incoming = roll.old, roll.incoming
     assert old is not None and incoming is not None
     if old.alive:
+        return
+    if membership.above_target(core, old):
+        # Scaled down while its old worker drained: the slot goes, its successor never joins.
+        _drop_slot_from_roll(core, roll, "scaled down during the roll")
+        core.slots.remove(old)
+        log.info("worker slot %d removed (%d workers)", old.index, len(core.slots))
         return
     if incoming.state is SlotState.EXITED:
         old.then = After.RESTART
