@@ -96,19 +96,43 @@ def test_quick_scale_up_then_down_leaves_no_partition_without_a_consumer(ksup, b
     assert run.stop() == 0, run.tail()
 
 
-def test_health_says_unhealthy_while_a_departed_member_holds_partitions(ksup, bootstrap, names, tmp_path):
-    """A static member removed by a scale-down keeps its partitions until its session expires
-    (no LeaveGroup): nobody consumes them, so health must not say healthy."""
+def test_scale_down_leaves_the_group_at_once(ksup, bootstrap, names, tmp_path):
+    """A joined static member removed by a scale-down leaves the group (unsubscribe before
+    close), so its partitions do not wait for the 45 s session timeout."""
     topic, group = names
     create_topic(bootstrap, topic, 4)
     produce_sequence(bootstrap, topic, 40, partitions=4)
     record = tmp_path / "record.txt"
     run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
-               extra=["-X", "session.timeout.ms=40000"])
+               extra=["-X", "session.timeout.ms=45000"])
     wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
-    assert ksup_cli("health", "-g", group).returncode == 0
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
     run.signal(signal.SIGTTOU)
     wait_until(lambda: len(status(group)["workers"]) == 1, 60, "scaled down to 1")
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 25,
+               "every partition consumed after the scale-down, well within the session timeout", 0.5)
+    assert run.stop() == 0, run.tail()
+
+
+def test_health_says_unhealthy_while_a_departed_member_holds_partitions(ksup, bootstrap, names, tmp_path):
+    """A worker killed and its slot scaled away before the restart: its static member keeps its
+    partitions until the session expires and nobody consumes them, so health must not say
+    healthy (every worker that is left runs fine)."""
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["-X", "session.timeout.ms=40000", "--restart-delay", "10"])
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    assert ksup_cli("health", "-g", group).returncode == 0
+    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
+    os.kill(victim, signal.SIGKILL)
+    run.wait_for_log("worker 1 restarts in", 30)
+    run.signal(signal.SIGTTOU)
+    wait_until(lambda: len(status(group)["workers"]) == 1, 30, "slot 1 removed")
     wait_until(lambda: "without a consumer" in ksup_cli("health", "-g", group).stderr, 25,
                "health reports the partitions nobody consumes")
     assert run.stop() == 0, run.tail()

@@ -71,6 +71,7 @@ class ConsumerLoop:
         self.commit_results = 0  # how many commit results (callbacks) have arrived
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
         self.leave_now = False  # the supervisor's Leave arrived
+        self.leave_group = False  # ... asking to leave the group for good (scale down)
         self.gave_up_in_flight = False  # the drain deadline passed with the handler still running
         self._last_poll = 0.0
         self._last_channel_check = 0.0
@@ -100,6 +101,7 @@ class ConsumerLoop:
                 self.request_drain(msg.reason, msg.timeout_s)
             elif isinstance(msg, m.Leave):
                 self.leave_now = True
+                self.leave_group = self.leave_group or msg.leave_group
         if self.channel.closed:
             self.request_drain("supervisor gone (pipe closed)")
 

@@ -47,7 +47,11 @@ class Drain:
 class Leave:
     """Close the consumer now (leave the group). Sent after ``ReadyToLeave``; during a stop the
     supervisor waits until every draining worker has committed, so that no member's leaving
-    starts a rebalance that blocks another member's final commit."""
+    starts a rebalance that blocks another member's final commit. ``leave_group``: the slot is
+    going away for good (scale down): leave the group even as a static member (unsubscribe
+    before close), so its partitions do not wait for the session timeout."""
+
+    leave_group: bool = False
 
 
 ToWorker = Configure | Go | Drain | Leave

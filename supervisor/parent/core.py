@@ -30,7 +30,7 @@ from supervisor.parent import events as ev
 from supervisor.parent import membership, policy, rolling, worker_events
 from supervisor.parent.receipt import Receipt
 from supervisor.parent.slots import WorkerSlot
-from supervisor.parent.state import RollPhase, SlotState, State
+from supervisor.parent.state import After, RollPhase, SlotState, State
 
 log = logging.getLogger("ksup.supervisor")
 
@@ -200,7 +200,8 @@ class SupervisorCore:
             return
         for slot in in_group:
             if slot.ready_to_leave and not slot.leave_sent:
-                self.send(slot, m.Leave())
+                # A slot scaled away for good leaves the group even as a static member.
+                self.send(slot, m.Leave(leave_group=slot.then is After.REMOVE))
                 slot.leave_sent = True
 
     # ---- commands -----------------------------------------------------------------------------

@@ -74,6 +74,14 @@ class Group:
         expires."""
         self._gone(process, now, for_good)
 
+    def left(self, process: Process, now: float) -> None:
+        """A LeaveGroup (unsubscribe before close): the member goes now, the group rebalances."""
+        member = self.members.get(process.instance)
+        if member is None or member.process is not process:
+            return
+        del self.members[process.instance]
+        self._change(now)
+
     def died(self, process: Process, now: float) -> None:
         self._gone(process, now, False)
 

@@ -74,6 +74,7 @@ class SimWorker:
     exit_code: int | None = None
     killed: bool = False
     exit_after_drain: int = 0
+    leave_group: bool = False
     got_assignment: bool = False  # a rebalance callback came (possibly with no partitions)
     stop_reason: str = ""
 
@@ -135,7 +136,10 @@ class SimWorker:
             receipt = [m.PartitionReceipt(f"{TOPIC}[{p}]", o, self.committed.get(p, -1))
                        for p, o in sorted(self.processed.items())]
             w.say(self, m.Exiting(self.pid, code, self.stop_reason, receipt))
-            w.group.closed(self, now, for_good=self.slot.then is After.REMOVE)
+            if self.leave_group:
+                w.group.left(self, now)  # unsubscribe + close: a LeaveGroup even when static
+            else:
+                w.group.closed(self, now, for_good=self.slot.then is After.REMOVE)
             self.exit(code, now, closed=True)
 
     def receive(self, msg: m.ToWorker, now: float) -> None:
@@ -147,7 +151,7 @@ class SimWorker:
         elif isinstance(msg, m.Drain):
             self.drain(now, msg.reason, msg.timeout_s)
         elif isinstance(msg, m.Leave):
-            self.leave = True
+            self.leave, self.leave_group = True, msg.leave_group
 
     def drain(self, now: float, reason: str, wait_s: float | None = None) -> None:
         if self.phase in (Phase.BOOTING, Phase.LOADED):
