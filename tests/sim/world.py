@@ -246,6 +246,8 @@ class World:
         for action in actions:
             if isinstance(action, ev.Spawn):
                 plan, self.next_plan = self.next_plan, Plan(handler_fails=self.always_fail_since is not None)
+                if plan.boot is not Boot.OK:
+                    self.last_fault = self.now  # the planned fault happens now, with this worker
                 action.slot.pid = self.next_pid
                 self.workers[action.slot] = SimWorker(self, action.slot, self.next_pid, plan, self.now)
                 self.next_pid += 1
