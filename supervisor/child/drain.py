@@ -40,6 +40,8 @@ CLOSE_TIMEOUT_S = 5.0  # without word from the supervisor, leave after this long
 
 def drain(loop: ConsumerLoop) -> WorkerExit:
     """Run the whole sequence; returns the worker's exit code. Never blocks without bound."""
+    if loop.exit_code in GIVE_UP_CODES:
+        return give_up(loop)
     t0 = time.monotonic()
     loop.state = "draining"
     loop.send_report(force=True)
@@ -75,6 +77,27 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
                                 receipt=receipt, abandoned=inflight, drain_seconds=time.monotonic() - t0))
     return code
+
+
+# The consumer is unusable (fenced: every later call fails) or can never join (the broker lacks
+# the group protocol): nothing may be stored or committed any more, so nothing is waited for.
+GIVE_UP_CODES = (WorkerExit.FENCED, WorkerExit.BROKER_UNSUPPORTED)
+
+
+def give_up(loop: ConsumerLoop) -> WorkerExit:
+    """End at once without processing anything more: the handler threads take no more work
+    (a message in flight dies with the process, unstored; another member reprocesses it), no
+    store, no commit; the consumer is closed with a short bound."""
+    t0 = time.monotonic()
+    loop.state = "draining"
+    loop.runner.stop()
+    loop.send_report(force=True)
+    close_within(loop, 2.0)
+    loop.state = "closed"
+    log.error("giving up without a drain: %s; exit %d", loop.stop_reason, int(loop.exit_code))
+    loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(loop.exit_code), reason=loop.stop_reason or "",
+                                drain_seconds=time.monotonic() - t0))
+    return loop.exit_code
 
 
 def close_within(loop: ConsumerLoop, timeout_s: float) -> bool:

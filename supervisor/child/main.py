@@ -75,10 +75,18 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
         raise BootError(WorkerExit.BOOT_FAILED, str(exc)) from None
     from confluent_kafka import Consumer, KafkaException
 
+    from supervisor.child.kafka_problems import LogWatch
+
+    kafka = dict(cfg.kafka)
+    user_debug = bool(kafka.get("debug"))
+    if kafka.get("group.protocol") == "consumer":
+        # librdkafka reports a broker without KIP-848 only in a cgrp debug line (kafka_problems.py).
+        kafka["debug"] = ",".join(filter(None, (kafka.get("debug"), "cgrp")))
+    commits.log = LogWatch(logging.getLogger("librdkafka"), quiet_debug=not user_debug)
     try:
         # librdkafka's own log lines go through Python logging (JSON, redacted) instead of raw stderr.
-        consumer = Consumer({"statistics.interval.ms": "1000", **cfg.kafka, "on_commit": commits,
-                             "stats_cb": commits.stats, "logger": logging.getLogger("librdkafka")})
+        consumer = Consumer({"statistics.interval.ms": "1000", **kafka, "on_commit": commits,
+                             "stats_cb": commits.stats, "error_cb": commits.error, "logger": commits.log})
     except (KafkaException, ValueError, TypeError) as exc:
         raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
                                            f"(fix or remove that -X/[kafka] setting)") from None
@@ -146,6 +154,14 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
         handler.setup()
     runner = build_runner(cfg, handler)
     loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop, handler.instance)
+    loop.instance_id = cfg.kafka.get("group.instance.id", "")
+    loop.group = cfg.kafka.get("group.id", "")
+    if commits.log is not None:
+        from supervisor.child.kafka_problems import unsupported_reason
+
+        servers = cfg.kafka.get("bootstrap.servers", "?")
+        commits.log.on_unsupported = lambda _text: loop.request_drain(
+            unsupported_reason(servers), 0.0, WorkerExit.BROKER_UNSUPPORTED)
     commits.target = loop
     tune_gc()
     runner.start()
@@ -202,6 +218,7 @@ class CommitRelay:
 
     def __init__(self) -> None:
         self.target: Any = None
+        self.log: Any = None  # the LogWatch given to librdkafka as its logger
 
     def __call__(self, err: Any, partitions: Any) -> None:
         if self.target is not None:
@@ -210,6 +227,10 @@ class CommitRelay:
     def stats(self, stats_json: str) -> None:
         if self.target is not None:
             self.target.on_stats(stats_json)
+
+    def error(self, err: Any) -> None:
+        if self.target is not None:
+            self.target.on_error(err)
 
 
 def main(argv: list[str] | None = None) -> None:

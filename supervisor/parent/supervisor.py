@@ -29,7 +29,7 @@ from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, describe_returncode
 from supervisor.errors import HaltSupervisor
-from supervisor.parent import membership, policy, rolling, worker_events, worker_output
+from supervisor.parent import membership, policy, readiness, rolling, worker_events, worker_output
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
 from supervisor.parent.signals import SignalQueue
@@ -67,6 +67,7 @@ class Supervisor:
         self.board_dir = tempfile.mkdtemp(prefix="ksup-inflight-")
         self.poison_counts: Counter[tuple[str, int, int]] = Counter()
         self.poison: set[tuple[str, int, int]] = set()
+        self.progress = readiness.Progress()  # committed offsets standing still (health)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -230,15 +231,6 @@ class Supervisor:
                 # ends (even killed by this SIGTERM before its handler is installed) is no failure.
                 slot.in_final_drain = slot.joined
                 self.drain_slot(slot, reason, wait, deadline)
-
-    def settled(self) -> bool:
-        """Every worker has joined and reported an assignment, and together they own every
-        partition: the group is not in the middle of a rebalance."""
-        alive = [s for s in self.slots if s.alive]
-        if not alive or any(s.assigned_at is None or s.report is None for s in alive):
-            return False
-        owned = {p for s in alive if s.report is not None for p in s.report.assignment}
-        return len(owned) >= self.partitions_total
 
     def rolling(self) -> bool:
         return self.roll is not None and not self.roll.done

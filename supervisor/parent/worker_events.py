@@ -81,6 +81,11 @@ def reap_workers(sup: Supervisor, now: float) -> None:
                     "worker %d (pid %d) %s%s%s%s", slot.index, slot.pid, report.describe(),
                     worker_output.last_moments(slot), f"; in flight at death: {inflight}" if inflight else "",
                     worker_output.stderr_tail(slot))
+        kafka = slot.configure.kafka if slot.configure else {}
+        fatal = policy.halt_for_worker_exit(report.code, slot.index, slot.exiting.reason if slot.exiting else "",
+                                            kafka.get("group.instance.id", ""), sup.settings.group)
+        if fatal is not None:
+            raise HaltSupervisor(fatal[1], fatal[0])
         after_exit(sup, slot, now, clean, report.describe())
 
 def after_exit(sup: Supervisor, slot: WorkerSlot, now: float, clean: bool, how: str) -> None:
