@@ -178,3 +178,71 @@ def test_health_readyz_and_healthz_agree_on_every_state(ksup, bootstrap, names, 
     assert verdicts() == (False, False, False, False), "stopping"
     assert "supervisor is stopping" in ksup_cli("health", "--socket", str(sock)).stderr
     assert run.wait(60) == 0, run.tail()
+
+
+def test_same_prefix_on_the_same_host_is_refused_at_start(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record)}
+    first = ksup(HANDLER, bootstrap, topic, group, env=env,
+                 extra=["--instance-id-prefix", "dup", "--control-socket", str(tmp_path / "a.sock")])
+    wait_until(lambda: ksup_cli("health", "--ready", "--socket", str(tmp_path / "a.sock")).returncode == 0,
+               60, "the first ksup ready")
+    second = ksup(HANDLER, bootstrap, topic, group, env=env,
+                  extra=["--instance-id-prefix", "dup", "--control-socket", str(tmp_path / "b.sock")])
+    assert second.wait(30) == 8, second.tail()
+    last = second.log_text().strip().splitlines()[-1]
+    assert "another ksup on this host" in last and "'dup'" in last and "--instance-id-prefix" in last, last
+    assert "worker 0 started" not in second.log_text(), "refused before any worker exists"
+    # The first one never noticed: it stays ready and keeps consuming.
+    p = Producer({"bootstrap.servers": bootstrap})
+    for n in range(20):
+        p.produce(topic, str(n).encode(), partition=n % 2)
+    p.flush(10)
+    wait_until(lambda: len(read_record(record)) == 20, 60, "the first ksup processed the new messages")
+    assert ksup_cli("health", "--socket", str(tmp_path / "a.sock")).returncode == 0
+    assert first.stop() == 0, first.tail()
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_same_prefix_on_another_host_halts_the_fenced_side(ksup, bootstrap, names, tmp_path, protocol):
+    """Two "hosts" (the local identity claim bypassed) with one prefix: the broker fences one
+    side's static members (classic: the older member; KIP-848: the newcomer). That ksup halts
+    with exit 8 naming the prefix and processes nothing more; the other consumes everything."""
+    topic, group = names
+    partitions = 2
+    create_topic(bootstrap, topic, partitions)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.002"}
+    extra = ["--instance-id-prefix", "dup", "--group-protocol", protocol]
+    load = Load(bootstrap, topic, partitions, rate=200)
+    load.start()
+    try:
+        a = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env,
+                 extra=[*extra, "--control-socket", str(tmp_path / "a.sock")])
+        wait_until(lambda: len({pid for *_, pid in read_record(record)}) == 2, 60, "host A consuming")
+        a_pids = set(a.worker_pids())
+        b = ksup(HANDLER, bootstrap, topic, group, workers=2, env={**env, "KSUP_IDENTITY_SCOPE": "host-b"},
+                 extra=[*extra, "--control-socket", str(tmp_path / "b.sock")])
+        fenced, survivor = (a, b) if protocol == "classic" else (b, a)
+        t0 = time.monotonic()
+        assert fenced.wait(60) == 8, fenced.tail()
+        halted_in = time.monotonic() - t0
+        last = fenced.log_text().strip().splitlines()[-1]
+        assert "exit 8 (FENCED)" in last and "'dup'" in last and "own --instance-id-prefix" in last, last
+        fenced_pids = fenced.seen_pids
+        done_at_halt = sum(1 for *_, pid in read_record(record) if pid in fenced_pids)
+        time.sleep(2)  # paces the load: the survivor keeps consuming meanwhile
+        assert sum(1 for *_, pid in read_record(record) if pid in fenced_pids) == done_at_halt
+        load.finish()
+        ends = end_offsets(bootstrap, topic, partitions)
+        wait_until(lambda: committed_offsets(bootstrap, group, topic, partitions) == ends, 90, "all committed", 0.5)
+        assert survivor.proc.poll() is None, "the other side keeps running"
+        assert survivor.stop() == 0, survivor.tail()
+        lost, dups = loss_and_dups(record, ends)
+        assert lost == [], lost[:10]
+        print(f"{protocol}: fenced side halted {halted_in:.1f}s after the second start; {sum(ends.values())} "
+              f"messages, lost 0, duplicates {dups}; A's workers {sorted(a_pids)}")
+    finally:
+        load.stopped.set()
