@@ -100,11 +100,16 @@ class KafkaProblems:
         self.all_down_since: float | None = None
         self.unknown_topic = ""
 
-    def on_commit(self, err: Any) -> None:
-        """A commit result: ``err`` None (or _NO_OFFSET) is a success."""
+    def on_commit(self, err: Any, partitions: list[Any] | None = None) -> None:
+        """A commit result: ``err`` None (or _NO_OFFSET) is a success. A commit refused because
+        the topic is unknown is the first sign of a deleted topic (the consumer's metadata learns
+        it minutes later)."""
         if err is None or err.code() == KafkaError._NO_OFFSET:
             self.commit_failing_since = None
             return
+        if err.code() in UNKNOWN_TOPIC_CODES:
+            topics = ", ".join(sorted({str(p.topic) for p in partitions or []})) or "?"
+            self.unknown_topic = f"{topics}: {err.str()} (deleted?)"
         if self.commit_failing_since is None:
             self.commit_failing_since = time.monotonic()
         self.commit_error = str(err.str())
@@ -114,7 +119,7 @@ class KafkaProblems:
         if code == KafkaError._ALL_BROKERS_DOWN and self.all_down_since is None:
             self.all_down_since = time.monotonic()
         elif code in UNKNOWN_TOPIC_CODES:
-            self.unknown_topic = str(err.str())
+            self.unknown_topic = f"{err.str()} (deleted?)"
 
     def on_assign(self) -> None:
         self.unknown_topic = ""  # the broker gave us partitions: the topics exist

@@ -348,7 +348,7 @@ class ConsumerLoop:
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
         self.commit_results += 1
-        self.problems.on_commit(err)
+        self.problems.on_commit(err, partitions)
         fatal = classify(err, self.instance_id, self.group) if err is not None else None
         if fatal is not None and fatal.code == WorkerExit.FENCED:
             self.on_consumer_error(err)
