@@ -246,3 +246,52 @@ def test_same_prefix_on_another_host_halts_the_fenced_side(ksup, bootstrap, name
               f"messages, lost 0, duplicates {dups}; A's workers {sorted(a_pids)}")
     finally:
         load.stopped.set()
+
+
+def test_rolling_upgrade_script_fleet_mode_rolls_each_host_and_stops_at_the_first_failure(ksup, bootstrap, names,
+                                                                                         tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+    from tests.kafkautil import produce_sequence
+    from tests.test_rolling_reload import _wheel, rows
+
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 100, partitions=2)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "1.0")
+    _wheel(wheels, "2.0")
+    venv = Path(sys.executable).parent.parent
+    pip_env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "ksup-example-handler==1.0"], env=pip_env,
+                   check=True, timeout=120)
+    script = str(REPO / "examples" / "rolling-upgrade.sh")
+    try:
+        socks = [tmp_path / "h0.sock", tmp_path / "h1.sock"]
+        hosts = [ksup("ksup_example_handler:process", bootstrap, topic, group,
+                      env={"KSUP_TEST_RECORD": str(tmp_path / "record.txt")},
+                      extra=["--instance-id-prefix", f"h{i}", "--control-socket", str(sock)])
+                 for i, sock in enumerate(socks)]
+        for sock in socks:
+            wait_until(lambda s=sock: ksup_cli("health", "--ready", "--socket", str(s)).returncode == 0, 60, "ready")
+        wait_until(lambda: len(rows(tmp_path / "record.txt")) >= 100, 60, "messages processed by 1.0")
+        # A missing first target: the rollout stops there and rolls nothing else.
+        out = subprocess.run([script, str(venv), "ksup-example-handler==2.0", group, str(tmp_path / "nope.sock"),
+                              *map(str, socks)], env=pip_env, capture_output=True, text=True, timeout=180)
+        assert out.returncode != 0 and "stopped at" in out.stderr and "after 0 of 3" in out.stderr, out.stderr
+        assert "partitions without a consumer" not in out.stdout
+        out = subprocess.run([script, str(venv), "ksup-example-handler==2.0", group, *map(str, socks)],
+                             env=pip_env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.count("partitions without a consumer") == 2, out.stdout
+        assert out.stdout.count("every worker runs ksup-example-handler 2.0") == 2, out.stdout
+        assert "rolled 2 ksup instance(s)" in out.stdout
+        for run in hosts:
+            assert run.stop() == 0, run.tail()
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "ksup-example-handler"],
+                       env=pip_env, timeout=120)
