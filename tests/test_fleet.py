@@ -295,3 +295,39 @@ def test_rolling_upgrade_script_fleet_mode_rolls_each_host_and_stops_at_the_firs
     finally:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "ksup-example-handler"],
                        env=pip_env, timeout=120)
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_fleet_reload_with_dynamic_membership_and_empty_assignments(ksup, bootstrap, names, tmp_path, protocol):
+    """2 ksup x 2 workers, 2 partitions: two members own nothing (an empty assignment counts as
+    joined on both protocols); without static membership each reload's gate is the group
+    rebalanced to stable; each `ksup reload --wait` exits 0 and nothing is lost."""
+    topic, group = names
+    partitions = 2
+    create_topic(bootstrap, topic, partitions)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.002"}
+    load = Load(bootstrap, topic, partitions, rate=100)
+    load.start()
+    try:
+        socks = [tmp_path / "h0.sock", tmp_path / "h1.sock"]
+        hosts = [ksup(HANDLER, bootstrap, topic, group, workers=2, env=env,
+                      extra=["--no-static-membership", "--group-protocol", protocol, "--control-socket", str(sock),
+                             *(["-X", "session.timeout.ms=6000"] if protocol == "classic" else [])])
+                 for sock in socks]
+        for sock in socks:
+            wait_until(lambda s=sock: ksup_cli("health", "--ready", "--socket", str(s)).returncode == 0, 90, "ready")
+        for i, sock in enumerate(socks):
+            out = ksup_cli("reload", "--wait", "--socket", str(sock), timeout=180)
+            assert out.returncode == 0, f"host {i}: {out.stdout}{out.stderr}"
+            assert out.stdout.count("partitions without a consumer") == 2, out.stdout
+        load.finish()
+        ends = end_offsets(bootstrap, topic, partitions)
+        wait_until(lambda: committed_offsets(bootstrap, group, topic, partitions) == ends, 90, "all committed", 0.5)
+        for run in hosts:
+            assert run.stop() == 0, run.tail()
+        lost, dups = loss_and_dups(record, ends)
+        assert lost == [], lost[:10]
+        print(f"dynamic {protocol}: {sum(ends.values())} messages, lost 0, duplicates {dups}")
+    finally:
+        load.stopped.set()

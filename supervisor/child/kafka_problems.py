@@ -38,6 +38,9 @@ FENCED_TEXTS = (_text(KafkaError.FENCED_INSTANCE_ID), _text(KafkaError.UNRELEASE
                 _text(KafkaError._FENCED))
 FENCED_CODES = (KafkaError.FENCED_INSTANCE_ID, KafkaError.UNRELEASED_INSTANCE_ID, KafkaError._FENCED)
 UNSUPPORTED_848_TEXT = "ConsumerGroupHeartbeatRequest not supported by broker"
+# KIP-848: a member whose target assignment is empty gets no rebalance callback at all and
+# librdkafka keeps its join state "init"; this cgrp debug line is the broker saying so.
+EMPTY_TARGET_848_TEXT = 'ConsumerGroupHeartbeat received target assignment ""'
 UNKNOWN_TOPIC_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
 
 
@@ -69,12 +72,14 @@ def classify(err: Any, instance_id: str, group: str) -> Fatal | None:
 
 class LogWatch:
     """librdkafka's ``logger``: passes lines to ``logger``, except the debug lines ksup asked for
-    itself (``quiet_debug``), and tells ``on_unsupported`` when the broker lacks KIP-848."""
+    itself (``quiet_debug``); tells ``on_unsupported`` when the broker lacks KIP-848 and
+    ``on_empty_target`` when a KIP-848 heartbeat gave this member no partitions."""
 
     def __init__(self, logger: logging.Logger, quiet_debug: bool) -> None:
         self.logger = logger
         self.quiet_debug = quiet_debug
         self.on_unsupported: Callable[[str], None] | None = None
+        self.on_empty_target: Callable[[], None] | None = None
         self.unsupported = ""
 
     def log(self, level: int, msg: str, *args: Any) -> None:
@@ -83,6 +88,8 @@ class LogWatch:
             self.unsupported = text
             if self.on_unsupported is not None:
                 self.on_unsupported(text)
+        if EMPTY_TARGET_848_TEXT in text and self.on_empty_target is not None:
+            self.on_empty_target()
         if level <= logging.DEBUG and self.quiet_debug:
             return
         self.logger.log(level, "%s", text)

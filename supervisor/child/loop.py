@@ -81,6 +81,7 @@ class ConsumerLoop:
         # callback, for the supervisor's readiness rule; standing Kafka problems, for health.
         self.group_state = self.join_state = ""
         self.group_seen_at = self.rebalanced_at = 0.0
+        self.empty_target_at = 0.0  # KIP-848: the broker's heartbeat said "no partitions for you"
         self.problems = KafkaProblems(float(options.get("problem_after_s", 60.0)))
         self.instance_id = str(options.get("instance_id", ""))
         self.group = str(options.get("group", ""))
@@ -270,6 +271,17 @@ class ConsumerLoop:
         log.debug("Kafka error: %s", err.str())
         self.on_consumer_error(err)
 
+    def on_empty_target(self) -> None:
+        """KIP-848: the broker's heartbeat gave this member no partitions. No callback comes for
+        that, so this counts as the (empty) assignment, for readiness."""
+        if self.book.owned:
+            return
+        self.empty_target_at = time.time()
+        if self.state == "joining":
+            self.state = "assigned"
+            log.info("assigned nothing (the group has no partition for this member)")
+            self.send_report(force=True)
+
     def on_stats(self, stats_json: str) -> None:
         """librdkafka's statistics (every statistics.interval.ms): keep each owned partition's high
         watermark, so the supervisor can show lag without asking the broker itself; the group's
@@ -278,6 +290,11 @@ class ConsumerLoop:
             stats = json.loads(stats_json)
             cgrp = stats.get("cgrp") or {}
             self.group_state, self.join_state = str(cgrp.get("state", "")), str(cgrp.get("join_state", ""))
+            if self.join_state == "init" and not cgrp.get("assignment_size") and not self.book.owned \
+                    and self.empty_target_at > self.rebalanced_at:
+                # KIP-848 keeps a member without partitions in "init"; its heartbeat confirmed
+                # the empty assignment after the last callback, so it is as settled as it gets.
+                self.join_state = "steady"
             self.group_seen_at = time.time()
             self.problems.on_stats(stats)
             for topic, t in stats.get("topics", {}).items():

@@ -162,6 +162,7 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
         servers = cfg.kafka.get("bootstrap.servers", "?")
         commits.log.on_unsupported = lambda _text: loop.request_drain(
             unsupported_reason(servers), 0.0, WorkerExit.BROKER_UNSUPPORTED)
+        commits.log.on_empty_target = loop.on_empty_target
     commits.target = loop
     tune_gc()
     runner.start()
