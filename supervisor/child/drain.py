@@ -54,6 +54,8 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
             code = WorkerExit.DRAIN_TIMEOUT
     t_commit = time.monotonic()
     committed = final_commit(loop)
+    if loop.exit_code in GIVE_UP_CODES:
+        code = loop.exit_code
     if not committed:
         loop.commit_on_revoke = False  # the group is stuck: close() must not block on a commit
         if code == WorkerExit.OK:
@@ -159,6 +161,8 @@ def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) 
     deadline = time.monotonic() + timeout_s
     issued_at = -1
     while True:
+        if loop.exit_code in GIVE_UP_CODES:
+            return False  # fenced meanwhile: no commit can succeed any more
         pending = loop.uncommitted()
         if not pending:
             return True

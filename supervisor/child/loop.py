@@ -190,6 +190,9 @@ class ConsumerLoop:
             # the worker gives up at once and processes nothing more (drain.py's give_up).
             log.error("%s", fatal.reason)
             self.request_drain(fatal.reason, timeout_s=0.0, code=fatal.code)
+            if fatal.code == WorkerExit.FENCED and self.exit_code != WorkerExit.FENCED:
+                # Fenced while already draining: the drain's commit can never succeed now.
+                self.stop_reason, self.exit_code = fatal.reason, fatal.code
         elif err.code() == KafkaError._MAX_POLL_EXCEEDED:
             log.warning("max.poll.interval.ms exceeded; partitions will be lost and re-read")
         else:
