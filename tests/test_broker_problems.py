@@ -109,6 +109,10 @@ def test_health_sees_a_deleted_topic(ksup, own_kafka, names, tmp_path):
     wait_until(lambda: _verdicts(sock, port)[0] == 1, 60, "ksup health unhealthy after the topic was deleted")
     code, stderr, http, problems = _verdicts(sock, port)
     assert http == 503 and "topic" in stderr and any(topic in p for p in problems), (stderr, problems)
+    # The offsets stored before the deletion can never be committed: after --progress-timeout
+    # (4 s) that is a standing problem of its own.
+    wait_until(lambda: "commits failing for" in _verdicts(sock, port)[1], 30, "commits failing reported")
+    assert any("commits failing for" in p for p in _verdicts(sock, port)[3])
     run.stop(60)
 
 
