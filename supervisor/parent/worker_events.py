@@ -36,6 +36,13 @@ def read_messages(sup: Supervisor, slot: WorkerSlot) -> None:
 
 def on_message(sup: Supervisor, slot: WorkerSlot, msg: m.Message) -> None:
     if isinstance(msg, m.Report):
+        before = slot.report.problems if slot.report is not None else []
+        if msg.problems != before:  # a standing Kafka problem began, changed or ended: say so once
+            for problem in msg.problems:
+                if problem.split(" for ", 1)[0] not in " | ".join(before):
+                    log.warning("worker %d: %s", slot.index, problem)
+            if before and not msg.problems:
+                log.info("worker %d: Kafka problems resolved", slot.index)
         slot.report, slot.report_at = msg, time.monotonic()
         if msg.state in ("assigned", "draining") and slot.assigned_at is None:
             slot.assigned_at = time.monotonic()
