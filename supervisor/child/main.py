@@ -1,7 +1,8 @@
 """Worker entry point (child side): ``python -m supervisor.child <channel-fd>``.
 
 Boot order, each step able to fail with a one-line BootFailed before the worker has joined
-the group: receive Configure -> import the handler -> create the Consumer (librdkafka checks
+the group: receive Configure (of a protocol version this worker can serve, else exit 15
+INCOMPATIBLE_SUPERVISOR) -> import the handler -> create the Consumer (librdkafka checks
 the config) -> ask the broker for the topics' metadata (bounded) -> the handler class's
 ``setup()`` -> report Loaded -> wait for Go. ``setup()`` runs before Loaded so that a release
 whose ``setup()`` raises is a BootFailed: a rolling reload stops there with the old worker still
@@ -61,7 +62,7 @@ def _wait_for(channel: Channel, kinds: tuple[type, ...], timeout: float,
             for msg in channel.read_available():
                 if isinstance(msg, kinds):
                     return msg
-            if channel.closed:
+            if channel.closed or channel.incompatible is not None:
                 return None
         return None
     finally:
@@ -111,6 +112,13 @@ def _kafka_text(exc: BaseException) -> str:
 def run(channel: Channel) -> int:
     watch = liveness.ParentWatch()
     cfg = _wait_for(channel, (m.Configure,), CONFIGURE_TIMEOUT_S, watch)
+    if channel.incompatible is not None:
+        # A supervisor of another protocol version (see contract/codec.py for the rule): refuse
+        # before anything else, with both versions and the fix in one line.
+        reason = str(channel.incompatible)
+        log.error("boot failed: %s", reason)
+        channel.send(m.BootFailed(os.getpid(), int(WorkerExit.INCOMPATIBLE_SUPERVISOR), reason))
+        return int(WorkerExit.INCOMPATIBLE_SUPERVISOR)
     if not isinstance(cfg, m.Configure):
         return int(WorkerExit.INTERNAL)
     secrets = secret_values(cfg.kafka)
