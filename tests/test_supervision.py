@@ -130,7 +130,7 @@ def test_second_sigint_turns_a_slow_drain_into_a_quick_stop(ksup, bootstrap, nam
     wait_until(
         lambda: any(w["in_flight"] for w in status(group)["workers"]), 60, "a message in flight")
     run.signal(signal.SIGINT)
-    time.sleep(2)
+    run.wait_for_log("drain requested", 30)  # raises if ksup exited instead
     assert run.proc.poll() is None, "the first SIGINT waits for the slow handler"
     t0 = time.monotonic()
     run.signal(signal.SIGINT)
