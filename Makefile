@@ -33,6 +33,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check supervisor tests examples
 	$(VENV)/bin/mypy supervisor
+	$(VENV)/bin/mypy --strict examples/handler.py
 
 test: lint
 	$(PY) -m pytest
