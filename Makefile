@@ -33,6 +33,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check supervisor tests examples
 	$(VENV)/bin/mypy supervisor
+	$(VENV)/bin/mypy --strict examples/handler.py
 
 test: lint
 	$(PY) -m pytest
@@ -46,13 +47,28 @@ compat: setup
 
 # Benchmarks (not tests: figures, ratios against a baseline in the same run). Results and PNG
 # figures go to bench-results/ (not committed); the README quotes them (figures in docs/).
-bench: setup
+# The peers run from virtual environments of their own: each pins its own confluent-kafka.
+PEERS ?= .venv-peers
+ARROYO_VERSION ?= 2.48.0
+QUIX_VERSION ?= 3.28.1
+
+$(PEERS)/arroyo/bin/python:
+	$(PYTHON) -m venv $(PEERS)/arroyo
+	$(PEERS)/arroyo/bin/python -m pip install -q 'sentry-arroyo==$(ARROYO_VERSION)' psutil
+
+$(PEERS)/quix/bin/python:
+	$(PYTHON) -m venv $(PEERS)/quix
+	$(PEERS)/quix/bin/python -m pip install -q 'quixstreams==$(QUIX_VERSION)' psutil
+
+bench: setup $(PEERS)/arroyo/bin/python $(PEERS)/quix/bin/python
 	$(PY) -m pip install -q -e '.[test,bench]'
 	mkdir -p bench-results
+	$(PY) -m tests.bench.peers --json bench-results/peers.json \
+	  --arroyo-python $(PEERS)/arroyo/bin/python --quix-python $(PEERS)/quix/bin/python
 	$(PY) -m tests.bench.throughput --json bench-results/throughput.json
 	$(PY) -m tests.bench.drain --json bench-results/drain.json
 	$(PY) -m tests.bench.reload --json bench-results/reload.json
 	$(PY) -m tests.bench.plot --results bench-results
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(PEERS) .demo .pytest_cache .mypy_cache .ruff_cache

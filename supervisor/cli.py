@@ -136,6 +136,14 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
     from supervisor.parent.hooks import AllHooks, Hooks
     from supervisor.parent.supervisor import Supervisor
 
+    identity = None
+    if settings.static_membership:
+        from supervisor.adapters.identity import IdentityClash, claim
+
+        try:
+            identity = claim(settings.bootstrap_servers, settings.group, cfgmod.instance_id_prefix(settings))
+        except IdentityClash as exc:
+            fail(str(exc), ExitCode.FENCED)
     unit = systemd.own_unit()
     if unit:
         errors, warnings = systemd.check_unit(settings.graceful_timeout, systemd.unit_properties(unit))
@@ -167,6 +175,8 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
     if code != ExitCode.OK:
         # The last line of output, for whoever started ksup: what went wrong, as one line.
         click.echo(f"ksup: exit {int(code)} ({code.name}): {supervisor.final_reason(code)}", err=True)
+    if identity is not None:
+        identity.close()
     sys.exit(int(code))
 
 
@@ -266,14 +276,18 @@ def scale(socket_path: str | None, group: str | None, workers: int) -> None:
 
 @main.command()
 @_socket_option
-def health(socket_path: str | None, group: str | None) -> None:
-    """Exit 0 when healthy (loop alive, workers reporting, none stuck), else 1 with the reasons."""
-    reply = _ask(socket_path, group, {"cmd": "health"}, timeout=5.0)
-    if reply["healthy"]:
-        click.echo("healthy")
+@click.option("--ready", "readiness", is_flag=True,
+              help="Check readiness instead (every worker a settled member of the group; as /readyz).")
+def health(socket_path: str | None, group: str | None, readiness: bool) -> None:
+    """Exit 0 when healthy, else 1 with the reasons (the same verdict as /healthz; see the README's
+    "Readiness and health"). With --ready: exit 0 when ready (as /readyz and READY=1)."""
+    cmd, key, word = ("ready", "ready", "not ready") if readiness else ("health", "healthy", "unhealthy")
+    reply = _ask(socket_path, group, {"cmd": cmd}, timeout=5.0)
+    if reply[key]:
+        click.echo(key)
         return
     for problem in reply["problems"]:
-        click.echo(f"unhealthy: {problem}", err=True)
+        click.echo(f"{word}: {problem}", err=True)
     sys.exit(1)
 
 

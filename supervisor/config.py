@@ -234,11 +234,15 @@ def kafka_config(s: Settings, slot: int) -> dict[str, str]:
     else:
         conf["group.protocol"] = "consumer"
     if s.static_membership:
-        prefix = s.instance_id_prefix or f"{socket.gethostname()}-{s.group}"
-        conf["group.instance.id"] = f"{prefix}-{slot}"
+        conf["group.instance.id"] = f"{instance_id_prefix(s)}-{slot}"
     conf.update(s.kafka)
     conf.update(_FORCED)
     return conf
+
+
+def instance_id_prefix(s: Settings) -> str:
+    """group.instance.id is ``<prefix>-<slot>``; the prefix defaults to ``<host>-<group>``."""
+    return s.instance_id_prefix or f"{socket.gethostname()}-{s.group}"
 
 
 def worker_options(s: Settings, log_format: str) -> dict[str, Any]:
@@ -254,6 +258,9 @@ def worker_options(s: Settings, log_format: str) -> dict[str, Any]:
         "graceful_timeout_s": s.worker_drain_timeout,
         "broker_timeout_s": s.broker_timeout,
         "revoke_timeout_s": s.revoke_timeout,
+        # A standing Kafka problem (no broker answering, commits failing) counts for health
+        # after this long, like a partition whose commits stand still (--progress-timeout).
+        "problem_after_s": s.progress_timeout,
         "log_format": log_format,
         "log_level": s.log_level,
     }

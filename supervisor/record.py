@@ -25,3 +25,22 @@ class Record(NamedTuple):
     def coordinates(self) -> str:
         """``topic[partition]@offset``, the form ksup's logs use."""
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+# The handler Protocols, importable from here too (``from supervisor.record import Record,
+# MessageHandler``). Imported last: handler_types itself imports Record from this module.
+from supervisor.handler_types import (  # noqa: E402
+    AsyncBatchClassHandler,
+    AsyncBatchHandler,
+    AsyncClassHandler,
+    AsyncMessageHandler,
+    BatchClassHandler,
+    BatchHandler,
+    ClassHandler,
+    HandlerHooks,
+    MessageHandler,
+    TopicPartition,
+)
+
+__all__ = ["Record", "AsyncBatchClassHandler", "AsyncBatchHandler", "AsyncClassHandler", "AsyncMessageHandler",
+           "BatchClassHandler", "BatchHandler", "ClassHandler", "HandlerHooks", "MessageHandler", "TopicPartition"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -91,9 +92,15 @@ def test_metrics_match_what_was_produced_and_processed(ksup, bootstrap, names, t
     assert "lag 0" in status.stdout and "LAG" in status.stdout, status.stdout
     watch = subprocess.Popen([sys.executable, "-m", "supervisor", "status", "--watch", "-g", group],
                              stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    time.sleep(2.8)
+    # Read until two redraws arrived (bounded), then stop it with Ctrl+C.
+    seen = b""
+    deadline = time.monotonic() + 30
+    while seen.count(b"\x1b[H\x1b[2J") < 2 and time.monotonic() < deadline:
+        if select.select([watch.stdout], [], [], 0.5)[0]:
+            seen += os.read(watch.stdout.fileno(), 65536)
     watch.send_signal(signal.SIGINT)
-    out, _ = watch.communicate(timeout=10)
+    rest, _ = watch.communicate(timeout=10)
+    out = seen.decode() + rest
     assert out.count("\x1b[H\x1b[2J") >= 2 and out.count("SLOT") >= 2, "redrawn in place every second"
     assert run.stop() == 0
 

@@ -70,11 +70,11 @@ def test_rolling_reload_under_load_static_membership(ksup, bootstrap, names, tmp
     producer.start()
     try:
         wait_until(lambda: len({pid for *_, pid, _ in rows(record)}) == 4, 90, "all 4 workers busy")
-        time.sleep(1)
+        time.sleep(1)  # pacing only: a second of steady load before the roll
         (tmp_path / "versioned.py").write_text(HANDLER_CODE.format(version="version-two"))
         out = ksup_cli("reload", "-g", group, timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr + run.tail()
-        time.sleep(1)
+        time.sleep(1)  # pacing only: a second of steady load after the roll (the checks below wait)
     finally:
         producer.stopped.set()
         producer.join(30)

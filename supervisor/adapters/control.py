@@ -2,7 +2,7 @@
 per line. ``ksup status|stop|scale|health`` are its clients.
 
 Request: ``{"cmd": "status"}``; response: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
-Commands: ``status``, ``health``, ``scale`` (``"workers": N``), ``stop`` (``"timeout": S``,
+Commands: ``status``, ``health``, ``ready`` (readiness.py), ``scale`` (``"workers": N``), ``stop`` (``"timeout": S``,
 ``"wait": true`` keeps the connection open until the supervisor exits and then sends
 ``{"ok": true, "exit_code": N}``). Only the supervisor's own user may connect: the file mode
 keeps others out and the peer's uid is checked again with SO_PEERCRED.
@@ -32,6 +32,7 @@ class Commands(Protocol):
 
     def status(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
+    def ready(self) -> dict[str, Any]: ...
     def scale(self, workers: int) -> dict[str, Any]: ...
     def request_stop(self, reason: str, timeout: float | None) -> dict[str, Any]: ...
     def reload(self) -> dict[str, Any]: ...
@@ -137,6 +138,8 @@ class ControlServer:
                 return {"ok": True, **self.commands.status()}, False
             if cmd == "health":
                 return {"ok": True, **self.commands.health()}, False
+            if cmd == "ready":
+                return {"ok": True, **self.commands.ready()}, False
             if cmd == "scale":
                 workers = req.get("workers")
                 if not isinstance(workers, int) or isinstance(workers, bool):
@@ -161,7 +164,7 @@ class ControlServer:
         except Exception as exc:  # a bug in a command must not take the supervisor down
             log.exception("control command %r failed", cmd)
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, False
-        return {"ok": False, "error": f"unknown command {cmd!r} (status, health, scale, reload, stop)"}, False
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, health, ready, scale, reload, stop)"}, False
 
     def _reply(self, conn: socket.socket, body: dict[str, Any]) -> None:
         try:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 from typing import Any
 
+from supervisor.contract import inflight_board
 from supervisor.parent.hooks import Hooks
 
 log = logging.getLogger("ksup.supervisor")
@@ -23,13 +24,13 @@ class WorkerExitCommand(Hooks):
         self.running: list[subprocess.Popen[bytes]] = []
 
     def on_worker_exit(self, sup: Any, slot: Any, report: Any) -> None:
-        inflight = slot.report.in_flight if slot.report is not None else None
+        env_inflight = _in_flight(slot)
         env = {**os.environ,
                "KSUP_SLOT": str(slot.index), "KSUP_PID": str(slot.pid),
                "KSUP_EXIT_CODE": "" if report.code is None else str(report.code),
                "KSUP_SIGNAL": "" if report.signal is None else signal.Signals(report.signal).name,
                "KSUP_REASON": slot.exiting.reason if slot.exiting is not None else report.describe(),
-               "KSUP_IN_FLIGHT": f"{inflight.topic}[{inflight.partition}]@{inflight.offset}" if inflight else ""}
+               "KSUP_IN_FLIGHT": env_inflight}
         try:
             self.running.append(subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.DEVNULL))
         except OSError as exc:
@@ -44,3 +45,15 @@ class WorkerExitCommand(Hooks):
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _in_flight(slot: Any) -> str:
+    """What the worker held when it ended: its in-flight board (written by the handler thread as
+    a message starts, so right even for a worker that went silent before reporting it), else its
+    last report. Several messages (``--concurrency``) are comma-separated."""
+    board = slot.configure.options.get("board") if slot.configure is not None else None
+    held = inflight_board.read(str(board)) if board else []
+    if held:
+        return ", ".join(f"{t}[{p}]@{o}" for t, p, o in held)
+    inflight = slot.report.in_flight if slot.report is not None else None
+    return f"{inflight.topic}[{inflight.partition}]@{inflight.offset}" if inflight else ""

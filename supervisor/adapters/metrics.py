@@ -13,10 +13,9 @@ Where each figure comes from:
   (high watermark minus committed) costs no extra broker request;
 - restarts, states, RSS, drain durations: the supervisor's own view of its workers.
 
-Endpoints: ``/metrics``; ``/livez`` (the supervisor loop ticked recently); ``/readyz`` (every worker
-joined and the group owns every partition); ``/healthz`` (progress: no partition with lag whose
-committed offset has stood still for ``--progress-timeout``, no worker stuck joining or stuck in
-a handler). Each health endpoint answers 200 or 503 with a JSON body giving the reasons.
+Endpoints: ``/metrics``; ``/livez`` (the supervisor loop ticked recently); ``/readyz`` and
+``/healthz``: ``parent/readiness.py``'s ready and health verdicts, the same ones ``ksup health``
+and READY=1 use. Each health endpoint answers 200 or 503 with a JSON body giving the reasons.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from supervisor.contract import messages as m
+from supervisor.parent import readiness
 from supervisor.parent.hooks import Hooks
 
 log = logging.getLogger("ksup.metrics")
@@ -92,7 +92,6 @@ class MetricsHooks(Hooks):
         self.snapshot = Snapshot()
         self.restarts: Counter[str] = Counter()
         self.drains = [0, 0.0]  # count, seconds
-        self.progress: dict[str, tuple[int, float]] = {}  # partition -> (committed, since)
         self.server: ThreadingHTTPServer | None = None
         self.last_tick = 0.0
 
@@ -120,7 +119,7 @@ class MetricsHooks(Hooks):
         for s in sup.slots:
             if s.report is not None and s.alive:
                 self.totals.add(s.report)
-        self.snapshot = Snapshot(self.families(sup), self.readiness(sup), self.health(sup, now))
+        self.snapshot = Snapshot(self.families(sup), readiness.ready(sup), readiness.health(sup, now))
 
     def on_exit(self, sup: Any, exit_code: int) -> None:
         if self.server is not None:
@@ -164,7 +163,7 @@ class MetricsHooks(Hooks):
                                       labels=["topic", "partition"])
         high = GaugeMetricFamily("ksup_high_watermark", "High watermark (librdkafka statistics).",
                                  labels=["topic", "partition"])
-        for name, (c, hw) in sorted(partition_offsets(sup).items()):
+        for name, (c, hw) in sorted(readiness.partition_offsets(sup).items()):
             labels = list(_tp(name))
             if c >= 0:
                 committed.add_metric(labels, c)
@@ -195,47 +194,6 @@ class MetricsHooks(Hooks):
         drains = CounterMetricFamily("ksup_drains", "Worker drains completed.")
         drains.add_metric([], self.drains[0])
         return [restarts, rss, state, sup_state, workers, drain, drains]
-
-    def readiness(self, sup: Any) -> tuple[bool, list[str]]:
-        if sup.state.value != "running":
-            return False, [f"supervisor is {sup.state.value}"]
-        if sup.settled():
-            return True, []
-        return False, ["not every worker has joined, or the group does not own every partition yet"]
-
-    def health(self, sup: Any, now: float) -> tuple[bool, list[str]]:
-        from supervisor.parent import policy
-
-        problems: list[str] = []
-        offsets = partition_offsets(sup)
-        for name, (c, hw) in offsets.items():
-            prev = self.progress.get(name)
-            if prev is None or prev[0] != c or hw <= c:
-                self.progress[name] = (c, now)  # moved, or nothing to do: progress is fine
-            elif now - prev[1] > self.progress_timeout_s:
-                problems.append(f"{name}: lag {hw - c}, committed offset stuck at {c} for {now - prev[1]:.0f}s")
-        wall = time.time()
-        for s in sup.slots:
-            if not s.alive:
-                continue
-            why = policy.stuck(s, now, wall, sup.settings)
-            if why:
-                problems.append(f"worker {s.index} {why}")
-            elif s.joined and s.assigned_at is None and now - s.spawned_at > self.progress_timeout_s:
-                problems.append(f"worker {s.index} has been joining the group for {now - s.spawned_at:.0f}s")
-        return not problems, problems
-
-
-def partition_offsets(sup: Any) -> dict[str, tuple[int, int]]:
-    """Partition -> (committed, high watermark) over the workers that own them now."""
-    out: dict[str, tuple[int, int]] = {}
-    for s in sup.slots:
-        r = s.report
-        if r is None or not s.alive:
-            continue
-        for name in r.assignment:
-            out[name] = (r.committed.get(name, -1), r.high_watermarks.get(name, -1))
-    return out
 
 
 def _cause(slot: Any, report: Any) -> str:

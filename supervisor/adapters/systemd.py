@@ -3,7 +3,8 @@ unit the supervisor runs in. No dependency: a notification is one datagram. With
 NOTIFY_SOCKET every method is a no-op; a failure to send is logged at debug level, never raised.
 
 What is sent and when:
-- ``READY=1`` once every worker has joined and has its assignment (again after a reload);
+- ``READY=1`` once this ksup is ready as ``parent/readiness.py`` defines it (every worker is a
+  settled member of the group; again after a reload);
 - ``STATUS=...`` a human line, whenever it changes;
 - ``RELOADING=1`` + ``MONOTONIC_USEC`` when a rolling reload starts;
 - ``STOPPING=1`` when the drain starts, then ``EXTEND_TIMEOUT_USEC`` while it makes progress;
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from supervisor.parent import readiness
 from supervisor.parent.hooks import Hooks
 
 log = logging.getLogger("ksup.systemd")
@@ -69,7 +71,7 @@ class SystemdNotifier(Hooks):
             return
         now = time.monotonic()
         state = sup.state.value
-        if state == "running" and not self.ready and not self.reloading and sup.settled():
+        if state == "running" and not self.ready and not self.reloading and readiness.ready(sup).ok:
             self.ready = True
             self.send("READY=1", f"STATUS={_status_line(sup)}")
         elif self.ready and state == "running":

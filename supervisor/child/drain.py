@@ -41,6 +41,8 @@ LEAVE_GROUP_S = 3.0    # a worker leaving for good waits this long at most for i
 
 def drain(loop: ConsumerLoop) -> WorkerExit:
     """Run the whole sequence; returns the worker's exit code. Never blocks without bound."""
+    if loop.exit_code in GIVE_UP_CODES:
+        return give_up(loop)
     t0 = time.monotonic()
     loop.state = "draining"
     loop.send_report(force=True)
@@ -53,6 +55,8 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
             code = WorkerExit.DRAIN_TIMEOUT
     t_commit = time.monotonic()
     committed = final_commit(loop)
+    if loop.exit_code in GIVE_UP_CODES:
+        code = loop.exit_code
     if not committed:
         loop.commit_on_revoke = False  # the group is stuck: close() must not block on a commit
         if code == WorkerExit.OK:
@@ -98,6 +102,25 @@ def leave_group_for_good(loop: ConsumerLoop, timeout_s: float = LEAVE_GROUP_S) -
         except KafkaException:
             return
         loop.serve(0.05)
+# The consumer is unusable (fenced: every later call fails) or can never join (the broker lacks
+# the group protocol): nothing may be stored or committed any more, so nothing is waited for.
+GIVE_UP_CODES = (WorkerExit.FENCED, WorkerExit.BROKER_UNSUPPORTED)
+
+
+def give_up(loop: ConsumerLoop) -> WorkerExit:
+    """End at once without processing anything more: the handler threads take no more work
+    (a message in flight dies with the process, unstored; another member reprocesses it), no
+    store, no commit; the consumer is closed with a short bound."""
+    t0 = time.monotonic()
+    loop.state = "draining"
+    loop.runner.stop()
+    loop.send_report(force=True)
+    close_within(loop, 2.0)
+    loop.state = "closed"
+    log.error("giving up without a drain: %s; exit %d", loop.stop_reason, int(loop.exit_code))
+    loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(loop.exit_code), reason=loop.stop_reason or "",
+                                drain_seconds=time.monotonic() - t0))
+    return loop.exit_code
 
 
 def close_within(loop: ConsumerLoop, timeout_s: float) -> bool:
@@ -159,6 +182,8 @@ def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) 
     deadline = time.monotonic() + timeout_s
     issued_at = -1
     while True:
+        if loop.exit_code in GIVE_UP_CODES:
+            return False  # fenced meanwhile: no commit can succeed any more
         pending = loop.uncommitted()
         if not pending:
             return True

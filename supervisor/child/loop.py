@@ -18,6 +18,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from supervisor.child.kafka_problems import KafkaProblems, classify
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
 from supervisor.child.runner import STORED, HandlerRunner, Job, Outcome
@@ -77,6 +78,14 @@ class ConsumerLoop:
         self._last_channel_check = 0.0
         # Asks the process level (SIGTERM flag, orphan check) whether to stop.
         self.outside_stop = outside_stop
+        # Kafka's view of the group (librdkafka statistics) and this member's last rebalance
+        # callback, for the supervisor's readiness rule; standing Kafka problems, for health.
+        self.group_state = self.join_state = ""
+        self.group_seen_at = self.rebalanced_at = 0.0
+        self.empty_target_at = 0.0  # KIP-848: the broker's heartbeat said "no partitions for you"
+        self.problems = KafkaProblems(float(options.get("problem_after_s", 60.0)))
+        self.instance_id = str(options.get("instance_id", ""))
+        self.group = str(options.get("group", ""))
 
     # ---- requests from outside ----------------------------------------------------------------
 
@@ -176,9 +185,16 @@ class ConsumerLoop:
                 return
 
     def on_consumer_error(self, err: Any) -> None:
-        if err.fatal():
-            log.error("fatal Kafka error: %s", err.str())
-            self.request_drain(f"fatal Kafka error: {err.str()}", code=WorkerExit.KAFKA_FATAL)
+        self.problems.on_error(err)
+        fatal = classify(err, self.instance_id, self.group)
+        if fatal is not None:
+            # Fenced or otherwise fatal: the consumer is unusable (every later call fails), so
+            # the worker gives up at once and processes nothing more (drain.py's give_up).
+            log.error("%s", fatal.reason)
+            self.request_drain(fatal.reason, timeout_s=0.0, code=fatal.code)
+            if fatal.code == WorkerExit.FENCED and self.exit_code != WorkerExit.FENCED:
+                # Fenced while already draining: the drain's commit can never succeed now.
+                self.stop_reason, self.exit_code = fatal.reason, fatal.code
         elif err.code() == KafkaError._MAX_POLL_EXCEEDED:
             log.warning("max.poll.interval.ms exceeded; partitions will be lost and re-read")
         else:
@@ -254,11 +270,38 @@ class ConsumerLoop:
         self.request_drain(f"handler raised {type(error).__name__} on {rec.coordinates}",
                            code=WorkerExit.HANDLER_FAILED)
 
+    def on_error(self, err: Any) -> None:
+        """librdkafka's error_cb (served on this thread): mostly transient connection trouble,
+        which librdkafka retries by itself; noted for health, fatal ones end the worker."""
+        log.debug("Kafka error: %s", err.str())
+        self.on_consumer_error(err)
+
+    def on_empty_target(self) -> None:
+        """KIP-848: the broker's heartbeat gave this member no partitions. No callback comes for
+        that, so this counts as the (empty) assignment, for readiness."""
+        if self.book.owned:
+            return
+        self.empty_target_at = time.time()
+        if self.state == "joining":
+            self.state = "assigned"
+            log.info("assigned nothing (the group has no partition for this member)")
+            self.send_report(force=True)
+
     def on_stats(self, stats_json: str) -> None:
         """librdkafka's statistics (every statistics.interval.ms): keep each owned partition's high
-        watermark, so the supervisor can show lag without asking the broker itself."""
+        watermark, so the supervisor can show lag without asking the broker itself; the group's
+        state as this member sees it (readiness); whether any broker answers (health)."""
         try:
             stats = json.loads(stats_json)
+            cgrp = stats.get("cgrp") or {}
+            self.group_state, self.join_state = str(cgrp.get("state", "")), str(cgrp.get("join_state", ""))
+            if self.join_state == "init" and not cgrp.get("assignment_size") and not self.book.owned \
+                    and self.empty_target_at > self.rebalanced_at:
+                # KIP-848 keeps a member without partitions in "init"; its heartbeat confirmed
+                # the empty assignment after the last callback, so it is as settled as it gets.
+                self.join_state = "steady"
+            self.group_seen_at = time.time()
+            self.problems.on_stats(stats)
             for topic, t in stats.get("topics", {}).items():
                 for pid, p in t.get("partitions", {}).items():
                     tp = (topic, int(pid))
@@ -327,6 +370,11 @@ class ConsumerLoop:
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
         self.commit_results += 1
+        self.problems.on_commit(err, partitions)
+        fatal = classify(err, self.instance_id, self.group) if err is not None else None
+        if fatal is not None and fatal.code == WorkerExit.FENCED:
+            self.on_consumer_error(err)
+            return
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("commit failed: %s", err.str())
             return
@@ -338,6 +386,8 @@ class ConsumerLoop:
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         try:
             tps = [(p.topic, p.partition) for p in partitions]
+            self.rebalanced_at = time.time()
+            self.problems.on_assign()
             self.book.acquire(tps)
             self.assignments += bool(tps)
             self.state = "assigned"
@@ -352,6 +402,7 @@ class ConsumerLoop:
         them synchronously; only then let the revocation complete."""
         try:
             tps = [(p.topic, p.partition) for p in partitions]
+            self.rebalanced_at = time.time()
             if not tps:
                 return
             self.revocations += 1
@@ -380,6 +431,7 @@ class ConsumerLoop:
         """Lost partitions may already belong to another member: commit nothing for them."""
         try:
             tps = [(p.topic, p.partition) for p in partitions]
+            self.rebalanced_at = time.time()
             self.runner.drop(set(tps))
             self.collect()  # stores only for partitions still owned
             self.book.release(tps)

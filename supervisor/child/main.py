@@ -1,8 +1,12 @@
 """Worker entry point (child side): ``python -m supervisor.child <channel-fd>``.
 
 Boot order, each step able to fail with a one-line BootFailed before the worker has joined
-the group: receive Configure -> import the handler -> create the Consumer (librdkafka checks
-the config) -> ask the broker for the topics' metadata (bounded) -> report Loaded -> wait for Go.
+the group: receive Configure (of a protocol version this worker can serve, else exit 15
+INCOMPATIBLE_SUPERVISOR) -> import the handler -> create the Consumer (librdkafka checks
+the config) -> ask the broker for the topics' metadata (bounded) -> the handler class's
+``setup()`` -> report Loaded -> wait for Go. ``setup()`` runs before Loaded so that a release
+whose ``setup()`` raises is a BootFailed: a rolling reload stops there with the old worker still
+running, instead of draining it and then crash-looping the new one.
 This is the one place where the worker's exit code is chosen.
 """
 
@@ -58,7 +62,7 @@ def _wait_for(channel: Channel, kinds: tuple[type, ...], timeout: float,
             for msg in channel.read_available():
                 if isinstance(msg, kinds):
                     return msg
-            if channel.closed:
+            if channel.closed or channel.incompatible is not None:
                 return None
         return None
     finally:
@@ -75,10 +79,18 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
         raise BootError(WorkerExit.BOOT_FAILED, str(exc)) from None
     from confluent_kafka import Consumer, KafkaException
 
+    from supervisor.child.kafka_problems import LogWatch
+
+    kafka = dict(cfg.kafka)
+    user_debug = bool(kafka.get("debug"))
+    if kafka.get("group.protocol") == "consumer":
+        # librdkafka reports a broker without KIP-848 only in a cgrp debug line (kafka_problems.py).
+        kafka["debug"] = ",".join(filter(None, (kafka.get("debug"), "cgrp")))
+    commits.log = LogWatch(logging.getLogger("librdkafka"), quiet_debug=not user_debug)
     try:
         # librdkafka's own log lines go through Python logging (JSON, redacted) instead of raw stderr.
-        consumer = Consumer({"statistics.interval.ms": "1000", **cfg.kafka, "on_commit": commits,
-                             "stats_cb": commits.stats, "logger": logging.getLogger("librdkafka")})
+        consumer = Consumer({"statistics.interval.ms": "1000", **kafka, "on_commit": commits,
+                             "stats_cb": commits.stats, "error_cb": commits.error, "logger": commits.log})
     except (KafkaException, ValueError, TypeError) as exc:
         raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
                                            f"(fix or remove that -X/[kafka] setting)") from None
@@ -108,6 +120,13 @@ def _kafka_text(exc: BaseException) -> str:
 def run(channel: Channel) -> int:
     watch = liveness.ParentWatch()
     cfg = _wait_for(channel, (m.Configure,), CONFIGURE_TIMEOUT_S, watch)
+    if channel.incompatible is not None:
+        # A supervisor of another protocol version (see contract/codec.py for the rule): refuse
+        # before anything else, with both versions and the fix in one line.
+        reason = str(channel.incompatible)
+        log.error("boot failed: %s", reason)
+        channel.send(m.BootFailed(os.getpid(), int(WorkerExit.INCOMPATIBLE_SUPERVISOR), reason))
+        return int(WorkerExit.INCOMPATIBLE_SUPERVISOR)
     if not isinstance(cfg, m.Configure):
         return int(WorkerExit.INTERNAL)
     secrets = secret_values(cfg.kafka)
@@ -116,6 +135,7 @@ def run(channel: Channel) -> int:
     try:
         commits = CommitRelay()
         handler, consumer, partitions = boot(cfg, commits)
+        run_setup(cfg.handler, handler, consumer)
     except BootError as exc:
         reason = redact(exc.reason, secrets)
         log.error("boot failed: %s", reason)
@@ -126,6 +146,7 @@ def run(channel: Channel) -> int:
     go = _wait_for(channel, (m.Go, m.Drain), float("inf"), watch)
     if not isinstance(go, m.Go):
         consumer.close()
+        run_teardown(handler)
         channel.send(m.Exiting(os.getpid(), 0, "stopped before joining"))
         return int(WorkerExit.OK)
     return consume(cfg, handler, consumer, channel, watch, commits)
@@ -142,21 +163,48 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
             return "supervisor died (orphaned)"
         return None
 
-    if handler.setup is not None:
-        handler.setup()
     runner = build_runner(cfg, handler)
     loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop, handler.instance)
+    loop.instance_id = cfg.kafka.get("group.instance.id", "")
+    loop.group = cfg.kafka.get("group.id", "")
+    if commits.log is not None:
+        from supervisor.child.kafka_problems import unsupported_reason
+
+        servers = cfg.kafka.get("bootstrap.servers", "?")
+        commits.log.on_unsupported = lambda _text: loop.request_drain(
+            unsupported_reason(servers), 0.0, WorkerExit.BROKER_UNSUPPORTED)
+        commits.log.on_empty_target = loop.on_empty_target
     commits.target = loop
     tune_gc()
     runner.start()
     log.info("joining group %s for %s", cfg.kafka.get("group.id"), ", ".join(cfg.topics))
     code = loop.run()
+    run_teardown(handler)
+    return int(code)
+
+
+def run_setup(spec: str, handler: Any, consumer: Any) -> None:
+    """The handler class's ``setup()``, before the worker reports Loaded; raising is a boot
+    failure (the consumer, created but never joined, is closed)."""
+    if handler.setup is None:
+        return
+    try:
+        handler.setup()
+    except Exception as exc:
+        log.error("handler setup() raised", exc_info=True)
+        consumer.close()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise BootError(WorkerExit.BOOT_FAILED,
+                        f"handler {spec!r}: setup() raised {type(exc).__name__}: {first} "
+                        f"(fix setup(); the worker did not join the group)") from None
+
+
+def run_teardown(handler: Any) -> None:
     if handler.teardown is not None:
         try:
             handler.teardown()
         except Exception:
             log.exception("handler teardown raised")
-    return int(code)
 
 
 def tune_gc() -> None:
@@ -202,6 +250,7 @@ class CommitRelay:
 
     def __init__(self) -> None:
         self.target: Any = None
+        self.log: Any = None  # the LogWatch given to librdkafka as its logger
 
     def __call__(self, err: Any, partitions: Any) -> None:
         if self.target is not None:
@@ -210,6 +259,10 @@ class CommitRelay:
     def stats(self, stats_json: str) -> None:
         if self.target is not None:
             self.target.on_stats(stats_json)
+
+    def error(self, err: Any) -> None:
+        if self.target is not None:
+            self.target.on_error(err)
 
 
 def main(argv: list[str] | None = None) -> None:

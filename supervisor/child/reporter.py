@@ -57,4 +57,9 @@ class Reporter:
             latency_counts=list(itertools.accumulate(latency)),
             latency_sum=latency_sum,
             at=time.time(),
+            problems=loop.problems.lines(),
+            group_state=loop.group_state,
+            join_state=loop.join_state,
+            group_seen_at=loop.group_seen_at,
+            rebalanced_at=loop.rebalanced_at,
         ))

@@ -4,12 +4,20 @@ A ``Channel`` wraps one non-blocking AF_UNIX stream socket. ``send`` never block
 never raises on a dead peer (it returns False); ``read_available`` returns the complete
 messages received so far and ``closed`` once the peer is gone. The reaper, not the channel,
 decides what a dead peer means.
+
+A line that does not decode (a peer's bug, or a message type from a newer release) is skipped
+and counted in ``decode_errors``, and logged at most ``_LOG_BURST`` times per ``_LOG_WINDOW_S``
+(the count of the ones not logged goes into the next line): a peer writing garbage can neither
+flood the log nor stall the reader. A Configure of an incompatible protocol version is kept in
+``incompatible`` for the worker to refuse.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 
 from supervisor.contract import codec
 from supervisor.contract import messages as m
@@ -17,6 +25,10 @@ from supervisor.contract import messages as m
 # A worker's Configure can carry a few KB; reports are small. The cap protects the supervisor
 # from a worker that writes garbage without newlines.
 _MAX_LINE = 1 << 20
+_LOG_BURST = 3
+_LOG_WINDOW_S = 10.0
+
+log = logging.getLogger("ksup.channel")
 
 
 class Channel:
@@ -25,6 +37,11 @@ class Channel:
         self.sock = sock
         self._buf = b""
         self.closed = False
+        self.decode_errors = 0
+        self.incompatible: codec.IncompatibleVersion | None = None
+        self._log_window_start = -_LOG_WINDOW_S
+        self._logged_in_window = 0
+        self._not_logged = 0
 
     @classmethod
     def from_fd(cls, fd: int) -> Channel:
@@ -56,7 +73,7 @@ class Channel:
 
     def read_available(self) -> list[m.Message]:
         """Every complete message received so far; never blocks. Malformed lines are skipped
-        (a worker's bug must not take the supervisor down)."""
+        and logged, rate-limited (a worker's bug must not take the supervisor down)."""
         out: list[m.Message] = []
         while not self.closed:
             try:
@@ -77,9 +94,24 @@ class Channel:
             if line.strip():
                 try:
                     out.append(codec.decode(line))
-                except codec.CodecError:
-                    continue
+                except codec.IncompatibleVersion as exc:
+                    self.incompatible = exc
+                except codec.CodecError as exc:
+                    self._decode_error(exc)
         return out
+
+    def _decode_error(self, exc: codec.CodecError) -> None:
+        self.decode_errors += 1
+        now = time.monotonic()
+        if now - self._log_window_start >= _LOG_WINDOW_S:
+            self._log_window_start, self._logged_in_window = now, 0
+        if self._logged_in_window >= _LOG_BURST:
+            self._not_logged += 1
+            return
+        self._logged_in_window += 1
+        skipped = f" ({self._not_logged} more not logged)" if self._not_logged else ""
+        self._not_logged = 0
+        log.warning("skipped a line from the peer that is not a ksup message: %s%s", exc, skipped)
 
     def close(self) -> None:
         self.closed = True

@@ -121,6 +121,15 @@ class Report:
     # example the topic was deleted, commits keep failing, no broker answers). Status, health
     # and the log show them.
     problems: list[str] = field(default_factory=list)
+    # The consumer group as librdkafka sees it (its statistics' ``cgrp``): ``group_state`` is
+    # cgrp.state ("up" once the coordinator is known), ``join_state`` cgrp.join_state ("steady"
+    # when no rebalance is under way for this member); ``group_seen_at`` when those statistics
+    # arrived and ``rebalanced_at`` the last rebalance callback (wall clock, seconds). Statistics
+    # older than the last callback say nothing about the group after it (readiness.py).
+    group_state: str = ""
+    join_state: str = ""
+    group_seen_at: float = 0.0
+    rebalanced_at: float = 0.0
 
 
 # Upper bounds (seconds) of the handler latency histogram buckets; +Inf is implied.

@@ -6,13 +6,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from supervisor.parent import policy
+from supervisor.parent import readiness
 
 if TYPE_CHECKING:
     from supervisor.parent.supervisor import Supervisor
-
-LOOP_STALL_S = 5.0  # the loop ticks at least every 0.5 s; this long without a tick is a stall
-UNOWNED_GRACE_S = 10.0  # a rebalance leaves partitions without a consumer for well under this
 
 
 class SupervisorCommands:
@@ -47,6 +44,8 @@ class SupervisorCommands:
                 "restarts": s.restarts,
                 "handler_version": s.handler_version,
                 "revocations": r.revocations if r else 0,
+                "group": {"state": r.group_state, "join_state": r.join_state} if r else {},
+                "problems": r.problems if r else [],
             })
         return {"supervisor": {"pid": os.getpid(), "state": sup.state.value, "group": sup.settings.group,
                                "topics": list(sup.settings.topics), "handler": sup.settings.handler,
@@ -55,25 +54,14 @@ class SupervisorCommands:
                 "workers": workers}
 
     def health(self) -> dict[str, Any]:
-        """Healthy: the loop is ticking, every worker is reporting and none is stuck."""
-        sup = self.sup
-        problems = []
-        now = time.monotonic()
-        if now - sup.last_tick > LOOP_STALL_S:
-            problems.append(f"supervisor loop stalled for {now - sup.last_tick:.1f}s")
-        if sup.state.value != "running":
-            problems.append(f"supervisor is {sup.state.value}")
-        for s in sup.slots:
-            if not s.alive:
-                problems.append(f"worker {s.index} is not running")
-                continue
-            problem = policy.stuck(s, now, time.time(), sup.settings)
-            if problem:
-                problems.append(f"worker {s.index} {problem}")
-        coverage = sup.core.coverage_problem(UNOWNED_GRACE_S)
-        if coverage:
-            problems.append(coverage)
-        return {"healthy": not problems, "problems": problems}
+        """readiness.health: the same verdict as /healthz."""
+        ok, problems = readiness.health(self.sup)
+        return {"healthy": ok, "problems": problems}
+
+    def ready(self) -> dict[str, Any]:
+        """readiness.ready: the same verdict as /readyz and READY=1."""
+        ok, problems = readiness.ready(self.sup)
+        return {"ready": ok, "problems": problems}
 
     def scale(self, workers: int) -> dict[str, Any]:
         was = self.sup.target_workers

@@ -10,7 +10,8 @@ Each rule lives in one place:
 - a worker's messages and exit, the crash-loop rule: ``worker_events.py`` + ``policy.py``;
 - the rolling reload: ``rolling.py``;
 - stuck and silent workers, boot deadlines: ``policy.py`` (decided here, in ``watch``);
-- health/readiness of the group: ``settled`` here (h11's readiness module reads it).
+- readiness and health of the group: ``readiness.py`` (partitions held by departed members:
+  ``note_departure`` here).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class SupervisorCore:
         self.forced = False
         self.quick = False
         self.roll: rolling.Roll | None = None
-        self.unowned_since: float | None = None
+        # partition -> (worker index, since, session expiry): held by a member that went without
+        # leaving the group (see note_departure)
+        self.departed: dict[str, tuple[int, float, float]] = {}
         self.partitions_total = 0  # of the subscribed topics, as the workers' metadata says
         self.poison_counts: Counter[tuple[str, int, int]] = Counter()
         self.poison: set[tuple[str, int, int]] = set()
@@ -293,35 +296,42 @@ class SupervisorCore:
     def rolling(self) -> bool:
         return self.roll is not None and self.roll.phase is not RollPhase.DONE
 
-    def settled(self) -> bool:
-        """Every worker has joined and reported an assignment, and together they own every
-        partition: the group is not in the middle of a rebalance."""
-        alive = [s for s in self.slots if s.alive]
-        if not alive or any(s.assigned_at is None or s.report is None for s in alive):
-            return False
-        return len(self.owned_partitions()) >= self.partitions_total
+    def note_departure(self, slot: WorkerSlot, clean: bool) -> None:
+        """Remember the partitions a worker held when it went without leaving the group (died, or
+        drained as a static member that comes back): until its session expires, the broker
+        keeps them with that member and nobody consumes them, in this ksup or any other of the
+        group. A member that left for good (scale-down, or a dynamic member's close) is not
+        noted: the group rebalanced its partitions to the others at once."""
+        report = slot.report
+        if self.state is not State.RUNNING or report is None or not report.assignment:
+            return
+        left_group = clean and (slot.then is After.REMOVE or not self.settings.static_membership)
+        if left_group:
+            return
+        until = self.now + policy.session_timeout_s(self.settings)
+        for name in report.assignment:
+            self.departed[name] = (slot.index, self.now, until)
 
     def note_coverage(self) -> None:
-        """Remember since when some partition has had no consumer while every worker reports
-        (for health: a departed static member can hold partitions with nobody consuming them)."""
-        reporting = [s for s in self.slots if s.alive and s.report is not None]
-        short = self.state is State.RUNNING and self.partitions_total > 0 and bool(reporting) \
-            and len(self.owned_partitions()) < self.partitions_total
-        if not short:
-            self.unowned_since = None
-        elif self.unowned_since is None:
-            self.unowned_since = self.now
+        """Forget departed members' partitions that a worker of ours owns again or whose session
+        has expired (the group then gives them to a live member, perhaps of another ksup)."""
+        if not self.departed:
+            return
+        owned = {p for s in self.slots if s.alive and s.report is not None for p in s.report.assignment}
+        for name, (_, _, until) in list(self.departed.items()):
+            if name in owned or self.now >= until or self.state is not State.RUNNING:
+                del self.departed[name]
 
     def coverage_problem(self, grace_s: float) -> str | None:
-        """The health rule's part about partitions: some have had no consumer for ``grace_s``."""
-        if self.unowned_since is None or self.now - self.unowned_since < grace_s:
+        """The health rule's part about partitions: a departed member has held some for
+        ``grace_s`` with nobody consuming them (fleet-safe: it never assumes this ksup owns
+        every partition of the topics)."""
+        held = [(index, since, until) for index, since, until in self.departed.values() if self.now - since >= grace_s]
+        if not held:
             return None
-        missing = self.partitions_total - len(self.owned_partitions())
-        return f"{missing} of {self.partitions_total} partition(s) without a consumer for " \
-               f"{self.now - self.unowned_since:.0f}s"
-
-    def owned_partitions(self) -> set[str]:
-        return {p for s in self.slots if s.alive and s.report is not None for p in s.report.assignment}
+        index, since, until = min(held, key=lambda h: h[1])
+        return (f"{len(held)} partition(s) without a consumer for {self.now - since:.0f}s: the departed member of "
+                f"worker {index} holds them until its session expires (in {until - self.now:.0f}s)")
 
     # ---- the end ------------------------------------------------------------------------------
 

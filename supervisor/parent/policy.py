@@ -39,6 +39,21 @@ def halt_code_for_boot_failure(worker_code: int) -> ExitCode:
           ExitCode.BOOT_FAILED)
 
 
+def halt_for_worker_exit(worker_code: int | None, index: int, worker_reason: str,
+                         instance_id: str, group: str) -> tuple[ExitCode, str] | None:
+    """A worker exit that no restart can cure stops ksup: fenced (another consumer uses this
+    slot's group.instance.id) or a broker without the chosen group protocol."""
+    if worker_code == WorkerExit.FENCED:
+        prefix = instance_id.rpartition("-")[0] or instance_id
+        return ExitCode.FENCED, (
+            f"worker {index} was fenced: another consumer in group {group!r} uses group.instance.id "
+            f"{instance_id!r} (--instance-id-prefix {prefix!r}, on this host or another); give each ksup "
+            f"of the group its own --instance-id-prefix")
+    if worker_code == WorkerExit.BROKER_UNSUPPORTED:
+        return ExitCode.BROKER_UNSUPPORTED, worker_reason or f"worker {index}: the broker lacks a feature"
+    return None
+
+
 def final_exit_code(worker_codes: list[int | None], forced: bool) -> ExitCode:
     """The supervisor's code after every worker stopped on a normal stop request.
     ``None`` is a worker killed by a signal."""
@@ -81,3 +96,11 @@ def jittered(limit: int, slot: int, generation: int) -> int:
     Deterministic per slot and generation, so tests can predict it."""
     spread = max(limit // 10, 0)
     return limit + (hash((slot, generation)) % (spread + 1) if spread else 0)
+
+
+def session_timeout_s(settings: Settings) -> float:
+    """How long the broker keeps a member that stopped heartbeating (classic: the client's
+    session.timeout.ms; KIP-848: the broker's group.consumer.session.timeout.ms, 45 s by default)."""
+    if settings.group_protocol == "classic":
+        return int(settings.kafka.get("session.timeout.ms", "45000")) / 1000
+    return 45.0

@@ -9,8 +9,10 @@ For each slot, in order (``RollPhase``):
 2. DRAIN: the old worker drains (finish in flight, store, commit, close). Under static
    membership it does not leave the group, so nothing is rebalanced.
 3. JOIN: once the old process has exited, the incoming one takes the slot and joins; under
-   static membership it gets the same partitions back. The next slot waits until it has its
-   assignment (the roll is gated on readiness); a crash here stops the roll.
+   static membership it gets the same partitions back. The next slot waits for the gate of
+   ``readiness.roll_gate``: static, the new worker got its partitions back; dynamic, the group
+   rebalanced to stable as every worker of this ksup sees it (never "this ksup owns every
+   partition": other ksup instances may share the group). A crash here stops the roll.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from supervisor.parent import membership
+from supervisor.parent import membership, readiness
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, RollPhase, SlotState
 
@@ -54,6 +56,8 @@ class Roll:
     incoming: WorkerSlot | None = None
     old: WorkerSlot | None = None
     drain_started: float = 0.0
+    old_assignment: list[str] = field(default_factory=list)  # what the replaced worker owned
+    steady_since: float | None = None  # the gate: since when every worker is in the group
     results: list[SlotResult] = field(default_factory=list)
     error: str | None = None
     ended_at: float | None = None
@@ -130,6 +134,8 @@ def _check_boot(core: SupervisorCore, roll: Roll) -> None:
         return
     if incoming.state is SlotState.LOADED:
         roll.phase, roll.drain_started = RollPhase.DRAIN, core.now
+        roll.old_assignment = list(old.report.assignment) if old.report is not None else []
+        roll.steady_since = None
         core.drain_slot(old, "rolling reload", core.settings.worker_drain_timeout, core.settings.graceful_timeout)
         old.then = After.REPLACED
 
@@ -178,7 +184,9 @@ def _check_join(core: SupervisorCore, roll: Roll) -> None:
     if not incoming.alive:
         finish(core, roll, f"worker {roll.current}: the new process died after joining")
         return
-    if incoming.assigned_at is not None and core.settled():
+    passed, roll.steady_since = readiness.roll_gate(core.slots, incoming, roll.old_assignment,
+                                                    core.settings.static_membership, roll.steady_since, core.now)
+    if passed and incoming.assigned_at is not None:
         roll.results[-1].gap_s = incoming.assigned_at - roll.drain_started
         log.info("reload: worker %d replaced (pid %s -> %s), partitions without a consumer for %.3fs",
                  roll.current, roll.results[-1].old_pid, incoming.pid, roll.results[-1].gap_s)

@@ -34,7 +34,7 @@ from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode
 from supervisor.parent import events as ev
-from supervisor.parent import rolling, worker_output
+from supervisor.parent import readiness, rolling, worker_output
 from supervisor.parent.core import SupervisorCore
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
@@ -62,6 +62,7 @@ class Supervisor:
         self.last_tick = time.monotonic()
         self.board_dir = tempfile.mkdtemp(prefix="ksup-inflight-")
         self.procs: dict[int, WorkerSlot] = {}  # pid -> slot, until reaped and reported
+        self.progress = readiness.Progress()  # committed offsets standing still (health)
 
     # ---- the core's view, for the adapters (status, health, metrics, systemd) -------------------
 
@@ -92,9 +93,6 @@ class Supervisor:
     @property
     def receipt(self) -> Receipt:
         return self.core.receipt
-
-    def settled(self) -> bool:
-        return self.core.settled()
 
     def rolling(self) -> bool:
         return self.core.rolling()

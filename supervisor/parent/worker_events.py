@@ -25,6 +25,13 @@ log = logging.getLogger("ksup.supervisor")
 def on_message(core: SupervisorCore, slot: WorkerSlot, msg: m.Message) -> None:
     now = core.now
     if isinstance(msg, m.Report):
+        before = slot.report.problems if slot.report is not None else []
+        if msg.problems != before:  # a standing Kafka problem began, changed or ended: say so once
+            for problem in msg.problems:
+                if problem.split(" for ", 1)[0] not in " | ".join(before):
+                    log.warning("worker %d: %s", slot.index, problem)
+            if before and not msg.problems:
+                log.info("worker %d: Kafka problems resolved", slot.index)
         slot.report, slot.report_at = msg, now
         if msg.state in ("assigned", "draining") and slot.assigned_at is None:
             slot.assigned_at = now
@@ -73,8 +80,14 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
                 "worker %d (pid %s) %s%s%s%s", slot.index, slot.pid, report.describe(),
                 last_moments(slot, core.wall), f"; in flight at death: {inflight}" if inflight else "",
                 event.tail)
+    kafka = slot.configure.kafka if slot.configure else {}
+    fatal = policy.halt_for_worker_exit(report.code, slot.index, slot.exiting.reason if slot.exiting else "",
+                                        kafka.get("group.instance.id", ""), core.settings.group)
+    if fatal is not None:
+        raise HaltSupervisor(fatal[1], fatal[0])
     if slot not in core.slots:
         return  # an incoming worker of a rolling reload, or a killed stray: rolling.py decides
+    core.note_departure(slot, clean)
     if core.state is State.STARTING and not clean:
         # Died before every worker loaded: the code or the config cannot boot (BootFailed, when
         # the worker could say so, already halted with its own code).

@@ -1,7 +1,8 @@
 """Test handler: records every message it finished as a line ``partition offset pid`` in the file
 named by KSUP_TEST_RECORD, after sleeping KSUP_TEST_SLEEP seconds. Failure switches come from
 the environment (the workers inherit it); each ``*_AT`` switch names "partition:offset" and
-fires once per test (a marker file next to the record remembers it fired)."""
+fires once per test (a marker file next to the record remembers it fired); KSUP_TEST_SLOW_AT may
+name several, comma-separated, and slows each every time."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def process(record: Record) -> None:
         os._exit(1)
     if os.environ.get("KSUP_TEST_RAISE_ALWAYS_AT") == where:
         raise ValueError(f"cannot parse {where}")
-    if os.environ.get("KSUP_TEST_SLOW_AT") == where:
+    if where in os.environ.get("KSUP_TEST_SLOW_AT", "").split(","):  # one or more "p:o", comma-separated
         time.sleep(float(os.environ.get("KSUP_TEST_SLOW_S", "5")))
     # One write per message with O_APPEND: a line is either whole or absent, even on SIGKILL.
     os.write(_fd, f"{record.partition} {record.offset} {os.getpid()}\n".encode())

@@ -1,0 +1,160 @@
+"""What the worker makes of Kafka's errors (child side): which ones end the worker, and which
+standing problems it reports to the supervisor (``Report.problems``) for status and health.
+
+Fatal, with their own exit codes (the supervisor halts on both, restarting cannot help):
+- fenced: another consumer joined with this worker's ``group.instance.id``. librdkafka hands
+  this out of ``poll()`` as ``_FATAL`` whose text carries the broker's error (FENCED_INSTANCE_ID
+  on the classic protocol, which fences the older member; UNRELEASED_INSTANCE_ID on KIP-848,
+  which fences the newcomer). ``KafkaError.fatal()`` is False on that event, so the text decides.
+- the broker lacks KIP-848 (``--group-protocol consumer`` against Kafka 3.x): librdkafka only
+  says so in a ``cgrp`` debug line ("ConsumerGroupHeartbeatRequest not supported by broker")
+  and retries for ever, so the worker asks for that debug context and watches its log
+  (``LogWatch``); the lines it did not ask for are not passed on.
+
+Standing problems (each reported while it lasts; none is fatal): no broker answering (librdkafka
+statistics: no broker UP with a receive in the last ``after_s``, or ``_ALL_BROKERS_DOWN``),
+commits failing for longer than ``after_s``, a subscribed topic that is unknown (deleted).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from confluent_kafka import KafkaError
+
+from supervisor.contract.exitcodes import WorkerExit
+
+log = logging.getLogger("ksup.worker")
+
+
+def _text(code: int) -> str:
+    return str(KafkaError(code).str()).split(": ", 1)[-1]
+
+
+FENCED_TEXTS = (_text(KafkaError.FENCED_INSTANCE_ID), _text(KafkaError.UNRELEASED_INSTANCE_ID),
+                _text(KafkaError._FENCED))
+FENCED_CODES = (KafkaError.FENCED_INSTANCE_ID, KafkaError.UNRELEASED_INSTANCE_ID, KafkaError._FENCED)
+UNSUPPORTED_848_TEXT = "ConsumerGroupHeartbeatRequest not supported by broker"
+# KIP-848: a member whose target assignment is empty gets no rebalance callback at all and
+# librdkafka keeps its join state "init"; this cgrp debug line is the broker saying so.
+EMPTY_TARGET_848_TEXT = 'ConsumerGroupHeartbeat received target assignment ""'
+UNKNOWN_TOPIC_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
+
+
+class Fatal(NamedTuple):
+    code: WorkerExit
+    reason: str
+
+
+def fenced_reason(instance_id: str, group: str, detail: str) -> str:
+    return (f"fenced: another consumer joined group {group!r} with this worker's group.instance.id "
+            f"{instance_id!r} ({detail}); give each ksup of the group its own --instance-id-prefix")
+
+
+def unsupported_reason(servers: str) -> str:
+    return (f"--group-protocol consumer needs KIP-848 (the ConsumerGroupHeartbeat API, Kafka 4.0+), and the "
+            f"broker at {servers} does not offer it (Kafka 3.x or older); use --group-protocol classic, "
+            f"or upgrade the brokers to Kafka 4.x")
+
+
+def classify(err: Any, instance_id: str, group: str) -> Fatal | None:
+    """A consumer error (from poll/consume, error_cb or a commit) that must end the worker."""
+    code, text = err.code(), str(err.str())
+    if code in FENCED_CODES or any(t in text for t in FENCED_TEXTS):
+        return Fatal(WorkerExit.FENCED, fenced_reason(instance_id or "(none)", group, text))
+    if code == KafkaError._FATAL or err.fatal():
+        return Fatal(WorkerExit.KAFKA_FATAL, f"fatal Kafka error: {text}")
+    return None
+
+
+class LogWatch:
+    """librdkafka's ``logger``: passes lines to ``logger``, except the debug lines ksup asked for
+    itself (``quiet_debug``); tells ``on_unsupported`` when the broker lacks KIP-848 and
+    ``on_empty_target`` when a KIP-848 heartbeat gave this member no partitions."""
+
+    def __init__(self, logger: logging.Logger, quiet_debug: bool) -> None:
+        self.logger = logger
+        self.quiet_debug = quiet_debug
+        self.on_unsupported: Callable[[str], None] | None = None
+        self.on_empty_target: Callable[[], None] | None = None
+        self.unsupported = ""
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        text = msg % args if args else msg
+        if UNSUPPORTED_848_TEXT in text and not self.unsupported:
+            self.unsupported = text
+            if self.on_unsupported is not None:
+                self.on_unsupported(text)
+        if EMPTY_TARGET_848_TEXT in text and self.on_empty_target is not None:
+            self.on_empty_target()
+        if level <= logging.DEBUG and self.quiet_debug:
+            return
+        self.logger.log(level, "%s", text)
+
+
+class KafkaProblems:
+    """Standing Kafka-side problems, one line each (``lines``). Fed from the consumer thread."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self.commit_failing_since: float | None = None
+        self.commit_error = ""
+        self.brokers_answered_at = time.monotonic()
+        self.brokers_seen = ""
+        self.all_down_since: float | None = None
+        self.unknown_topic = ""
+
+    def on_commit(self, err: Any, partitions: list[Any] | None = None) -> None:
+        """A commit result: ``err`` None (or _NO_OFFSET) is a success. A commit refused because
+        the topic is unknown is the first sign of a deleted topic (the consumer's metadata learns
+        it minutes later)."""
+        if err is None or err.code() == KafkaError._NO_OFFSET:
+            self.commit_failing_since = None
+            return
+        if err.code() in UNKNOWN_TOPIC_CODES:
+            topics = ", ".join(sorted({str(p.topic) for p in partitions or []})) or "?"
+            self.unknown_topic = f"{topics}: {err.str()} (deleted?)"
+        if self.commit_failing_since is None:
+            self.commit_failing_since = time.monotonic()
+        self.commit_error = str(err.str())
+
+    def on_error(self, err: Any) -> None:
+        code = err.code()
+        if code == KafkaError._ALL_BROKERS_DOWN and self.all_down_since is None:
+            self.all_down_since = time.monotonic()
+        elif code in UNKNOWN_TOPIC_CODES:
+            self.unknown_topic = f"{err.str()} (deleted?)"
+
+    def on_assign(self) -> None:
+        self.unknown_topic = ""  # the broker gave us partitions: the topics exist
+
+    def on_stats(self, stats: dict[str, Any]) -> None:
+        """Brokers answering: some broker UP that received something within ``after_s``
+        (a member heartbeats every few seconds, so a live coordinator always qualifies)."""
+        now = time.monotonic()
+        states = []
+        for name, b in stats.get("brokers", {}).items():
+            rxidle = b.get("rxidle", -1)
+            states.append(f"{name} {b.get('state')}")
+            if b.get("state") == "UP" and rxidle >= 0:
+                self.brokers_answered_at = max(self.brokers_answered_at, now - rxidle / 1e6)
+                if rxidle < self.after_s * 1e6:
+                    self.all_down_since = None
+        self.brokers_seen = ", ".join(sorted(states))
+
+    def lines(self) -> list[str]:
+        now = time.monotonic()
+        out = []
+        if self.all_down_since is not None:
+            out.append(f"all broker connections are down (for {now - self.all_down_since:.0f}s)")
+        elif now - self.brokers_answered_at > self.after_s:
+            out.append(f"no broker answered for {now - self.brokers_answered_at:.0f}s "
+                       f"({self.brokers_seen or 'no broker statistics'})")
+        if self.commit_failing_since is not None and now - self.commit_failing_since > self.after_s:
+            out.append(f"commits failing for {now - self.commit_failing_since:.0f}s: {self.commit_error}")
+        if self.unknown_topic:
+            out.append(f"topic gone: {self.unknown_topic}")
+        return out

@@ -1,0 +1,145 @@
+"""The broker as ksup's health sees it, on brokers of this module's own (never the shared
+session broker): a Kafka 3.9 broker without KIP-848 refuses --group-protocol consumer with a
+clear exit, and a frozen broker, failing commits or a deleted topic make `ksup health` and
+/healthz say unhealthy with the reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import ksup_cli, read_record, wait_until
+from tests.kafkautil import create_topic, free_port_unused, produce_sequence
+from tests.localkafka import LocalKafka
+from tests.test_observability import endpoint
+
+pytestmark = pytest.mark.kafka
+
+HANDLER = "tests.handlers.recording:process"
+
+
+@pytest.fixture(scope="module")
+def kafka39() -> Iterator[LocalKafka]:
+    broker = LocalKafka(version="3.9.2")  # the last 3.x: no KIP-848 (ConsumerGroupHeartbeat)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+def test_group_protocol_consumer_on_kafka_3_9_is_a_clear_error(ksup, kafka39, names, tmp_path):
+    topic, group = names
+    create_topic(kafka39.bootstrap, topic, 2)
+    produce_sequence(kafka39.bootstrap, topic, 10, partitions=2)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, kafka39.bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--group-protocol", "consumer"])
+    assert run.wait(60) == 9, run.tail()
+    last = run.log_text().strip().splitlines()[-1]
+    assert last.startswith("ksup: exit 9 (BROKER_UNSUPPORTED):"), last
+    assert "KIP-848" in last and "--group-protocol classic" in last and "Kafka 4" in last, last
+    assert read_record(record) == [], "nothing was consumed"
+    # The same settings with the classic protocol work on that broker.
+    ok = ksup(HANDLER, kafka39.bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)})
+    wait_until(lambda: len(read_record(record)) == 10, 60, "classic consumes on 3.9")
+    assert ok.stop() == 0, ok.tail()
+
+
+@pytest.fixture(scope="module")
+def own_kafka() -> Iterator[LocalKafka]:
+    """A broker this module may freeze and whose topics it may delete."""
+    broker = LocalKafka()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        if broker.proc is not None:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        broker.cleanup()
+
+
+def _verdicts(sock, port) -> tuple[int, str, int, list[str]]:
+    out = ksup_cli("health", "--socket", str(sock))
+    code, body = endpoint(port, "/healthz")
+    return out.returncode, out.stderr, code, body["problems"]
+
+
+def _start(ksup, kafka, topic, group, tmp_path):
+    create_topic(kafka.bootstrap, topic, 2)
+    produce_sequence(kafka.bootstrap, topic, 100, partitions=2)
+    record = tmp_path / "record.txt"
+    port, sock = free_port_unused(), tmp_path / "ctl.sock"
+    run = ksup(HANDLER, kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--metrics-addr", f"127.0.0.1:{port}", "--control-socket", str(sock),
+                      "--progress-timeout", "4", "-X", "session.timeout.ms=6000"])
+    wait_until(lambda: len(read_record(record)) == 100, 60, "consumed")
+    wait_until(lambda: _verdicts(sock, port)[0] == 0, 30, "healthy")
+    assert _verdicts(sock, port)[2] == 200
+    return run, sock, port
+
+
+def test_health_sees_a_frozen_broker(ksup, own_kafka, names, tmp_path):
+    topic, group = names
+    run, sock, port = _start(ksup, own_kafka, topic, group, tmp_path)
+    assert own_kafka.proc is not None
+    os.kill(own_kafka.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: _verdicts(sock, port)[0] == 1, 60, "ksup health unhealthy while the broker is frozen")
+        code, stderr, http, problems = _verdicts(sock, port)
+        assert code == 1 and http == 503, (stderr, problems)
+        assert "broker" in stderr and any("broker" in p for p in problems), (stderr, problems)
+    finally:
+        os.kill(own_kafka.proc.pid, signal.SIGCONT)
+    wait_until(lambda: _verdicts(sock, port)[0] == 0, 90, "healthy again after the broker is back")
+    assert _verdicts(sock, port)[2] == 200
+    assert run.stop(90) == 0, run.tail()
+
+
+def test_health_sees_a_deleted_topic(ksup, own_kafka, names, tmp_path):
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    run, sock, port = _start(ksup, own_kafka, topic, group, tmp_path)
+    admin = AdminClient({"bootstrap.servers": own_kafka.bootstrap})
+    admin.delete_topics([topic])[topic].result(30)
+    wait_until(lambda: _verdicts(sock, port)[0] == 1, 60, "ksup health unhealthy after the topic was deleted")
+    code, stderr, http, problems = _verdicts(sock, port)
+    assert http == 503 and "topic" in stderr and any(topic in p for p in problems), (stderr, problems)
+    # The offsets stored before the deletion can never be committed: after --progress-timeout
+    # (4 s) that is a standing problem of its own.
+    wait_until(lambda: "commits failing for" in _verdicts(sock, port)[1], 30, "commits failing reported")
+    assert any("commits failing for" in p for p in _verdicts(sock, port)[3])
+    run.stop(60)
+
+
+def test_kafka_problems_rules():
+    """Pure logic: which errors become which problem lines, and when they clear."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    from supervisor.child.kafka_problems import KafkaProblems, classify
+    from supervisor.contract.exitcodes import WorkerExit
+
+    p = KafkaProblems(after_s=0.0)
+    p.on_commit(KafkaError(KafkaError.REQUEST_TIMED_OUT))
+    assert any(line.startswith("commits failing") for line in p.lines())
+    p.on_commit(None)
+    assert not any(line.startswith("commits failing") for line in p.lines())
+    p.on_commit(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART), [TopicPartition("orders", 0)])
+    assert any(line.startswith("topic gone: orders") for line in p.lines())
+    p.on_assign()
+    p.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+    assert any("all broker connections are down" in line for line in p.lines())
+    p.after_s = 10.0
+    p.on_stats({"brokers": {"b/1": {"state": "UP", "rxidle": 0}}})
+    p.on_commit(None)
+    assert p.lines() == []
+    fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other consumer with "
+                                           "same group.instance.id: Fatal consumer error")
+    verdict = classify(fenced, "h-g-0", "g")
+    assert verdict is not None and verdict.code == WorkerExit.FENCED and "'h-g-0'" in verdict.reason
+    assert classify(KafkaError(KafkaError._FATAL), "", "g").code == WorkerExit.KAFKA_FATAL  # type: ignore[union-attr]
+    assert classify(KafkaError(KafkaError._TRANSPORT), "", "g") is None
