@@ -7,6 +7,7 @@ handler:process`` finds ``./handler.py``. A class is instantiated once per worke
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -20,6 +21,48 @@ from supervisor.record import Record
 
 class HandlerLoadError(Exception):
     """One line naming what is wrong with the spec and how to fix it."""
+
+
+class HandlerDidNotRun(TypeError):
+    """The handler returned a coroutine, generator or other awaitable: its body did not run, so
+    the message is not done (an error for the --on-error policy, never a success)."""
+
+
+# ---- handler shapes: the one place that decides them ---------------------------------------------
+# Accepted: a plain function (``def``), a coroutine function (``async def``, awaited on the handler
+# thread's event loop), either taking one record or, with --batch-size, a list; or a class whose
+# ``process`` is one of those. Refused at boot: generator and async generator functions, whose body
+# runs only when something iterates them. Refused at run time: a return value that is itself
+# unrun work (a coroutine or generator returned by a plain ``def``).
+
+def shape_problem(fn: Any) -> str | None:
+    """Why ``fn`` cannot be a handler (its shape), or None."""
+    target = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else getattr(fn, "__call__", fn)  # noqa: B004
+    if inspect.isasyncgenfunction(target):
+        return ("is an async generator function (it contains `yield`): its body would run only if something "
+                "iterated it, so no message would be processed; remove the `yield` (an `async def` that "
+                "returns is awaited)")
+    if inspect.isgeneratorfunction(target):
+        return ("is a generator function (it contains `yield`): its body would run only if something iterated "
+                "it, so no message would be processed; remove the `yield` and return instead")
+    return None
+
+
+def check_returned(value: object) -> None:
+    """Raise HandlerDidNotRun when a handler's return value is work that did not run. Called
+    with every non-None return value, on every path that calls the handler."""
+    kind = ("coroutine" if inspect.iscoroutine(value) else
+            "generator" if inspect.isgenerator(value) else
+            "async generator" if inspect.isasyncgen(value) else
+            "awaitable" if inspect.isawaitable(value) else None)
+    if kind is None:
+        return
+    close = getattr(value, "close", None) if kind != "async generator" else None
+    if callable(close):
+        close()  # no "never awaited" warning: the error below says it
+    raise HandlerDidNotRun(f"the handler returned a {kind} instead of running it, so the message was not "
+                           f"processed (declare the handler `async def` to have it awaited, or run the "
+                           f"{kind} inside the handler)")
 
 
 @dataclass
@@ -97,6 +140,9 @@ def load_handler(spec: str) -> LoadedHandler:
         process = getattr(instance, "process", None)
         if not callable(process):
             raise HandlerLoadError(f"handler {spec!r}: class {attr} has no process(record) method")
+        problem = shape_problem(process)
+        if problem:
+            raise HandlerLoadError(f"handler {spec!r}: {attr}.process {problem}")
         return LoadedHandler(spec, process, getattr(instance, "setup", None),
                              getattr(instance, "teardown", None), handler_version(module_name), instance)
     if not callable(obj):
@@ -104,4 +150,7 @@ def load_handler(spec: str) -> LoadedHandler:
             f"handler {spec!r}: {attr!r} is a {type(obj).__name__}, not a function "
             f"(point at a function taking one record)"
         )
+    problem = shape_problem(obj)
+    if problem:
+        raise HandlerLoadError(f"handler {spec!r}: {attr} {problem}")
     return LoadedHandler(spec, obj, version=handler_version(module_name))

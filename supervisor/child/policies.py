@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from supervisor.child.handler import check_returned
 from supervisor.child.runner import STORED, Job, Outcome
 from supervisor.record import Record
 
@@ -97,7 +98,9 @@ class Executor:
             if self.batch or self.is_async:
                 self.call([j.record for j in jobs])
             else:
-                self.process(first)  # the common case, kept short: it runs for every message
+                result = self.process(first)  # the common case, kept short: it runs for every message
+                if result is not None:
+                    check_returned(result)
             return STORED
         except BaseException as exc:  # noqa: BLE001 - the policy decides
             return self.on_failure(jobs, exc)
@@ -105,12 +108,14 @@ class Executor:
     def call(self, records: list[Record]) -> None:
         arg: Any = records if self.batch else records[0]
         if not self.is_async:
-            self.process(arg)
-            return
-        loop = getattr(self._local, "loop", None)
-        if loop is None:  # one event loop per handler thread, kept for the worker's life
-            loop = self._local.loop = asyncio.new_event_loop()
-        loop.run_until_complete(self.process(arg))
+            result = self.process(arg)
+        else:
+            loop = getattr(self._local, "loop", None)
+            if loop is None:  # one event loop per handler thread, kept for the worker's life
+                loop = self._local.loop = asyncio.new_event_loop()
+            result = loop.run_until_complete(self.process(arg))
+        if result is not None:
+            check_returned(result)
 
     def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
         where = jobs[0].record.coordinates

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from supervisor.child.handler import check_returned
 from supervisor.contract.inflight_board import BoardWriter
 from supervisor.contract.messages import LATENCY_BUCKETS
 from supervisor.record import Record
@@ -357,7 +358,9 @@ class HandlerRunner:
                     outcome = execute([job])
                 else:
                     try:
-                        plain(job.record)
+                        result = plain(job.record)
+                        if result is not None:
+                            check_returned(result)  # handler.py decides shapes, also on this path
                         outcome = STORED
                     except BaseException as exc:  # noqa: BLE001 - the policy decides
                         outcome = execute.on_failure([job], exc)
