@@ -131,6 +131,8 @@ class ConsumerLoop:
         """One round: read the supervisor, store finished offsets, fetch or serve, report."""
         self.check_supervisor(now)
         self.collect()
+        if self.runner.crashed is not None:
+            self.on_handler_thread_crashed()
         if self.stop_reason is not None:
             return
         busy = self.runner.busy()
@@ -260,6 +262,17 @@ class ConsumerLoop:
         if not self.book.mark_done((topic, partition), offsets, epoch):
             log.info("finished %s[%d]@%s after its partition was revoked: not stored (the new owner "
                      "handles them again)", topic, partition, ",".join(map(str, offsets[:5])))
+
+    def on_handler_thread_crashed(self) -> None:
+        """A handler thread died of an exception outside the handler: finished work is still
+        stored and committed by the drain; what that thread held is not (redelivered)."""
+        assert self.runner.crashed is not None
+        thread, exc, text = self.runner.crashed
+        if self.stop_reason is None:
+            log.error("handler thread %s died of %s outside the handler (a bug in the error policy or "
+                      "in ksup); the worker stops:\n%s", thread, type(exc).__name__, text.rstrip())
+        self.request_drain(f"handler thread {thread} died of {type(exc).__name__}: {exc!r}",
+                           code=WorkerExit.HANDLER_CRASHED)
 
     def on_handler_failed(self, rec: Record, outcome: Outcome) -> None:
         error = outcome.error

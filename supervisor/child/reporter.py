@@ -58,6 +58,8 @@ class Reporter:
             latency_sum=latency_sum,
             at=time.time(),
             problems=loop.problems.lines(),
+            handler_threads=loop.runner.concurrency,
+            handler_threads_alive=loop.runner.threads_alive(),
             group_state=loop.group_state,
             join_state=loop.join_state,
             group_seen_at=loop.group_seen_at,

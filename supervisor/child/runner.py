@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -129,6 +130,7 @@ class HandlerRunner:
                  batch_size: int = 1, batch_timeout_s: float = 0.0,
                  board: BoardWriter | None = None) -> None:
         self._execute = execute
+        self.concurrency = concurrency
         self._cond = threading.Condition()
         self._lanes: OrderedDict[Lane, deque[Job]] = OrderedDict()
         self._active: set[Lane] = set()
@@ -147,6 +149,7 @@ class HandlerRunner:
         # thread number -> (the job it runs, since: time.perf_counter()); see oldest_running
         self.running: dict[int, tuple[Job, float]] = {}
         self.failure: tuple[Job, Outcome] | None = None
+        self.crashed: tuple[str, BaseException, str] | None = None  # (thread, exception, traceback)
         self._stopping = False
         self._order_by = order_by
         self._batch_size, self._batch_timeout_s = batch_size, batch_timeout_s
@@ -296,6 +299,22 @@ class HandlerRunner:
         return max(min(waits), 0.001) if waits else None
 
     def _run(self, number: int) -> None:
+        """A handler thread. The handler's own exceptions go to the policy; anything that escapes
+        (a bug in policy code or here) is kept in ``crashed`` for the consumer thread, which
+        fails the worker: a dead handler thread must never look like an idle one."""
+        try:
+            self._serve(number)
+        except BaseException as exc:  # noqa: BLE001 - reported, then the worker exits
+            self.crashed = (threading.current_thread().name, exc, traceback.format_exc())
+            with self._cond:
+                self._stopping = True
+                self._changes += 1
+                self._cond.notify_all()
+
+    def threads_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def _serve(self, number: int) -> None:
         cond = self._cond
         while True:
             with cond:

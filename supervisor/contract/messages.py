@@ -130,6 +130,10 @@ class Report:
     join_state: str = ""
     group_seen_at: float = 0.0
     rebalanced_at: float = 0.0
+    # Handler threads alive out of how many were started: fewer means a dead one (the worker
+    # exits HANDLER_CRASHED on its own; the supervisor can tell "idle" from "dead" meanwhile).
+    handler_threads: int = 0
+    handler_threads_alive: int = 0
 
 
 # Upper bounds (seconds) of the handler latency histogram buckets; +Inf is implied.

@@ -75,6 +75,9 @@ def stuck(slot: WorkerSlot, now: float, wall_now: float, s: Settings) -> str | N
         if age > s.handler_timeout:
             f = report.in_flight
             return f"handler stuck on {f.topic}[{f.partition}]@{f.offset} for {age:.1f}s (--handler-timeout)"
+    if report is not None and report.handler_threads_alive < report.handler_threads:
+        dead = report.handler_threads - report.handler_threads_alive
+        return f"has {dead} dead handler thread(s) of {report.handler_threads}"
     if now - slot.report_at > s.heartbeat_timeout:
         return f"silent for {now - slot.report_at:.1f}s (no report; --heartbeat-timeout)"
     return None

@@ -1,0 +1,68 @@
+"""A worker that cannot make progress must be noticed (issue 12): an exception outside the
+handler (in the error-policy code, or a ksup bug) on a handler thread fails the worker loudly
+(its own exit code, the traceback in the log) instead of leaving a live-looking worker that
+holds its partitions for ever. Oracle: the handler's record and the broker's committed offsets."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import read_record, wait_until
+from tests.kafkautil import committed_offsets, create_topic, produce_sequence
+
+pytestmark = pytest.mark.kafka
+
+POLICY_BUG = '''
+import os
+
+
+class Weird(Exception):
+    def __str__(self):  # the error policy formats the exception: this raises inside the policy
+        raise RuntimeError("bug in the policy path")
+
+
+def process(record):
+    if record.offset == 5:
+        raise Weird()
+    with open(os.environ["KSUP_TEST_RECORD"], "a") as f:
+        f.write(f"{record.partition} {record.offset} {os.getpid()}\\n")
+'''
+
+
+def test_an_exception_in_the_error_policy_fails_the_worker_loudly(ksup, bootstrap, names, tmp_path):
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 20)
+    (tmp_path / "policybug.py").write_text(POLICY_BUG)
+    record = tmp_path / "record.txt"
+    run = ksup("policybug:process", bootstrap, topic, group, cwd=tmp_path, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--on-error", "skip", "--restart-delay", "30"])
+    wait_until(lambda: "exit 14 (HANDLER_CRASHED)" in run.log_text(), 30, "the worker exits HANDLER_CRASHED")
+    log = run.log_text()
+    assert "RuntimeError: bug in the policy path" in log, "the traceback is in the log"
+    assert [off for _, off, _ in read_record(record)] == [0, 1, 2, 3, 4]
+    # The finished prefix was committed on the way out; offset 5 was not (it will be redelivered).
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 1) == {0: 5}, 15, "offsets 0-4 committed")
+    run.stop()
+
+
+def test_reports_tell_a_dead_handler_thread_from_an_idle_one():
+    """Pure: the supervisor's stuck rule reads the handler-thread liveness in the report."""
+    import time
+    from types import SimpleNamespace
+
+    from supervisor.contract import messages as m
+    from supervisor.parent import policy
+    from supervisor.parent.slots import WorkerSlot
+
+    now = time.monotonic()
+    settings = SimpleNamespace(handler_timeout=None, heartbeat_timeout=30.0)
+
+    def slot(alive: int) -> WorkerSlot:
+        s = WorkerSlot(0, joined=True, report_at=now)
+        s.report = m.Report(pid=1, state="assigned", assignment=[], in_flight=None, processed=0, failed=0,
+                            stored={}, committed={}, rss_bytes=0, handler_threads=2, handler_threads_alive=alive)
+        return s
+
+    assert policy.stuck(slot(2), now, time.time(), settings) is None  # type: ignore[arg-type]
+    assert policy.stuck(slot(1), now, time.time(), settings) == "has 1 dead handler thread(s) of 2"  # type: ignore[arg-type]
