@@ -77,9 +77,12 @@ Segment = tuple[list[Job], Outcome]
 
 @dataclass(slots=True, eq=False)
 class Progress:
-    """A lane run a handler thread works on. The handler thread writes ``special`` (outcomes
+    """A lane run a handler thread works on. The handler thread publishes ``special`` (outcomes
     other than STORED, by index), then ``done`` (how many jobs finished), then ``over`` (it left
-    the run); the consumer thread reads ``over`` before ``done`` and owns ``taken``."""
+    the run); the consumer thread reads ``over`` before ``done``, ``done`` before ``special``, and
+    owns ``taken``. Correct by construction: every field has one writer, each write is a single
+    reference assignment, and ``special`` is never changed once published (the handler thread
+    publishes a new dict), so the consumer thread never iterates something being changed."""
 
     jobs: list[Job]
     done: int = 0
@@ -93,7 +96,7 @@ class Progress:
         if done <= start:
             return []
         self.taken = done
-        special = self.special
+        special = self.special  # a snapshot: published whole, never changed afterwards
         if not special or not any(start <= i < done for i in special):
             return [(self.jobs[start:done], STORED)]
         out: list[Segment] = []
@@ -187,7 +190,10 @@ class HandlerRunner:
         return self._queued
 
     def busy(self) -> bool:
-        return bool(self.running) or self._queued > 0
+        """Work queued or running. Under the lock: a handler thread moves a job from queued to
+        running in two steps, both under the lock, so only a locked read sees one or the other."""
+        with self._cond:
+            return bool(self.running) or self._queued > 0
 
     def oldest_running(self) -> tuple[Job, float] | None:
         """The job in a handler for the longest, and since when (wall clock, time.time())."""
@@ -391,9 +397,8 @@ class HandlerRunner:
                     if outcome.retry_in is not None and not outcome.stop:
                         self._retry_later(lane, queue, jobs[i:], outcome.retry_in)
                         break
-                    if progress.special is None:
-                        progress.special = {}
-                    progress.special[i] = outcome
+                    # copy, then publish by one assignment (the consumer thread may be reading the old one)
+                    progress.special = {**(progress.special or {}), i: outcome}
                     progress.done = i + 1
                     if outcome.stop:
                         with self._cond:
