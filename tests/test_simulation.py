@@ -236,3 +236,21 @@ def test_story_fails_on_the_old_rules(name: str, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(AssertionError) as failed:
         _run_story(name)
     print(f"old rules, {name}: {str(failed.value).splitlines()[0]}")
+
+
+def test_story_scale_down_while_a_static_member_is_dead() -> None:
+    """Found by the simulation (seed blob AXicY3BkcGQGQgYGIIPRkcmRGcRgArJhJDOYZGNwZAUAakcEcw==):
+    3 workers, scale to 1, worker 1 killed. Removing slot 1 without a rejoin left its dead static
+    member in the group: slot 2's LeaveGroup started a rebalance that waited for it, and partition
+    2 had no consumer for 33 s. Now slot 1 restarts, rejoins, then leaves for good."""
+    world = World(GroupProtocol.CLASSIC, 3, 3)
+    world.advance(3.0)
+    world.post(ev.SignalReceived(signal.SIGTTOU))
+    world.post(ev.SignalReceived(signal.SIGTTOU))
+    world.deliver()
+    _kill(world, 1)
+    world.advance(40.0)
+    assert len(world.core.slots) == 1
+    world.post(ev.Stop("end of the story"))
+    world.advance(50.0)
+    assert world.core.state is State.STOPPED

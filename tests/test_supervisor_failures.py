@@ -116,25 +116,33 @@ def test_scale_down_leaves_the_group_at_once(ksup, bootstrap, names, tmp_path):
     assert run.stop() == 0, run.tail()
 
 
-def test_health_says_unhealthy_while_a_departed_member_holds_partitions(ksup, bootstrap, names, tmp_path):
+def test_a_dead_static_member_scaled_away_rejoins_then_leaves(ksup, bootstrap, names, tmp_path):
     """A worker killed and its slot scaled away before the restart: its static member keeps its
-    partitions until the session expires and nobody consumes them, so health must not say
-    healthy (every worker that is left runs fine)."""
+    partitions until the session expires (40 s here) and nobody consumes them, so health says so
+    meanwhile; ksup restarts the slot, which rejoins with its instance id (releasing them) and
+    then leaves for good: every partition is consumed well within the session timeout."""
     topic, group = names
     create_topic(bootstrap, topic, 4)
     produce_sequence(bootstrap, topic, 40, partitions=4)
     record = tmp_path / "record.txt"
     run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
-               extra=["-X", "session.timeout.ms=40000", "--restart-delay", "10"])
+               extra=["-X", "session.timeout.ms=40000", "--restart-delay", "15"])
     wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
     assert ksup_cli("health", "-g", group).returncode == 0
     victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
     os.kill(victim, signal.SIGKILL)
     run.wait_for_log("worker 1 restarts in", 30)
+    killed_at = time.monotonic()
     run.signal(signal.SIGTTOU)
-    wait_until(lambda: len(status(group)["workers"]) == 1, 30, "slot 1 removed")
     wait_until(lambda: "without a consumer" in ksup_cli("health", "-g", group).stderr, 25,
                "health reports the partitions nobody consumes")
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
+    assert time.monotonic() - killed_at < 35, "consumed before the dead member's session (40 s) expired"
+    wait_until(lambda: len(status(group)["workers"]) == 1, 30, "slot 1 removed after its rejoin")
+    assert "worker slot 1 removed" in run.log_text()
+    wait_until(lambda: ksup_cli("health", "-g", group).returncode == 0, 30, "healthy again")
     assert run.stop() == 0, run.tail()
 
 

@@ -6,7 +6,11 @@
   hidden behind 45 s gaps between deaths).
 - A slot being removed never joins: the slots above the target that are not in the group now
   (booting, loaded, dead) go at once, drained before they are told Go or not restarted; a
-  rolling reload does not replace them either.
+  rolling reload does not replace them either. Except a slot whose static member is still in the
+  group (its process died without leaving): until a process rejoins with its instance id, the
+  broker keeps its partitions and every rebalance waits for it (classic protocol) until its
+  session expires. Such a slot is restarted and rejoins first, then leaves for good like any
+  joined slot (one boot instead of a whole session timeout without a consumer).
 - Everything else that changes the group (a new slot joining, a joined slot leaving, a recycle)
   happens one change at a time, so the group rebalances once per change instead of in a storm.
 """
@@ -46,7 +50,7 @@ def manage(core: SupervisorCore) -> None:
     scale_down_unjoined(core)
     for slot in core.slots:
         if slot.state is SlotState.LOADED and not slot.joined and slot.then is not After.REMOVE \
-                and not above_target(core, slot):
+                and (not above_target(core, slot) or must_rejoin(core, slot)):
             core.go(slot)
     current = core.roll.current if core.rolling() and core.roll is not None else None
     for slot in core.slots:
@@ -86,12 +90,12 @@ def manage(core: SupervisorCore) -> None:
 def scale_down_unjoined(core: SupervisorCore) -> None:
     """Above the target, the highest-numbered slots go. Those not in the group now go at once,
     with no group change: a process that has not been told Go is drained before it joins, a dead
-    one is not restarted. (A dead member's partitions then wait for its session to expire, as
-    after any scale-down of a static member.) Joined ones leave one change at a time (manage)."""
+    one is not restarted, unless its static member is still in the group (must_rejoin). Joined
+    ones leave one change at a time (manage), with LeaveGroup."""
     live = sorted((s for s in core.slots if s.then is not After.REMOVE), key=lambda s: s.index)
     current = core.roll.current if core.rolling() and core.roll is not None else None
     for victim in live[core.target_workers:]:
-        if victim.joined or victim.index == current:
+        if victim.joined or victim.index == current or must_rejoin(core, victim):
             continue
         victim.then = After.REMOVE
         if victim.alive:
@@ -99,6 +103,13 @@ def scale_down_unjoined(core: SupervisorCore) -> None:
         else:
             core.slots.remove(victim)
             log.info("worker slot %d removed (%d workers)", victim.index, len(core.slots))
+
+
+def must_rejoin(core: SupervisorCore, slot: WorkerSlot) -> bool:
+    """The slot's static member is in the group (a process of it joined and none left for good):
+    removing it without a rejoin would leave its partitions, and every rebalance of a classic
+    group, waiting for its session to expire."""
+    return slot.member and core.settings.static_membership
 
 
 def above_target(core: SupervisorCore, slot: WorkerSlot) -> bool:

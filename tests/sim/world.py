@@ -303,7 +303,11 @@ class World:
         if slot.then is After.REMOVE:
             raise Violation(f"worker {slot.index} told to join although it is being removed")
         ranked = sorted((s for s in core.slots if s.then is not After.REMOVE), key=lambda s: s.index)
-        if slot in ranked and ranked.index(slot) >= core.target_workers and core.state is State.RUNNING:
+        # A slot whose static member the group still holds (its process died) may rejoin above the
+        # target: only a rejoin releases its partitions before the session expires.
+        still_member = self.settings.static_membership and f"ksup-{slot.index}" in self.group.members
+        if slot in ranked and ranked.index(slot) >= core.target_workers and core.state is State.RUNNING \
+                and not still_member:
             raise Violation(f"worker {slot.index} told to join although the target is {core.target_workers} "
                             "workers (scale down already decided)")
         for other, worker in self.workers.items():
