@@ -50,9 +50,14 @@ def ksup(tmp_path: Path) -> Iterator[type[KsupRun]]:
     class Tracked(KsupRun):
         def __init__(self, *args: object, **kwargs: object) -> None:
             kwargs.setdefault("workdir", tmp_path)
+            # Every worker of the suite checks the one-owner-thread rule of its Consumer.
+            kwargs["env"] = {"KSUP_CHECK_CONSUMER_THREAD": "1", **(kwargs.get("env") or {})}  # type: ignore[dict-item]
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             started.append(self)
 
     yield Tracked
     for run in started:
         run.kill_everything()
+    offenders = [line for run in started for line in run.log_text().splitlines()
+                 if "not the consumer thread" in line]
+    assert not offenders, f"a Consumer was called from another thread: {offenders[:3]}"

@@ -116,6 +116,32 @@ def test_health_sees_a_deleted_topic(ksup, own_kafka, names, tmp_path):
     run.stop(60)
 
 
+def test_an_unconfirmed_final_commit_is_exit_5_within_a_short_graceful_timeout(ksup, own_kafka, names, tmp_path):
+    """Issue 13 finding 7: the worker's commit and close waits come from the drain budget. With
+    --graceful-timeout 8 and the broker frozen at SIGTERM, the final commit cannot be confirmed:
+    the truth is COMMIT_FAILED (5), reached before the supervisor's SIGKILL (which would say
+    FORCED, 4: hard-coded 10 s + 5 s waits outlived the 8 s budget)."""
+    topic, group = names
+    create_topic(own_kafka.bootstrap, topic, 1)
+    produce_sequence(own_kafka.bootstrap, topic, 20)
+    record = tmp_path / "record.txt"
+    # No periodic auto-commit in this test's window: only the drain commits.
+    run = ksup(HANDLER, own_kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--graceful-timeout", "8", "-X", "auto.commit.interval.ms=120000",
+                      "-X", "session.timeout.ms=6000"])
+    wait_until(lambda: len(read_record(record)) == 20, 60, "consumed")
+    assert own_kafka.proc is not None
+    os.kill(own_kafka.proc.pid, signal.SIGSTOP)
+    try:
+        run.signal(signal.SIGTERM)
+        code = run.wait(30)
+    finally:
+        os.kill(own_kafka.proc.pid, signal.SIGCONT)
+    assert code == 5, run.tail()
+    last = run.log_text().strip().splitlines()[-1]
+    assert last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
+
+
 def test_kafka_problems_rules():
     """Pure logic: which errors become which problem lines, and when they clear."""
     from confluent_kafka import KafkaError, TopicPartition

@@ -11,12 +11,20 @@
    protocol, a member that leaves starts a rebalance, and a member that has re-sent JoinGroup
    cannot commit until that rebalance ends, so nobody leaves before everybody committed.
 7. ``close()``: revoke, final auto-commit of anything stored, leave the group.
+
+Every wait after step 2 comes out of the drain's budget: the supervisor's SIGKILL deadline
+(``Drain.deadline_s``, or --graceful-timeout for a direct SIGTERM), less a reserve for the close,
+so the exit code is the worker's own truth (5 for an unconfirmed commit) and never the
+supervisor's "killed" (4). ``close()`` runs on the consumer thread like every other Consumer call;
+a watchdog thread (which never touches the Consumer) ends the process with the drain's exit code
+if close() outlives the budget (it can block for a session timeout when the group is stuck).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -37,6 +45,15 @@ FINAL_COMMIT_TIMEOUT_S = 10.0
 LEAVE_WAIT_S = 10.0
 CLOSE_TIMEOUT_S = 5.0  # without word from the supervisor, leave after this long anyway
 LEAVE_GROUP_S = 3.0    # a worker leaving for good waits this long at most for its revoke
+CLOSE_RESERVE_S = 1.5  # kept from the budget for close() and the exit itself
+MIN_STEP_S = 0.3       # a step of the drain gets at least this long, whatever the budget says
+
+
+def budget_left(loop: ConsumerLoop, reserve: float = CLOSE_RESERVE_S) -> float:
+    """Seconds this step of the drain may take: what is left before the supervisor's SIGKILL,
+    less ``reserve`` for the steps after it."""
+    exit_by = loop.exit_by if loop.exit_by is not None else time.monotonic() + loop.exit_within_s
+    return max(exit_by - time.monotonic() - reserve, MIN_STEP_S)
 
 
 def drain(loop: ConsumerLoop) -> WorkerExit:
@@ -45,6 +62,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         return give_up(loop)
     t0 = time.monotonic()
     loop.state = "draining"
+    loop.lost_unconfirmed.clear()  # only partitions lost during the drain count against its commit
     loop.send_report(force=True)
     abandoned = finish_in_flight(loop, t0)
     code = loop.exit_code
@@ -54,7 +72,11 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         if code == WorkerExit.OK:
             code = WorkerExit.DRAIN_TIMEOUT
     t_commit = time.monotonic()
-    committed = final_commit(loop)
+    committed = final_commit(loop, min(FINAL_COMMIT_TIMEOUT_S, budget_left(loop)))
+    if loop.lost_unconfirmed:
+        log.error("final commit: lost %s before the broker confirmed its offsets (session expired); "
+                  "the finished messages will be redelivered", ", ".join(map(tp_name, sorted(loop.lost_unconfirmed))))
+        committed = False
     if loop.exit_code in GIVE_UP_CODES:
         code = loop.exit_code
     if not committed:
@@ -66,21 +88,21 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     wait_for_leave(loop)
     t_close = time.monotonic()
     if loop.leave_group:
-        leave_group_for_good(loop)
-    if not close_within(loop, CLOSE_TIMEOUT_S) and code == WorkerExit.OK:
-        code = WorkerExit.COMMIT_FAILED if not committed else code
-    loop.state = "closed"
-    log.info("drained (%s): handler %.3fs, commit %.3fs, wait for others %.3fs, close %.3fs; exit %d",
-             loop.stop_reason, t_commit - t0, t_wait - t_commit, t_close - t_wait,
-             time.monotonic() - t_close, int(code))
+        leave_group_for_good(loop, min(LEAVE_GROUP_S, budget_left(loop)))
     inflight = None
     if abandoned is not None:
         r = abandoned.record
         oldest = loop.runner.oldest_running()
         inflight = m.InFlight(r.topic, r.partition, r.offset, oldest[1] if oldest else 0.0)
+    # Said before close(), which the watchdog may cut short: the supervisor has the receipt either way.
     loop.send_report(force=True)  # the final counts, for the supervisor's metrics
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
                                 receipt=receipt, abandoned=inflight, drain_seconds=time.monotonic() - t0))
+    close_within(loop, min(CLOSE_TIMEOUT_S, budget_left(loop, reserve=0.3)), code)
+    loop.state = "closed"
+    log.info("drained (%s): handler %.3fs, commit %.3fs, wait for others %.3fs, close %.3fs; exit %d",
+             loop.stop_reason, t_commit - t0, t_wait - t_commit, t_close - t_wait,
+             time.monotonic() - t_close, int(code))
     return code
 
 
@@ -115,27 +137,38 @@ def give_up(loop: ConsumerLoop) -> WorkerExit:
     loop.state = "draining"
     loop.runner.stop()
     loop.send_report(force=True)
-    close_within(loop, 2.0)
-    loop.state = "closed"
     log.error("giving up without a drain: %s; exit %d", loop.stop_reason, int(loop.exit_code))
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(loop.exit_code), reason=loop.stop_reason or "",
                                 drain_seconds=time.monotonic() - t0))
+    close_within(loop, 2.0, loop.exit_code)
+    loop.state = "closed"
     return loop.exit_code
 
 
-def close_within(loop: ConsumerLoop, timeout_s: float) -> bool:
-    """``close()`` with a bound. It can block for a whole session timeout when the group is stuck
-    in a rebalance (a static member that died still counts as a member). By then everything that
-    could be committed was, so a worker that gives up waiting loses nothing: it exits, and the
-    broker drops the member when its session expires. True when close() returned in time."""
-    closer = threading.Thread(target=loop.consumer.close, name="ksup-close", daemon=True)
-    closer.start()
-    closer.join(timeout_s)
-    if closer.is_alive():
-        log.error("close() did not return within %.0fs (the group is stuck rebalancing); exiting without it",
-                  timeout_s)
-        return False
-    return True
+def close_within(loop: ConsumerLoop, timeout_s: float, code: WorkerExit) -> None:
+    """``close()`` on the consumer thread, bounded by a watchdog. close() can block for a whole
+    session timeout when the group is stuck in a rebalance (a static member that died still
+    counts as a member) or the broker froze. By then everything that could be committed was, so
+    a worker that gives up waiting loses nothing: the watchdog (a thread that never touches the
+    Consumer) ends the process with ``code``, and the broker drops the member when its session
+    expires."""
+    def expire() -> None:
+        log.error("close() did not return within %.1fs (the group is stuck rebalancing or the broker "
+                  "does not answer); exiting without it, exit %d", timeout_s, int(code))
+        for stream in (sys.stderr, sys.stdout):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(int(code))
+
+    watchdog = threading.Timer(timeout_s, expire)
+    watchdog.name, watchdog.daemon = "ksup-close-watchdog", True
+    watchdog.start()
+    try:
+        loop.consumer.close()
+    finally:
+        watchdog.cancel()
 
 
 def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
@@ -162,7 +195,7 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
 def wait_for_leave(loop: ConsumerLoop) -> None:
     """Step 6: keep serving the group until the supervisor says everyone may leave."""
     loop.channel.send(m.ReadyToLeave(os.getpid()))
-    deadline = time.monotonic() + LEAVE_WAIT_S
+    deadline = time.monotonic() + min(LEAVE_WAIT_S, budget_left(loop))
     while not loop.leave_now and not loop.channel.closed and time.monotonic() < deadline:
         loop.serve(0.02)
         loop.check_supervisor(time.monotonic())

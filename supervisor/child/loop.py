@@ -62,6 +62,9 @@ class ConsumerLoop:
         self.stop_reason: str | None = None
         self.exit_code = WorkerExit.OK
         self.drain_timeout_s = float(options.get("graceful_timeout_s", 30.0))
+        self.exit_within_s = float(options.get("exit_within_s", self.drain_timeout_s + 5.0))
+        self.lost_unconfirmed: set[TP] = set()  # lost with stored offsets the broker never confirmed
+        self.exit_by: float | None = None  # monotonic: the whole drain ends by then (set by request_drain)
         self.revocations = 0
         self.skipped = self.dead_lettered = self.assignments = 0
         self.counts: dict[TP, list[int]] = {}  # partition -> [processed, failed]
@@ -90,10 +93,13 @@ class ConsumerLoop:
     # ---- requests from outside ----------------------------------------------------------------
 
     def request_drain(self, reason: str, timeout_s: float | None = None,
-                      code: WorkerExit = WorkerExit.OK) -> None:
-        """Idempotent: the first reason and code win; a later, shorter timeout wins."""
+                      code: WorkerExit = WorkerExit.OK, deadline_s: float | None = None) -> None:
+        """Idempotent: the first reason and code win; a later, shorter timeout or deadline wins.
+        ``deadline_s``: the whole drain must be over by then (the supervisor's SIGKILL)."""
         if timeout_s is not None:
             self.drain_timeout_s = min(self.drain_timeout_s, timeout_s)
+        exit_by = time.monotonic() + (deadline_s if deadline_s is not None else self.exit_within_s)
+        self.exit_by = exit_by if self.exit_by is None else min(self.exit_by, exit_by)
         if self.stop_reason is None:
             self.stop_reason, self.exit_code = reason, code
             log.info("drain requested: %s", reason)
@@ -107,7 +113,7 @@ class ConsumerLoop:
         self._last_channel_check = now
         for msg in self.channel.read_available():
             if isinstance(msg, m.Drain):
-                self.request_drain(msg.reason, msg.timeout_s)
+                self.request_drain(msg.reason, msg.timeout_s, deadline_s=msg.deadline_s)
             elif isinstance(msg, m.Leave):
                 self.leave_now = True
                 self.leave_group = self.leave_group or msg.leave_group
@@ -447,6 +453,9 @@ class ConsumerLoop:
             self.rebalanced_at = time.time()
             self.runner.drop(set(tps))
             self.collect()  # stores only for partitions still owned
+            # Finished work of theirs that the broker never confirmed: redelivered to the next owner.
+            self.lost_unconfirmed |= {tp for tp in tps if (b := self.book.owned.get(tp)) is not None
+                                      and b.stored >= 0 and b.committed < b.stored}
             self.book.release(tps)
             self.paused -= set(tps)
             self.call_lifecycle("on_revoke", tps)

@@ -80,6 +80,7 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
     from confluent_kafka import Consumer, KafkaException
 
     from supervisor.child.kafka_problems import LogWatch
+    from supervisor.child.ownership import maybe_owned
 
     kafka = dict(cfg.kafka)
     user_debug = bool(kafka.get("debug"))
@@ -94,6 +95,7 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
     except (KafkaException, ValueError, TypeError) as exc:
         raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
                                            f"(fix or remove that -X/[kafka] setting)") from None
+    consumer = maybe_owned(consumer)  # test mode only: checks the one-owner-thread rule
     timeout = float(cfg.options.get("broker_timeout_s", 30.0))
     servers = cfg.kafka.get("bootstrap.servers", "?")
     try:

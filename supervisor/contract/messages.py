@@ -41,6 +41,8 @@ class Drain:
 
     timeout_s: float
     reason: str = "requested"
+    # Seconds until the supervisor's SIGKILL: the whole drain (commit, wait, close) fits in it.
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ class SupervisorCore:
     def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float) -> None:
         """Ask one worker to drain (Drain over the pipe plus SIGTERM, which also reaches a worker
         still booting); SIGKILL it if it has not exited ``deadline_s`` from now."""
-        self.send(slot, m.Drain(wait_s, reason))
+        self.send(slot, m.Drain(wait_s, reason, deadline_s))
         self.kill(slot, signal.SIGTERM)
         now = self.now
         slot.drain_sent_at = slot.drain_sent_at or now
