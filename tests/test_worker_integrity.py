@@ -66,3 +66,38 @@ def test_reports_tell_a_dead_handler_thread_from_an_idle_one():
 
     assert policy.stuck(slot(2), now, time.time(), settings) is None  # type: ignore[arg-type]
     assert policy.stuck(slot(1), now, time.time(), settings) == "has 1 dead handler thread(s) of 2"  # type: ignore[arg-type]
+
+
+LEAKER = '''
+import os
+import time
+
+_kept = []
+
+
+def process(record):
+    _kept.append(bytearray(10 << 20))  # 10 MiB per message, never freed
+    time.sleep(0.01)
+    with open(os.environ["KSUP_TEST_RECORD"], "a") as f:
+        f.write(f"{record.partition} {record.offset} {os.getpid()}\\n")
+'''
+
+
+def test_max_memory_bounds_the_overshoot(ksup, bootstrap, names, tmp_path):
+    """Issue 13 finding 10: with --max-memory 150M a leaking worker (up to 1 GiB/s here) reached
+    1,160 MiB before its recycle: its RSS was checked about once a second. The worker now checks
+    its own RSS every few tens of milliseconds and stops taking messages once over the limit,
+    until the supervisor recycles it; nothing is lost (the record covers every offset)."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 60)
+    (tmp_path / "leaker.py").write_text(LEAKER)
+    record = tmp_path / "record.txt"
+    run = ksup("leaker:process", bootstrap, topic, group, cwd=tmp_path, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--max-memory", "150M"])
+    wait_until(lambda: "(--max-memory)" in run.log_text(), 60, "a recycle for memory")
+    import re
+    seen = [int(m) for m in re.findall(r"RSS (\d+) MiB over 150 MiB", run.log_text())]
+    assert seen and max(seen) < 300, f"RSS at the recycle: {seen} MiB (limit 150)"
+    wait_until(lambda: {o for _, o, _ in read_record(record)} == set(range(60)), 120, "every message handled")
+    run.stop()

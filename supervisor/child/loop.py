@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
 
+MEMORY_CHECK_S = 0.02   # how often the worker reads its own RSS when --max-memory is set
 POLL_TIMEOUT_S = 0.1     # how long an idle worker blocks in poll(): bounds drain-notice latency
 SERVE_INTERVAL_S = 0.5   # the longest the consumer goes unserved while the handler is busy
 CHANNEL_CHECK_S = 0.05   # how often the supervisor's pipe is read
@@ -63,6 +65,9 @@ class ConsumerLoop:
         self.exit_code = WorkerExit.OK
         self.drain_timeout_s = float(options.get("graceful_timeout_s", 30.0))
         self.exit_within_s = float(options.get("exit_within_s", self.drain_timeout_s + 5.0))
+        self.max_memory = int(options.get("max_memory_bytes", 0) or 0)
+        self.over_memory = False
+        self._last_memory_check = 0.0
         self.lost_unconfirmed: set[TP] = set()  # lost with stored offsets the broker never confirmed
         self.exit_by: float | None = None  # monotonic: the whole drain ends by then (set by request_drain)
         self.revocations = 0
@@ -139,6 +144,9 @@ class ConsumerLoop:
         self.collect()
         if self.runner.crashed is not None:
             self.on_handler_thread_crashed()
+        if self.max_memory and now - self._last_memory_check >= MEMORY_CHECK_S:
+            self._last_memory_check = now
+            self.check_memory()
         if self.stop_reason is not None:
             return
         busy = self.runner.busy()
@@ -268,6 +276,19 @@ class ConsumerLoop:
         if not self.book.mark_done((topic, partition), offsets, epoch):
             log.info("finished %s[%d]@%s after its partition was revoked: not stored (the new owner "
                      "handles them again)", topic, partition, ",".join(map(str, offsets[:5])))
+
+    def check_memory(self) -> None:
+        """Above --max-memory the worker takes no new messages (a leaking handler stops growing)
+        and says so at once; the supervisor recycles it. Reading /proc/self/statm costs a few
+        microseconds, so this runs every MEMORY_CHECK_S instead of once per report."""
+        over = rss_bytes() > self.max_memory
+        if over != self.over_memory:
+            self.over_memory = over
+            self.runner.hold(over)
+            if over:
+                log.warning("RSS over --max-memory (%d MiB): taking no new messages until the recycle",
+                            self.max_memory >> 20)
+            self.send_report(force=True)
 
     def on_handler_thread_crashed(self) -> None:
         """A handler thread died of an exception outside the handler: finished work is still
@@ -478,3 +499,15 @@ class ConsumerLoop:
 
     def send_report(self, force: bool = False) -> None:
         self.reporter.maybe_send(self, force)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, from /proc/self/statm (0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -154,6 +154,7 @@ class HandlerRunner:
         self.failure: tuple[Job, Outcome] | None = None
         self.crashed: tuple[str, BaseException, str] | None = None  # (thread, exception, traceback)
         self._stopping = False
+        self._held = False  # see hold()
         self._order_by = order_by
         self._batch_size, self._batch_timeout_s = batch_size, batch_timeout_s
         self._batch_origin: list[tuple[Lane, deque[Job], list[Job]]] = []  # batch mode: see _batch_heads
@@ -268,9 +269,21 @@ class HandlerRunner:
 
     # ---- handler threads ----------------------------------------------------------------------
 
+    def hold(self, on: bool) -> None:
+        """Take no new work while ``on`` (the worker is over --max-memory and waits for its
+        recycle): the message in a handler finishes, the rest of a thread's run goes back to the
+        head of its lane, queued work stays queued (in order, not lost)."""
+        with self._cond:
+            if self._held != on:
+                self._held = on
+                self._changes += 1
+                self._cond.notify_all()
+
     def _take(self) -> tuple[Lane, list[Job]] | None:
         """Under the lock: the next ready lane's run of queued messages (``RUN_MAX`` at most), or
         in batch mode one batch from the heads of all lanes; either way taken off the lanes."""
+        if self._held:
+            return None
         now = time.monotonic()
         for lane, jobs in self._lanes.items():
             if lane in self._active or not jobs or jobs[0].not_before > now:
@@ -371,8 +384,11 @@ class HandlerRunner:
         seen = self._changes
         try:
             for i, job in enumerate(jobs):  # for every message: kept lean
-                if self._changes != seen:  # a drop or stop happened: does it concern this lane?
+                if self._changes != seen:  # a drop, stop or hold happened: does it concern this lane?
                     if self._stopping or self._lanes.get(lane) is not queue:
+                        break
+                    if self._held:
+                        self._retry_later(lane, queue, jobs[i:], 0.0, count=False)
                         break
                     seen = self._changes
                 if board is not None:
@@ -417,12 +433,15 @@ class HandlerRunner:
             if self._board is not None:
                 self._board.clear(number)
 
-    def _retry_later(self, lane: Lane, queue: deque[Job], jobs: list[Job], delay: float) -> None:
-        """The head job failed and is to be retried: it and the rest of the run go back to the
-        head of the lane (if it still exists), to run again after ``delay``."""
+    def _retry_later(self, lane: Lane, queue: deque[Job], jobs: list[Job], delay: float,
+                     count: bool = True) -> None:
+        """The head job failed and is to be retried (``count``), or the run was held: it and the
+        rest of the run go back to the head of the lane (if it still exists), to run again after
+        ``delay``."""
         with self._cond:
-            self.retries += 1
-            jobs[0].attempts += 1
+            if count:
+                self.retries += 1
+                jobs[0].attempts += 1
             jobs[0].not_before = time.monotonic() + delay
             if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
                 queue.extendleft(reversed(jobs))
