@@ -101,3 +101,36 @@ def test_max_memory_bounds_the_overshoot(ksup, bootstrap, names, tmp_path):
     assert seen and max(seen) < 300, f"RSS at the recycle: {seen} MiB (limit 150)"
     wait_until(lambda: {o for _, o, _ in read_record(record)} == set(range(60)), 120, "every message handled")
     run.stop()
+
+
+BATCH_POISON = '''
+import os
+
+
+def process(records):
+    if any(r.offset == 0 for r in records):
+        os._exit(1)  # a poison message: kills the worker process whenever it is in the batch
+    with open(os.environ["KSUP_TEST_RECORD"], "a") as f:
+        for r in records:
+            f.write(f"{r.partition} {r.offset} {os.getpid()}\\n")
+'''
+
+
+def test_batch_poison_quarantines_only_the_poison_record(ksup, bootstrap, names, tmp_path):
+    """Issue 12: a poison message first in a batch took the whole batch with it (every record
+    skipped, none run). Each record of a batch is on the in-flight board; after a death the
+    batch's records run alone (suspects), so the next death names the poison one, which alone
+    is quarantined (here: skipped); every other record runs."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 20)
+    (tmp_path / "batchpoison.py").write_text(BATCH_POISON)
+    record = tmp_path / "record.txt"
+    run = ksup("batchpoison:process", bootstrap, topic, group, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--batch-size", "10", "--batch-timeout", "1", "--on-error", "skip", "--restart-delay", "0.5"])
+    wait_until(lambda: {o for _, o, _ in read_record(record)} == set(range(1, 20)), 90,
+               "every record but the poison one handled")
+    assert "SKIPPED" in run.log_text() and "@0" in run.log_text()
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 1) == {0: 20}, 30, "all committed")
+    assert run.stop() == 0, run.tail()

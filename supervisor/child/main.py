@@ -236,14 +236,16 @@ def build_runner(cfg: m.Configure, handler: Any) -> Any:
     dead_letter = DeadLetter(cfg.kafka, str(o.get("dead_letter_topic", "{topic}.dlq"))) \
         if "dead-letter" in chain else None
     poison = {(str(t), int(p), int(off)) for t, p, off in o.get("poison", [])}
+    suspects = {(str(t), int(p), int(off)) for t, p, off in o.get("suspects", [])}
     batch = int(o.get("batch_size", 1)) > 1
     execute = Executor(handler.process, chain, int(o.get("retry_attempts", 3)), float(o.get("retry_backoff_s", 0.5)),
                        dead_letter, poison, batch)
     concurrency = int(o.get("concurrency", 1))
-    board = BoardWriter(str(o["board"]), concurrency) if o.get("board") else None
+    batch_size = int(o.get("batch_size", 1))
+    board = BoardWriter(str(o["board"]), max(concurrency, batch_size)) if o.get("board") else None
     return HandlerRunner(execute, concurrency=concurrency, order_by=str(o.get("order_by", "partition")),
-                         batch_size=int(o.get("batch_size", 1)), batch_timeout_s=float(o.get("batch_timeout_s", 0)),
-                         board=board)
+                         batch_size=batch_size, batch_timeout_s=float(o.get("batch_timeout_s", 0)),
+                         board=board, isolate=poison | suspects)
 
 
 class CommitRelay:

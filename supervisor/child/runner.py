@@ -131,7 +131,8 @@ class Execute(Protocol):
 class HandlerRunner:
     def __init__(self, execute: Execute, concurrency: int = 1, order_by: str = "partition",
                  batch_size: int = 1, batch_timeout_s: float = 0.0,
-                 board: BoardWriter | None = None) -> None:
+                 board: BoardWriter | None = None,
+                 isolate: set[tuple[str, int, int]] | None = None) -> None:
         self._execute = execute
         self.concurrency = concurrency
         self._cond = threading.Condition()
@@ -159,6 +160,9 @@ class HandlerRunner:
         self._batch_size, self._batch_timeout_s = batch_size, batch_timeout_s
         self._batch_origin: list[tuple[Lane, deque[Job], list[Job]]] = []  # batch mode: see _batch_heads
         self._board = board  # each thread writes there what it works on, before the handler runs
+        # Batch mode: messages that run alone, in a batch of one (poison and suspects of a death)
+        self._isolate = isolate or set()
+        self._batch_tps: set[TP] = set()  # partitions of the batch in the handler (under the lock)
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"ksup-handler-{i}", daemon=True)
                          for i in range(concurrency)]
 
@@ -251,7 +255,8 @@ class HandlerRunner:
         monotonic ``deadline`` passed. True when nothing of theirs is running."""
         with self._cond:
             while True:
-                if not any(tps is None or job.tp in tps for job, _ in self.running.values()):
+                if not any(tps is None or job.tp in tps for job, _ in self.running.values()) \
+                        and not (self._batch_tps and (tps is None or self._batch_tps & tps)):
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -307,9 +312,19 @@ class HandlerRunner:
                 break
             if not jobs or jobs[0].not_before > now:
                 continue
-            part = [jobs.popleft() for _ in range(min(room, len(jobs)))]
-            self._batch_origin.append((lane, jobs, part))
-            batch += part
+            part: list[Job] = []
+            while jobs and len(part) < room:
+                alone = self._isolate and (*jobs[0].tp, jobs[0].record.offset) in self._isolate
+                if alone and (part or batch):
+                    room = 0  # it runs in a batch of its own, next time
+                    break
+                part.append(jobs.popleft())
+                if alone:
+                    room = 0
+                    break
+            if part:
+                self._batch_origin.append((lane, jobs, part))
+                batch += part
         self._queued -= len(batch)
         return batch
 
@@ -450,17 +465,25 @@ class HandlerRunner:
 
     def _run_batch(self, number: int, jobs: list[Job]) -> None:
         """One batch (jobs taken from the heads of lanes) through the handler."""
-        r = jobs[0].record
-        if self._board is not None:
-            self._board.set(number, r.topic, r.partition, r.offset)
+        if self._board is not None:  # every record of the batch, one board record each
+            for i, job in enumerate(jobs):
+                self._board.set(i, job.record.topic, job.record.partition, job.record.offset)
         t0 = time.perf_counter()
+        with self._cond:
+            self._batch_tps = {job.tp for job in jobs}  # a revoke of any of them waits for the batch
         self.running[number] = (jobs[0], t0)
-        outcome = self._execute(jobs)
+        try:
+            outcome = self._execute(jobs)
+        finally:
+            with self._cond:
+                self._batch_tps = set()
+                self._cond.notify_all()
         seconds = time.perf_counter() - t0
         self._latency[number][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # per handler call
         self._latency_sum[number] += seconds
         if self._board is not None:
-            self._board.clear(number)
+            for i in range(len(jobs)):
+                self._board.clear(i)
         with self._cond:
             if outcome.retry_in is not None and not outcome.stop:
                 self.retries += 1

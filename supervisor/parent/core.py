@@ -62,6 +62,7 @@ class SupervisorCore:
         self.partitions_total = 0  # of the subscribed topics, as the workers' metadata says
         self.poison_counts: Counter[tuple[str, int, int]] = Counter()
         self.poison: set[tuple[str, int, int]] = set()
+        self.suspects: set[tuple[str, int, int]] = set()  # see worker_events.note_poison
         self.actions: list[ev.Action] = []
         self._dispatch: dict[type, Callable[[Any], Any]] = {
             ev.WorkerMessage: lambda e: worker_events.on_message(self, e.slot, e.msg),
@@ -162,7 +163,7 @@ class SupervisorCore:
         slot.reset_for_spawn(self.now)
         if self.settings.max_messages:
             slot.recycle_after = policy.jittered(self.settings.max_messages, slot.index, slot.restarts)
-        self.actions.append(ev.Spawn(slot, tuple(sorted(self.poison))))
+        self.actions.append(ev.Spawn(slot, tuple(sorted(self.poison)), tuple(sorted(self.suspects - self.poison))))
 
     def send(self, slot: WorkerSlot, msg: m.ToWorker) -> None:
         self.actions.append(ev.Send(slot, msg))

@@ -73,6 +73,9 @@ class Spawn:
 
     slot: WorkerSlot
     poison: tuple[tuple[str, int, int], ...] = ()
+    # Batch mode: records of a batch that was in flight when a worker died; each runs alone
+    # (a batch of one) so that the next death names the poison one.
+    suspects: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

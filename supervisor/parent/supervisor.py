@@ -205,21 +205,24 @@ class Supervisor:
             elif isinstance(action, ev.Kill):
                 self.kill(action.slot, action.sig, action.group)
             elif isinstance(action, ev.Spawn):
-                self.spawn(action.slot, action.poison)
+                self.spawn(action.slot, action.poison, action.suspects)
             else:
                 getattr(self.hooks, action.name)(self, *action.args)
 
-    def configure_for(self, index: int, poison: tuple[tuple[str, int, int], ...]) -> m.Configure:
-        """What a new worker in slot ``index`` is told: settings, its in-flight board, poison."""
+    def configure_for(self, index: int, poison: tuple[tuple[str, int, int], ...],
+                      suspects: tuple[tuple[str, int, int], ...] = ()) -> m.Configure:
+        """What a new worker in slot ``index`` is told: settings, its in-flight board (a record
+        per handler thread, or per message of a batch), poison and suspect messages."""
         s = self.settings
         board = os.path.join(self.board_dir, f"slot-{index}-{time.monotonic_ns()}")
-        inflight_board.create(board, s.concurrency)
+        inflight_board.create(board, max(s.concurrency, s.batch_size))
         options = {**cfgmod.worker_options(s, self.log_format), "board": board,
-                   "poison": [list(p) for p in poison]}
+                   "poison": [list(p) for p in poison], "suspects": [list(p) for p in suspects]}
         return m.Configure(index, s.handler, list(s.topics), cfgmod.kafka_config(s, index), options)
 
-    def spawn(self, slot: WorkerSlot, poison: tuple[tuple[str, int, int], ...]) -> None:
-        configure = self.configure_for(slot.index, poison)
+    def spawn(self, slot: WorkerSlot, poison: tuple[tuple[str, int, int], ...],
+              suspects: tuple[tuple[str, int, int], ...] = ()) -> None:
+        configure = self.configure_for(slot.index, poison, suspects)
         proc, channel = spawn_worker(configure)
         slot.configure, slot.proc, slot.channel, slot.pid = configure, proc, channel, proc.pid
         self.procs[proc.pid] = slot

@@ -121,7 +121,16 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
 def note_poison(core: SupervisorCore, inflight: list[tuple[str, int, int]]) -> str:
     """After a worker died: count a death against each message it had in flight (its in-flight
     board, read by the I/O loop); a message at --poison-after deaths goes to dead-letter/skip
-    next time. Returns the in-flight messages, for the log."""
+    next time. Returns the in-flight messages, for the log.
+
+    Batch mode: a death with several records of one batch in flight does not say which one
+    killed it, so they become suspects instead: the next worker runs each alone, and a death
+    with one record in flight counts against that record only."""
+    if core.settings.batch_size > 1 and len(inflight) > 1:
+        core.suspects.update(inflight)
+        log.warning("a batch of %d records was in flight: the next worker runs each of them alone",
+                    len(inflight))
+        return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
     for key in inflight:
         core.poison_counts[key] += 1
         fallback = [p for p in core.settings.on_error if p in ("dead-letter", "skip")]
