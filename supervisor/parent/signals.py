@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
            signal.SIGTTIN, signal.SIGTTOU)
@@ -15,7 +16,9 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 
 class SignalQueue:
     def __init__(self) -> None:
-        self.pending: list[int] = []
+        # A deque: the handler appends and take() pops, each one atomic operation, so a signal
+        # that arrives while the loop takes is either taken now or left for the next take.
+        self.pending: deque[int] = deque()
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
@@ -35,7 +38,9 @@ class SignalQueue:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        taken, self.pending[:] = list(self.pending), []
+        taken = []
+        while self.pending:
+            taken.append(self.pending.popleft())
         return taken
 
     def uninstall(self, ignore: bool = False) -> None:
