@@ -6,6 +6,7 @@ of N workers can be told apart; topic/partition/offset ride along as ``extra`` f
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -35,24 +36,43 @@ class _Text(logging.Formatter):
         text = base + record.getMessage()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
+        elif record.exc_text:  # already formatted (and redacted) by _Redact
+            text += "\n" + record.exc_text
         return text
 
 
 # librdkafka properties whose values must never be shown (sasl.password, ssl.key.password,
-# sasl.oauthbearer.client.secret, sasl.jaas.config, ...).
-SECRET_KEY = re.compile(r"password|secret|token|jaas|oauthbearer\.config|private|credential", re.IGNORECASE)
+# ssl.keystore.password, ssl.key.pem, sasl.oauthbearer.client.secret, sasl.oauthbearer.config,
+# sasl.oauthbearer.assertion.private.key.passphrase/.pem, sasl.jaas.config, ...).
+SECRET_KEY = re.compile(r"password|secret|token|jaas|oauthbearer\.config|private|credential|passphrase|key\.pem",
+                        re.IGNORECASE)
+SHORT_SECRET = 4  # below this length a value is redacted only where it stands as a whole word
 
 
 def secret_values(kafka: dict[str, str]) -> list[str]:
-    """The values to hide: those of secret-looking keys (at least 4 characters, so that a value
-    like "1" does not blank out every digit of a log line)."""
-    return sorted({v for k, v in kafka.items() if SECRET_KEY.search(k) and len(v) >= 4}, key=len, reverse=True)
+    """The values to hide: those of secret-looking keys, whatever their length (see redact)."""
+    return sorted({v for k, v in kafka.items() if SECRET_KEY.search(k) and v}, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _short_pattern(short: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not short:
+        return None
+    return re.compile(r"(?<![A-Za-z0-9_])(?:" + "|".join(map(re.escape, short)) + r")(?![A-Za-z0-9_])")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace secret values with ***. A value of 4 characters or more goes wherever it appears;
+    a shorter one only as a whole word (between non-alphanumerics), so that a 2-character
+    password does not blank out those two letters in every word of every line (it may still
+    hide an ordinary word that equals it: a short secret is weak anyway)."""
+    secrets = tuple(secrets)
     for secret in secrets:
-        if secret in text:
+        if len(secret) >= SHORT_SECRET and secret in text:
             text = text.replace(secret, "***")
+    pattern = _short_pattern(tuple(x for x in secrets if len(x) < SHORT_SECRET))
+    if pattern is not None:
+        text = pattern.sub("***", text)
     return text
 
 
