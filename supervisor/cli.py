@@ -14,7 +14,7 @@ import click
 from supervisor import __version__
 from supervisor import config as cfgmod
 from supervisor.contract.exitcodes import ExitCode
-from supervisor.errors import ConfigError
+from supervisor.errors import ConfigError, StartupError
 from supervisor.logs import resolve_format, secret_values, setup_logging
 from supervisor.parent import worker_output
 
@@ -128,8 +128,13 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
         return
     log_format = resolve_format(settings.log_format)
     secrets = secret_values(settings.kafka)
-    setup_logging(log_format, settings.log_level, "supervisor", secrets=secrets)
+    from supervisor.parent import sink
+
+    # From here on the supervisor's stderr never blocks (a log reader that stops reading).
+    out = sink.install()
+    setup_logging(log_format, settings.log_level, "supervisor", secrets=secrets, stream=sink.SinkStream(out))
     worker_output.SECRETS[:] = secrets
+    worker_output.FORMAT = log_format
     from supervisor.adapters import systemd
     from supervisor.adapters.control import ControlSocketHooks, default_socket_path
     from supervisor.adapters.pidfile import PidfileHooks
@@ -164,17 +169,20 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
 
         adapters.append(MetricsHooks(settings.metrics_addr, settings.progress_timeout))
     supervisor = Supervisor(settings, log_format, AllHooks(*adapters))
+    crash = ""
     try:
         code = ExitCode(supervisor.run())
-    except OSError as exc:  # the control socket or pidfile could not be set up
+    except StartupError as exc:  # the control socket, pidfile or metrics port could not be set up
+        out.close()
         fail(str(exc), ExitCode.CONFIG)
         return
-    except Exception:
+    except Exception as exc:  # a bug, or an OS error at run time: not a configuration problem
         logging.getLogger("ksup.supervisor").exception("supervisor crashed")
-        code = ExitCode.INTERNAL
+        code, crash = ExitCode.INTERNAL, f"supervisor crashed: {type(exc).__name__}: {exc} (the log has the traceback)"
     if code != ExitCode.OK:
         # The last line of output, for whoever started ksup: what went wrong, as one line.
-        click.echo(f"ksup: exit {int(code)} ({code.name}): {supervisor.final_reason(code)}", err=True)
+        out.write(f"ksup: exit {int(code)} ({code.name}): {crash or supervisor.final_reason(code)}\n".encode())
+    out.close()
     if identity is not None:
         identity.close()
     sys.exit(int(code))

@@ -16,3 +16,8 @@ class HaltSupervisor(Exception):
     def __init__(self, reason: str, exit_code: ExitCode) -> None:
         super().__init__(reason)
         self.reason, self.exit_code = reason, exit_code
+
+
+class StartupError(Exception):
+    """A resource the settings name (control socket, pidfile, metrics port) could not be set
+    up: a configuration problem (exit 78), unlike an OS error once running (exit 1)."""

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -103,8 +104,9 @@ def resolve_format(fmt: str) -> str:
 
 
 def setup_logging(fmt: str, level: str, role: str, slot: int | None = None,
-                  secrets: list[str] | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+                  secrets: list[str] | None = None, stream: Any = None) -> None:
+    """``stream``: where lines go (default stderr; the supervisor gives its non-blocking sink)."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     if resolve_format(fmt) == "json":
         handler.setFormatter(JsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s %(role)s %(slot)s %(pid)s",

@@ -159,7 +159,8 @@ def test_secrets_never_appear_in_logs_status_or_metrics(ksup, bootstrap, names, 
 def test_redaction_helpers():
     secrets = secret_values({"sasl.password": SECRET, "ssl.key.password": "1", "group.id": "g",
                              "sasl.oauthbearer.client.secret": "abcd-efgh"})
-    assert secrets == [SECRET, "abcd-efgh"]
+    assert secrets == [SECRET, "abcd-efgh", "1"]  # a short secret too (redacted as a whole word)
+    assert redact("ssl.key.password=1 on partition 12", secrets) == "ssl.key.password=*** on partition 12"
     assert redact(f"login with {SECRET} failed", secrets) == "login with *** failed"
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "bad %s", (SECRET,), None)
     _Redact(secrets).filter(record)

@@ -78,3 +78,128 @@ def test_every_secret_property_is_redacted_whatever_its_length():
         for secret in ("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", " xy7 ", "=xy7 ", " k9,", "=k9 ", "pw1", "s3cr"):
             assert secret not in out, (fmt, secret, out)
         assert "xy70" in out and "k99" in out, "short secrets are redacted as whole words only"
+
+
+# ---- real ksup processes ------------------------------------------------------------------------
+
+import glob  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.harness import REPO, ksup_cli, read_record, wait_until  # noqa: E402
+from tests.kafkautil import create_topic, produce_sequence  # noqa: E402
+
+NOISY = '''
+import os
+import sys
+
+
+def process(record):
+    if record.offset == 0:
+        sys.stderr.write("x" * 10_000_000 + "\\n")          # one 10 MB line
+        for _ in range(100):
+            sys.stderr.write("y" * 100_000)                    # 10 MB without a newline
+        sys.stderr.write("\\n")
+        print("printed by the handler with", os.environ.get("NOISY_SECRET", "?"))
+        print("a second line\\nand a third")
+        sys.stdout.flush()
+    with open(os.environ["KSUP_TEST_RECORD"], "a") as f:
+        f.write(f"{record.partition} {record.offset} {os.getpid()}\\n")
+'''
+
+
+@pytest.mark.kafka
+def test_huge_worker_output_is_bounded_and_stdout_is_routed_as_json(ksup, bootstrap, names, tmp_path):
+    """Finding 8: a 10 MB line, then 10 MB without a newline: the supervisor keeps neither (RSS
+    stays small) and its handling is linear; the handler's print() is routed like stderr: every
+    line ksup writes is a JSON object, and the configured secret is redacted from it."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 20)
+    (tmp_path / "noisy.py").write_text(NOISY)
+    record = tmp_path / "record.txt"
+    secret = "pw-0123456789"
+    run = ksup("noisy:process", bootstrap, topic, group, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(record), "NOISY_SECRET": secret},
+               extra=["-X", f"sasl.password={secret}"])
+    peak = 0
+    sup = psutil.Process(run.proc.pid)
+    deadline = time.monotonic() + 60
+    while len(read_record(record)) < 20 and time.monotonic() < deadline:
+        peak = max(peak, sup.memory_info().rss)
+        time.sleep(0.02)  # paces the sampling only
+    assert len(read_record(record)) == 20, run.tail()
+    assert run.stop() == 0, run.tail()
+    assert peak < 80 << 20, f"supervisor RSS peaked at {peak >> 20} MiB"
+    lines = run.log_text().splitlines()
+    for line in lines:
+        json.loads(line)  # one JSON object per line, worker output included
+    text = run.log_text()
+    assert secret not in text
+    assert "printed by the handler with ***" in text and "and a third" in text
+    assert "line cut at 64 KiB" in text
+
+
+@pytest.mark.kafka
+def test_a_stderr_nobody_reads_never_stalls_the_loop(bootstrap, names, tmp_path):
+    """Finding 8: ksup's stderr is a pipe that nobody reads (a stalled log reader). The loop must
+    go on: the control socket answers, and a stop ends within the graceful timeout with the
+    true exit code."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 3000)
+    sock = tmp_path / "ctl.sock"
+    args = [sys.executable, "-m", "supervisor", "start", "tests.handlers.recording:process", "-b", bootstrap,
+            "-t", topic, "-g", group, "--log-format", "json", "--control-socket", str(sock),
+            "--graceful-timeout", "10", "--log-level", "debug", "-X", "debug=cgrp,fetch"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO),
+                                           "KSUP_TEST_RECORD": str(tmp_path / "record.txt")},
+                            start_new_session=True)
+    try:
+        wait_until(lambda: sock.exists(), 30, "control socket")
+        time.sleep(3)  # paces load: librdkafka debug output fills the unread pipe meanwhile
+        t0 = time.monotonic()
+        out = ksup_cli("status", "--socket", str(sock))
+        assert out.returncode == 0 and time.monotonic() - t0 < 5, (out.returncode, time.monotonic() - t0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        assert code == 0 and time.monotonic() - t0 < 15, (code, time.monotonic() - t0)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for p in psutil.process_iter():
+            try:
+                if str(sock) in " ".join(p.cmdline()) or group in " ".join(p.cmdline()):
+                    p.kill()
+            except psutil.Error:
+                pass
+
+
+@pytest.mark.kafka
+def test_an_os_error_at_run_time_is_internal_not_config(ksup, bootstrap, names, tmp_path):
+    """Finding 10: any OSError in the loop was reported as exit 78 (CONFIG). Here the in-flight
+    board folder vanishes while running, so the restart of a killed worker fails: exit 1 with
+    the cause, and no worker is left behind."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    before = set(glob.glob("/tmp/ksup-inflight-*"))
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group,
+               env={"KSUP_TEST_RECORD": str(tmp_path / "record.txt")})
+    run.wait_for_log("assigned", 60)
+    for d in set(glob.glob("/tmp/ksup-inflight-*")) - before:
+        shutil.rmtree(d)
+    pid = next(p.pid for p in psutil.Process(run.proc.pid).children())
+    os.kill(pid, signal.SIGKILL)
+    assert run.wait(30) == 1, run.tail()
+    last = run.log_text().strip().splitlines()[-1]
+    assert last.startswith("ksup: exit 1 (INTERNAL): supervisor crashed: FileNotFoundError"), last

@@ -278,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     liveness.ask_kernel_for_parent_death_signal(signal.SIGTERM)
     # The supervisor sends SIGUSR1 before it SIGKILLs a stuck worker: the stacks land in its log.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # A handler's print() goes where stderr goes (the supervisor's pipe): redacted, wrapped as
+    # JSON in JSON mode and bounded there, instead of straight into ksup's own stdout.
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     channel = Channel.from_fd(int(argv[0]))
     try:
         code = run(channel)

@@ -55,6 +55,7 @@ class WorkerSlot:
     proc: Any = None
     channel: Any = None
     stderr_buf: bytes = b""
+    stderr_cutting: bool = False       # inside a line that was cut at MAX_LINE: drop up to its newline
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
 
     @property
@@ -75,5 +76,5 @@ class WorkerSlot:
         self.report = self.exiting = self.boot_failed = None
         self.report_at, self.assigned_at, self.then = now, None, After.RESTART
         self.proc = self.channel = None
-        self.stderr_buf = b""
+        self.stderr_buf, self.stderr_cutting = b"", False
         self.stderr_tail.clear()

@@ -33,8 +33,9 @@ from supervisor.config import Settings
 from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode
+from supervisor.errors import StartupError
 from supervisor.parent import events as ev
-from supervisor.parent import readiness, rolling, worker_output
+from supervisor.parent import readiness, rolling, sink, worker_output
 from supervisor.parent.core import SupervisorCore
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
@@ -47,6 +48,7 @@ from supervisor.parent.worker_output import read_stderr
 log = logging.getLogger("ksup.supervisor")
 
 TICK_S = 0.5                 # longest sleep of the loop when nothing happens
+OUTPUT_RETRY_S = 0.05        # ... while output waits for a slow reader of our stderr
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 
@@ -120,7 +122,10 @@ class Supervisor:
         self.selector.register(self.signals.read_fd, selectors.EVENT_READ, None)
         become_subreaper()
         try:
-            self.hooks.on_start(self)
+            try:
+                self.hooks.on_start(self)
+            except OSError as exc:  # a socket, pidfile or port the settings name
+                raise StartupError(str(exc)) from exc
             self.apply(self.core.start(time.monotonic()))
             while self.core.state is not State.STOPPED:
                 self.tick()
@@ -136,7 +141,10 @@ class Supervisor:
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
-        self.wait_for_events(TICK_S)
+        # Queued output is written as the loop comes round: wake up soon while some is left.
+        self.wait_for_events(OUTPUT_RETRY_S if sink.stderr is not None and sink.stderr.pending() else TICK_S)
+        if sink.stderr is not None:
+            sink.stderr.flush()
         for signum in self.signals.take():
             if signum != signal.SIGCHLD:
                 self.post(ev.SignalReceived(signum))
