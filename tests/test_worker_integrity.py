@@ -134,3 +134,44 @@ def test_batch_poison_quarantines_only_the_poison_record(ksup, bootstrap, names,
     assert "SKIPPED" in run.log_text() and "@0" in run.log_text()
     wait_until(lambda: committed_offsets(bootstrap, group, topic, 1) == {0: 20}, 30, "all committed")
     assert run.stop() == 0, run.tail()
+
+
+SLOW_BATCH = '''
+import os
+import time
+
+
+def process(records):
+    open(os.environ["KSUP_TEST_RECORD"] + ".started", "a").close()
+    time.sleep(float(os.environ.get("BATCH_SLEEP", "0")))
+    with open(os.environ["KSUP_TEST_RECORD"], "a") as f:
+        for r in records:
+            f.write(f"{r.partition} {r.offset} {os.getpid()}\\n")
+'''
+
+
+def test_a_revoke_waits_for_every_record_of_a_running_batch(ksup, bootstrap, names, tmp_path):
+    """Issue 12: a revoke waited only for the first record of a running batch. A batch holds
+    records of all 4 partitions; a scale-up moves two of them away mid-batch: the revoke must
+    wait for the batch and commit it, so the new owner does not handle any record again."""
+    from collections import Counter
+
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    (tmp_path / "slowbatch.py").write_text(SLOW_BATCH)
+    record = tmp_path / "record.txt"
+    run = ksup("slowbatch:process", bootstrap, topic, group, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(record), "BATCH_SLEEP": "8"},
+               extra=["--batch-size", "100", "--batch-timeout", "1", "--revoke-timeout", "20"])
+    wait_until(lambda: (tmp_path / "record.txt.started").exists(), 60, "the batch in the handler")
+    import signal
+    run.signal(signal.SIGTTIN)
+    run.wait_for_log("worker 1 started", 30)
+    wait_until(lambda: {(p, o) for p, o, _ in read_record(record)} == {(p, o) for p in range(4) for o in range(10)},
+               90, "every record handled")
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == {p: 10 for p in range(4)}, 90,
+               "everything committed (the new owner is done too)")
+    twice = [k for k, n in Counter((p, o) for p, o, _ in read_record(record)).items() if n > 1]
+    assert twice == [], f"handled again after the revoke: {twice}"
+    assert run.stop() == 0, run.tail()
