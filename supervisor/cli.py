@@ -13,7 +13,7 @@ import click
 
 from supervisor import __version__
 from supervisor import config as cfgmod
-from supervisor.contract.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode, VerifyExit
 from supervisor.errors import ConfigError, StartupError
 from supervisor.logs import resolve_format, secret_values, setup_logging
 from supervisor.parent import worker_output
@@ -343,8 +343,10 @@ def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int,
                 broker_restart_command=broker_restart_command)
     try:
         outcome = run(plan, show_progress=not as_json)
-    except Exception as exc:  # a broker that does not answer, a ksup that did not start, ...
-        fail(f"verification could not run: {exc}", ExitCode.BROKER_UNREACHABLE)
-        return
+    except Exception as exc:  # CouldNotRun: a broker that does not answer, its ksup died, the producer failed
+        click.echo(f"ksup verify: could not run: {exc}", err=True)
+        sys.exit(VerifyExit.COULD_NOT_RUN)
     click.echo(to_json(outcome) if as_json else report(outcome))
-    sys.exit(0 if outcome.ok else 1)
+    if outcome.interrupted:
+        sys.exit(VerifyExit.COULD_NOT_RUN if outcome.lost == 0 else VerifyExit.FAILED)
+    sys.exit(VerifyExit.PROVED if outcome.ok else VerifyExit.FAILED)

@@ -65,3 +65,95 @@ def test_ksup_verify_rejects_unknown_faults():
                          capture_output=True, text=True, timeout=60, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2 and "unknown fault(s) meteor" in out.stderr
+
+
+# ---- verify's own failure paths (issue 14) --------------------------------------------------------
+
+def _start_verify(bootstrap: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "verify", "-b", bootstrap, "--messages", "200000", "--rate", "500",
+         "--partitions", "2", "--workers", "1", "--faults", "kill", "--fault-interval", "30", "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+
+
+def _ksup_of(verify: subprocess.Popen[str]):  # type: ignore[no-untyped-def]
+    import psutil
+
+    from tests.harness import wait_until
+
+    holder = []
+
+    def found() -> bool:
+        for child in psutil.Process(verify.pid).children():
+            if "start" in child.cmdline() and child.children():
+                holder.append(child)
+                return True
+        return False
+
+    wait_until(found, 60, "verify's ksup and its worker")
+    return holder[0]
+
+
+def _topics(bootstrap: str) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    return {t for t in AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+            if t.startswith("ksup-verify-")}
+
+
+def test_verify_killed_leaves_no_process_behind(bootstrap):
+    import psutil
+
+    from tests.harness import wait_until
+
+    verify = _start_verify(bootstrap)
+    try:
+        ksup = _ksup_of(verify)
+        tree = [ksup, *ksup.children(recursive=True)]
+        os.kill(verify.pid, 9)
+        verify.wait(10)
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 60,
+                   "verify's ksup and workers gone after SIGKILL of verify")
+    finally:
+        if verify.poll() is None:
+            os.killpg(verify.pid, 9)
+        for p in psutil.process_iter():
+            try:
+                if "supervisor.verify.recorder:process" in " ".join(p.cmdline()):
+                    p.kill()
+            except psutil.Error:
+                pass
+
+
+def test_verify_sigterm_deletes_its_topic_and_reports(bootstrap):
+    earlier = _topics(bootstrap)
+    verify = _start_verify(bootstrap)
+    try:
+        _ksup_of(verify)
+        before = _topics(bootstrap) - earlier
+        assert before, "the scratch topic exists while verify runs"
+        verify.send_signal(15)
+        out, err = verify.communicate(timeout=90)
+        assert verify.returncode == 20, (verify.returncode, err[-2000:])
+        assert json.loads(out)["interrupted"], out
+        assert not (before & _topics(bootstrap)), "the scratch topic was deleted"
+    finally:
+        if verify.poll() is None:
+            os.killpg(verify.pid, 9)
+
+
+def test_verify_notices_that_its_ksup_died(bootstrap):
+    import time
+
+    verify = _start_verify(bootstrap)
+    try:
+        ksup = _ksup_of(verify)
+        ksup.kill()
+        t0 = time.monotonic()
+        out, err = verify.communicate(timeout=60)
+        assert verify.returncode == 20 and time.monotonic() - t0 < 20, (verify.returncode, err[-2000:])
+        assert "its ksup exited" in err, err[-2000:]
+    finally:
+        if verify.poll() is None:
+            os.killpg(verify.pid, 9)

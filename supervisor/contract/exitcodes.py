@@ -71,3 +71,13 @@ def describe_returncode(returncode: int) -> ExitReport:
     if returncode < 0:
         return ExitReport(code=None, signal=-returncode)
     return ExitReport(code=returncode, signal=None)
+
+
+class VerifyExit(IntEnum):
+    """``ksup verify``'s own exit codes (not ksup start's table: a verify that could not run is
+    not a broker verdict)."""
+
+    PROVED = 0          # nothing lost, every committed offset matches what was processed
+    FAILED = 1          # a message lost, a committed offset ahead of processing, or a bound violated
+    USAGE = 2
+    COULD_NOT_RUN = 20  # broker, topic, its ksup or its producer failed, or it was interrupted: no verdict

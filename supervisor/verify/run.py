@@ -65,10 +65,11 @@ class Outcome:
     seconds: float = 0.0
     topic: str = ""
     files: str = ""
+    interrupted: str = ""  # the signal that ended the run early: no verdict, what was seen so far
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.committed_ok
+        return self.lost == 0 and self.committed_ok and not self.interrupted
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "ok": self.ok}
@@ -87,7 +88,14 @@ class Ksup:
             args += ["-X", f"{key}={value}"]
         self.log = open(work / f"ksup-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        self.stopping = False  # verify stopped it on purpose (a sigterm fault, the end)
+
+    def check_alive(self) -> None:
+        """Raise CouldNotRun when this ksup ended without verify asking it to."""
+        code = self.proc.poll()
+        if code is not None and not self.stopping:
+            raise CouldNotRun(f"its ksup exited {code} unexpectedly (see {self.log.name})")
 
     def ask(self, body: dict[str, Any], timeout: float | None = 10.0) -> dict[str, Any]:
         return request(self.socket, body, timeout)
@@ -96,7 +104,7 @@ class Ksup:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ksup exited with {self.proc.returncode} while starting (see {self.log.name})")
+                raise CouldNotRun(f"its ksup exited {self.proc.returncode} while starting (see {self.log.name})")
             try:
                 workers = self.ask({"cmd": "status"})["workers"]
                 if workers and all(w["state"] == "assigned" for w in workers):
@@ -107,6 +115,7 @@ class Ksup:
         raise TimeoutError("ksup did not get its workers assigned")
 
     def stop(self, timeout: float = 60.0) -> int:
+        self.stopping = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -116,6 +125,29 @@ class Ksup:
                 self.proc.wait(10)
         self.log.close()
         return self.proc.returncode
+
+
+class CouldNotRun(Exception):
+    """The run could not go on (its ksup died, the producer failed, the broker is gone): no
+    verdict about loss; verify exits COULD_NOT_RUN with this reason."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: stop cleanly, still report what was seen."""
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In verify's ksup, before exec: the kernel sends it SIGTERM when verify dies, whatever
+    kills verify (SIGKILL included); ksup then drains, and its workers exit with it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _admin_and_probe(plan: Plan) -> tuple[Any, Any]:
@@ -128,18 +160,29 @@ def _admin_and_probe(plan: Plan) -> tuple[Any, Any]:
     return AdminClient(conf), probe
 
 
-def _produce(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, int], stop: threading.Event) -> None:
+def _produce(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, Any], stop: threading.Event) -> None:
+    """The producer thread: never dies on timing; any error is kept in progress["error"] for the
+    main loop, which stops the run with it."""
+    try:
+        _produce_all(plan, topic, fail_at, progress, stop)
+    except BaseException as exc:  # noqa: BLE001 - reported by the main loop
+        progress["error"] = f"the producer failed: {type(exc).__name__}: {exc}"
+
+
+def _produce_all(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, Any], stop: threading.Event) -> None:
     from confluent_kafka import Producer
 
     producer = Producer({**{k: v for k, v in plan.kafka.items() if k.startswith(("security.", "sasl.", "ssl."))},
-                         "bootstrap.servers": plan.bootstrap, "acks": "all", "linger.ms": 5})
+                         "bootstrap.servers": plan.bootstrap, "acks": "all", "linger.ms": 5,
+                         # a broker restart makes the producer retry: each message must land once
+                         "enable.idempotence": True})
     started = time.monotonic()
     for n in range(plan.messages):
         if stop.is_set():
             break
-        due = started + n / plan.rate
-        if due > time.monotonic():
-            time.sleep(due - time.monotonic())
+        wait = started + n / plan.rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # one reading of the clock: never a negative sleep
         value = f"seq-{n}" + (":fail" if n in fail_at else "")
         while True:
             try:
@@ -149,10 +192,15 @@ def _produce(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, int]
                 producer.poll(0.1)
         producer.poll(0)
         progress["produced"] = n + 1
-    producer.flush(60)
+    left = producer.flush(60)
+    if left:
+        raise RuntimeError(f"{left} message(s) not acknowledged by the broker within 60 s")
 
 
 def run(plan: Plan, show_progress: bool = True) -> Outcome:
+    """The whole verification. Raises CouldNotRun when it cannot reach a verdict. The scratch
+    topic is deleted on every way out of here (unless --keep-topic), and SIGTERM/SIGINT end the
+    run cleanly with a report of what was seen (``Outcome.interrupted``)."""
     from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
     rng = random.Random(plan.seed)
@@ -161,18 +209,47 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
     record = work / "record.txt"
     env = {**os.environ, "KSUP_VERIFY_RECORD": str(record), "KSUP_VERIFY_SLEEP": str(plan.handler_sleep)}
     admin, probe = _admin_and_probe(plan)
-    admin.create_topics([NewTopic(topic, num_partitions=plan.partitions, replication_factor=-1)])[topic].result(60)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=plan.partitions, replication_factor=-1)])[topic].result(60)
+    except Exception as exc:
+        raise CouldNotRun(f"could not create the scratch topic on {plan.bootstrap}: {exc}") from None
     outcome = Outcome(topic=topic)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _run(plan, rng, topic, work, record, env, admin, probe, outcome, show_progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        probe.close()
+        if not plan.keep_topic:
+            try:
+                admin.delete_topics([topic])[topic].result(60)
+            except Exception as exc:  # noqa: BLE001 - said, not fatal
+                sys.stderr.write(f"ksup verify: could not delete the scratch topic {topic}: {exc}\n")
+    if outcome.ok and not os.environ.get("KSUP_VERIFY_KEEP_FILES"):
+        shutil.rmtree(work, ignore_errors=True)  # on failure the records and logs stay for a look
+    outcome.files = str(work)
+    return outcome
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, env: dict[str, str], admin: Any,
+         probe: Any, outcome: Outcome, show_progress: bool) -> None:
     t0 = time.monotonic()
     # Messages that raise once: one per planned "exception" fault, spread over the run.
     fail_at = {rng.randrange(plan.messages) for _ in range(max(1, plan.messages // 5000))} \
         if "exception" in plan.faults else set()
-    progress = {"produced": 0}
+    progress: dict[str, Any] = {"produced": 0}
     stop_producing = threading.Event()
     producer = threading.Thread(target=_produce, args=(plan, topic, fail_at, progress, stop_producing), daemon=True)
-    ksup = Ksup(plan, topic, work, env)
+    ksup: Ksup | None = None
     timeline: list[tuple[int, str]] = []
+    ends: dict[int, int] = {}
     try:
+        ksup = Ksup(plan, topic, work, env)
         ksup.wait_ready()
         producer.start()
         next_fault = time.monotonic() + plan.fault_interval
@@ -181,10 +258,13 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
             done = _count_lines(record)
             if show_progress:
                 _bar(progress["produced"], done, plan.messages, len(outcome.faults))
+            if "error" in progress:
+                raise CouldNotRun(progress["error"])
+            ksup.check_alive()
             if not producer.is_alive() and done >= plan.messages:
                 break
             if time.monotonic() - t0 > plan.timeout:
-                raise TimeoutError(f"verification did not finish within {plan.timeout:.0f}s")
+                raise CouldNotRun(f"verification did not finish within {plan.timeout:.0f}s")
             faults = [f for f in plan.faults if f != "exception"]
             if faults and producer.is_alive() and time.monotonic() >= next_fault:
                 fault = rng.choice(faults)
@@ -196,20 +276,20 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
         if fail_at:
             outcome.faults.append(f"exception x{len(fail_at)}")
         ends = _wait_committed(admin, probe, topic, plan)
+    except Interrupted as exc:
+        outcome.interrupted = str(exc)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise CouldNotRun(str(exc)) from None
     finally:
         stop_producing.set()
-        ksup.stop()
+        if ksup is not None:
+            ksup.stop()
         if show_progress:
             sys.stderr.write("\n")
     outcome.seconds = round(time.monotonic() - t0, 1)
+    if outcome.interrupted:
+        ends = _wait_committed(admin, probe, topic, plan, within_s=5.0)
     _analyse(outcome, record, ends, timeline, admin, topic)
-    probe.close()
-    if not plan.keep_topic:
-        admin.delete_topics([topic])[topic].result(60)
-    if outcome.ok and not os.environ.get("KSUP_VERIFY_KEEP_FILES"):
-        shutil.rmtree(work, ignore_errors=True)  # on failure the records and logs stay for a look
-    outcome.files = str(work)
-    return outcome
 
 
 def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dict[str, str],
@@ -248,12 +328,12 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def _wait_committed(admin: Any, probe: Any, topic: str, plan: Plan) -> dict[int, int]:
-    """The end offsets, once the group's commits reached them (or a minute passed)."""
+def _wait_committed(admin: Any, probe: Any, topic: str, plan: Plan, within_s: float = 60.0) -> dict[int, int]:
+    """The end offsets, once the group's commits reached them (or ``within_s`` passed)."""
     from confluent_kafka import TopicPartition
 
     ends = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(plan.partitions)}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline and _committed(admin, topic, plan.partitions) != ends:
         time.sleep(0.5)
     return ends
@@ -288,9 +368,17 @@ def _analyse(outcome: Outcome, record: Path, ends: dict[int, int], timeline: lis
         first.add((p, o))
     outcome.duplicates_by_fault = dict(by_fault)
     committed = _committed(admin, topic, len(ends))
-    outcome.committed_ok = committed == ends
-    outcome.committed_mismatch = {str(p): [committed.get(p, -1), end] for p, end in ends.items()
-                                  if committed.get(p) != end}
+    if outcome.interrupted:
+        # Cut short: loss is what the group committed without processing it (the rest was
+        # simply not consumed yet).
+        outcome.lost = sum(1 for p, c in committed.items() for o in range(max(c, 0)) if (p, o) not in seen)
+        outcome.committed_ok = outcome.lost == 0
+        outcome.committed_mismatch = {}
+    else:
+        outcome.committed_ok = committed == ends
+    if not outcome.interrupted:
+        outcome.committed_mismatch = {str(p): [committed.get(p, -1), end] for p, end in ends.items()
+                                      if committed.get(p) != end}
     worst = 0.0
     for p in ends:
         events = sorted((r[4], r[3]) for r in rows if r[0] == p)
@@ -324,7 +412,9 @@ def report(outcome: Outcome) -> str:
         f"longest gap     {outcome.longest_gap_s} s without a consumer on a partition with messages waiting",
         f"faults          {', '.join(outcome.faults) or 'none'}",
         f"took            {outcome.seconds} s",
-        "result          " + ("OK: nothing lost" if outcome.ok else "FAILED"),
+        "result          " + ("OK: nothing lost" if outcome.ok else
+                                 f"INTERRUPTED ({outcome.interrupted}): no verdict; lost so far {outcome.lost}"
+                                 if outcome.interrupted else "FAILED"),
     ]
     return "\n".join(lines)
 
