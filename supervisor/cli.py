@@ -314,10 +314,12 @@ def health(socket_path: str | None, group: str | None, readiness: bool) -> None:
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the fault schedule (reproducible).")
 @click.option("-X", "kafka_props", multiple=True, metavar="KEY=VALUE", help="librdkafka property (security etc.).")
 @click.option("--keep-topic", is_flag=True, help="Do not delete the scratch topic at the end.")
+@click.option("--max-gap", type=float, default=10.0, show_default=True,
+              help="Fail when a partition with messages waiting had no consumer for longer (seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int, rate: int, faults: str | None,
            broker_restart_command: str | None, fault_interval: float, seed: int, kafka_props: tuple[str, ...],
-           keep_topic: bool, as_json: bool) -> None:
+           keep_topic: bool, max_gap: float, as_json: bool) -> None:
     """Prove at-least-once on your own cluster: a scratch topic, N messages, ksup workers with a
     recording handler, faults on a seeded schedule; exits 0 only when nothing was lost."""
     from supervisor.verify.run import DEFAULT_FAULTS, FAULTS, Plan, report, run
@@ -340,7 +342,7 @@ def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int,
         return
     setup_logging("text", "warning", "supervisor", secrets=secret_values(kafka))
     plan = Plan(bootstrap_servers, messages, partitions, workers, rate, chosen, fault_interval, seed, kafka, keep_topic,
-                broker_restart_command=broker_restart_command)
+                broker_restart_command=broker_restart_command, max_gap=max_gap)
     try:
         outcome = run(plan, show_progress=not as_json)
     except Exception as exc:  # CouldNotRun: a broker that does not answer, its ksup died, the producer failed

@@ -157,3 +157,26 @@ def test_verify_notices_that_its_ksup_died(bootstrap):
     finally:
         if verify.poll() is None:
             os.killpg(verify.pid, 9)
+
+
+def _verify(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", "verify", "-b", bootstrap, "--partitions", "4",
+                           "--workers", "2", "--json", *args], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_verify_supervisor_kill_fault_and_gap_verdict(bootstrap):
+    """SIGKILL of verify's ksup supervisor: its workers exit by themselves, a new ksup starts,
+    nothing is lost; the report gives the longest gap per fault kind, and a gap above --max-gap
+    fails the verdict (exit 1) even with nothing lost."""
+    out = _verify(bootstrap, "--messages", "3000", "--rate", "1000", "--faults", "supervisor-kill",
+                  "--fault-interval", "1", "--seed", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert "supervisor-kill" in result["faults"] and result["lost"] == 0 and result["ok"], result
+    assert "supervisor-kill" in result["gap_by_fault"], result
+    strict = _verify(bootstrap, "--messages", "1000", "--rate", "1000", "--faults", "kill", "--fault-interval", "0.5",
+                     "--max-gap", "0.000001")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    result = json.loads(strict.stdout)
+    assert result["lost"] == 0 and not result["ok"] and result["longest_gap_s"] > result["max_gap_s"], result

@@ -29,7 +29,7 @@ from typing import Any
 
 from supervisor.adapters.control import request
 
-FAULTS = ("sigterm", "kill", "reload", "scale", "exception", "broker-restart")
+FAULTS = ("sigterm", "kill", "supervisor-kill", "reload", "scale", "exception", "broker-restart")
 DEFAULT_FAULTS = FAULTS[:-1]  # broker-restart needs a command
 BROKER_RESTART_TIMEOUT_S = 300.0
 
@@ -49,6 +49,7 @@ class Plan:
     handler_sleep: float = 0.0005
     timeout: float = 600.0
     broker_restart_command: str | None = None  # a shell command; returns once the broker is back
+    max_gap: float = 10.0  # the verdict fails when a partition waited longer than this for a consumer
 
 
 @dataclass
@@ -66,10 +67,12 @@ class Outcome:
     topic: str = ""
     files: str = ""
     interrupted: str = ""  # the signal that ended the run early: no verdict, what was seen so far
+    max_gap_s: float = 10.0
+    gap_by_fault: dict[str, float] = field(default_factory=dict)  # longest gap that began after each kind
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.committed_ok and not self.interrupted
+        return self.lost == 0 and self.committed_ok and not self.interrupted and self.longest_gap_s <= self.max_gap_s
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "ok": self.ok}
@@ -213,7 +216,7 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
         admin.create_topics([NewTopic(topic, num_partitions=plan.partitions, replication_factor=-1)])[topic].result(60)
     except Exception as exc:
         raise CouldNotRun(f"could not create the scratch topic on {plan.bootstrap}: {exc}") from None
-    outcome = Outcome(topic=topic)
+    outcome = Outcome(topic=topic, max_gap_s=plan.max_gap)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         _run(plan, rng, topic, work, record, env, admin, probe, outcome, show_progress)
@@ -300,6 +303,15 @@ def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dic
             raise RuntimeError(f"ksup exited {code} on SIGTERM (see {ksup.log.name})")
         ksup = Ksup(plan, topic, work, env)
         ksup.wait_ready()
+    elif fault == "supervisor-kill":
+        # The supervisor dies at once; its workers notice (their pipe closes) and drain on their own.
+        workers = [w["pid"] for w in ksup.ask({"cmd": "status"})["workers"] if w["pid"]]
+        ksup.stopping = True
+        ksup.proc.kill()
+        ksup.stop()
+        _wait_gone(workers, 60.0)
+        ksup = Ksup(plan, topic, work, env)
+        ksup.wait_ready()
     elif fault == "kill":
         pids = [w["pid"] for w in ksup.ask({"cmd": "status"})["workers"] if w["pid"]]
         if pids:
@@ -318,6 +330,22 @@ def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dic
             raise RuntimeError(f"--broker-restart-command exited {done.returncode}: "
                                f"{(done.stderr or done.stdout).strip()[-300:]}")
     return ksup, scaled
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise CouldNotRun(f"workers {pids} outlived their killed supervisor by {timeout:.0f}s (orphans)")
 
 
 def _count_lines(path: Path) -> int:
@@ -380,12 +408,20 @@ def _analyse(outcome: Outcome, record: Path, ends: dict[int, int], timeline: lis
         outcome.committed_mismatch = {str(p): [committed.get(p, -1), end] for p, end in ends.items()
                                       if committed.get(p) != end}
     worst = 0.0
+    by_kind: dict[str, float] = {}
     for p in ends:
         events = sorted((r[4], r[3]) for r in rows if r[0] == p)
         for (done_a, _), (done_b, created_b) in zip(events, events[1:], strict=False):
             waiting_since = max(done_a, created_b * 1_000_000)  # the next message was already there
-            worst = max(worst, (done_b - waiting_since) / 1e9)
+            gap = (done_b - waiting_since) / 1e9
+            worst = max(worst, gap)
+            cause = "before any fault"
+            for at, name in timeline:
+                if at <= waiting_since:
+                    cause = name
+            by_kind[cause] = max(by_kind.get(cause, 0.0), round(gap, 3))
     outcome.longest_gap_s = round(worst, 3)
+    outcome.gap_by_fault = by_kind
 
 
 def _bar(produced: int, processed: int, total: int, faults: int) -> None:
@@ -409,7 +445,9 @@ def report(outcome: Outcome) -> str:
             if outcome.duplicates else ""),
         "committed       " + ("= processed + 1 on every partition" if outcome.committed_ok
                              else f"MISMATCH {outcome.committed_mismatch}"),
-        f"longest gap     {outcome.longest_gap_s} s without a consumer on a partition with messages waiting",
+        f"longest gap     {outcome.longest_gap_s} s without a consumer on a partition with messages waiting"
+        + (f"   <-- ABOVE --max-gap {outcome.max_gap_s:g} s" if outcome.longest_gap_s > outcome.max_gap_s else ""),
+        "gap by fault    " + (", ".join(f"{k}: {v} s" for k, v in sorted(outcome.gap_by_fault.items())) or "none"),
         f"faults          {', '.join(outcome.faults) or 'none'}",
         f"took            {outcome.seconds} s",
         "result          " + ("OK: nothing lost" if outcome.ok else
