@@ -63,6 +63,7 @@ $(PEERS)/quix/bin/python:
 bench: setup $(PEERS)/arroyo/bin/python $(PEERS)/quix/bin/python
 	$(PY) -m pip install -q -e '.[test,bench]'
 	mkdir -p bench-results
+	$(PY) -m tests.bench.fairness --json bench-results/fairness.json
 	$(PY) -m tests.bench.peers --json bench-results/peers.json \
 	  --arroyo-python $(PEERS)/arroyo/bin/python --quix-python $(PEERS)/quix/bin/python
 	$(PY) -m tests.bench.throughput --json bench-results/throughput.json

@@ -110,6 +110,7 @@ class Progress:
         return out
 
 RUN_MAX = 500            # messages a handler thread takes from a lane at once
+RUN_SLICE_S = 0.05       # ... but after this long in one lane it yields to a lane that waits (fairness)
 PUBLISH_EVERY = 256      # the consumer thread is woken after this many finished messages ...
 PUBLISH_AFTER_S = 0.002  # ... or after this long, whichever comes first
 
@@ -396,6 +397,7 @@ class HandlerRunner:
         latency, fastest = self._latency[number], LATENCY_BUCKETS[0]
         clock = time.perf_counter
         published, unannounced, spent = clock(), 0, 0.0
+        slice_ends = published + RUN_SLICE_S
         seen = self._changes
         try:
             for i, job in enumerate(jobs):  # for every message: kept lean
@@ -442,11 +444,25 @@ class HandlerRunner:
                     with self._cond:
                         self._cond.notify_all()
                     published, unannounced = t1, 0
+                    # Fair under a backlog: a slow handler does not keep one partition for a whole
+                    # run while another waits; the rest of the run goes back to the head of its lane.
+                    if t1 >= slice_ends and i + 1 < len(jobs):
+                        if self._others_waiting(lane):
+                            self._retry_later(lane, queue, jobs[i + 1:], 0.0, count=False)
+                            break
+                        slice_ends = t1 + RUN_SLICE_S
         finally:
             progress.over = True
             self._latency_sum[number] += spent
             if self._board is not None:
                 self._board.clear(number)
+
+    def _others_waiting(self, lane: Lane) -> bool:
+        """Another lane has work ready and no thread on it."""
+        now = time.monotonic()
+        with self._cond:
+            return any(other != lane and jobs and other not in self._active and jobs[0].not_before <= now
+                       for other, jobs in self._lanes.items())
 
     def _retry_later(self, lane: Lane, queue: deque[Job], jobs: list[Job], delay: float,
                      count: bool = True) -> None:
