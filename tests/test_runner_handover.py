@@ -86,3 +86,31 @@ def one_round() -> None:
     for p, done in got.items():
         assert [o for o, _ in done] == list(range(per_partition)), f"partition {p}: lost, repeated or reordered"
         assert all(special == (o % 3 == 0) for o, special in done), f"partition {p}: an outcome went astray"
+
+
+def test_a_slow_lane_yields_to_a_waiting_one():
+    """Fairness (issue 16): one handler thread, two partitions with 20 queued messages each, a
+    10 ms handler: the second partition starts long before the first is done (the thread yields
+    a lane after RUN_SLICE_S when another waits), and each partition stays in order."""
+    order: list[tuple[int, int]] = []
+
+    class Slow(Execute):
+        @staticmethod
+        def _plain(record: Record) -> None:
+            order.append((record.partition, record.offset))
+            time.sleep(0.01)
+
+    runner = HandlerRunner(Slow(), concurrency=1)  # type: ignore[arg-type]
+    runner.submit([Job(Record("t", p, o, None, None, [], (0, 0)), epoch=0) for p in (0, 1) for o in range(20)])
+    runner.start()
+    deadline = time.monotonic() + 10
+    done = 0
+    while done < 40 and time.monotonic() < deadline:
+        done += sum(len(jobs) for jobs, _ in runner.take_done())
+        time.sleep(0.01)
+    runner.stop()
+    assert done == 40
+    first_of_1 = order.index((1, 0))
+    assert first_of_1 < 15, f"partition 1 waited for {first_of_1} messages of partition 0"
+    for p in (0, 1):
+        assert [o for q, o in order if q == p] == list(range(20))
