@@ -242,7 +242,10 @@ def _as_nobody(sock_path: Path) -> str:
                 except PermissionError:
                     code = 0
                     raise
-                s.sendall(b'{"cmd": "status"}\n')
+                try:
+                    s.sendall(b'{"cmd": "status"}\n')
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # ksup may have answered "permission denied" and closed before we sent
                 reply = json.loads(s.recv(65536))
                 code = 2 if reply.get("error") == "permission denied" else 1
         except BaseException:
