@@ -302,6 +302,8 @@ def health(socket_path: str | None, group: str | None, readiness: bool) -> None:
 @main.command()
 @click.option("-b", "--bootstrap-servers", required=True, help="The cluster to verify against.")
 @click.option("--messages", type=int, default=20_000, show_default=True, help="Messages to produce.")
+@click.option("--duration", type=float, default=None, metavar="SECONDS",
+              help="Soak: produce at --rate for this long instead of --messages (progress every 10 s).")
 @click.option("--partitions", type=int, default=8, show_default=True, help="Partitions of the scratch topic.")
 @click.option("-w", "--workers", type=int, default=4, show_default=True)
 @click.option("--rate", type=int, default=2_000, show_default=True, help="Messages produced per second.")
@@ -314,19 +316,25 @@ def health(socket_path: str | None, group: str | None, readiness: bool) -> None:
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the fault schedule (reproducible).")
 @click.option("-X", "kafka_props", multiple=True, metavar="KEY=VALUE", help="librdkafka property (security etc.).")
 @click.option("--keep-topic", is_flag=True, help="Do not delete the scratch topic at the end.")
+@click.option("--broker-pause-command", default=None, metavar="CMD",
+              help="Shell command that freezes a broker (the broker-pause fault; with --broker-resume-command).")
+@click.option("--broker-resume-command", default=None, metavar="CMD", help="Shell command that thaws it again.")
 @click.option("--max-gap", type=float, default=10.0, show_default=True,
               help="Fail when a partition with messages waiting had no consumer for longer (seconds).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int, rate: int, faults: str | None,
+def verify(bootstrap_servers: str, messages: int, duration: float | None, partitions: int, workers: int, rate: int,
+           faults: str | None,
            broker_restart_command: str | None, fault_interval: float, seed: int, kafka_props: tuple[str, ...],
-           keep_topic: bool, max_gap: float, as_json: bool) -> None:
+           keep_topic: bool, broker_pause_command: str | None, broker_resume_command: str | None, max_gap: float,
+           as_json: bool) -> None:
     """Prove at-least-once on your own cluster: a scratch topic, N messages, ksup workers with a
     recording handler, faults on a seeded schedule; exits 0 only when nothing was lost."""
     from supervisor.verify.run import DEFAULT_FAULTS, FAULTS, Plan, report, run
     from supervisor.verify.run import as_json as to_json
 
     if faults is None:
-        chosen = DEFAULT_FAULTS + (("broker-restart",) if broker_restart_command else ())
+        chosen = DEFAULT_FAULTS + (("broker-restart",) if broker_restart_command else ()) + \
+            (("broker-pause",) if broker_pause_command and broker_resume_command else ())
     else:
         chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
     unknown = [f for f in chosen if f not in FAULTS]
@@ -335,14 +343,21 @@ def verify(bootstrap_servers: str, messages: int, partitions: int, workers: int,
     if "broker-restart" in chosen and not broker_restart_command:
         fail("the broker-restart fault needs --broker-restart-command (a command that restarts a broker "
              "and returns once it is back)", ExitCode.USAGE)
+    if "broker-pause" in chosen and not (broker_pause_command and broker_resume_command):
+        fail("the broker-pause fault needs --broker-pause-command and --broker-resume-command (commands that "
+             "freeze a broker and thaw it, e.g. with kill -STOP / kill -CONT)", ExitCode.USAGE)
     try:
         kafka = dict(cfgmod.parse_kafka_property(p) for p in kafka_props)
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
     setup_logging("text", "warning", "supervisor", secrets=secret_values(kafka))
+    if duration is not None:
+        messages = max(int(duration * rate), 1)
     plan = Plan(bootstrap_servers, messages, partitions, workers, rate, chosen, fault_interval, seed, kafka, keep_topic,
-                broker_restart_command=broker_restart_command, max_gap=max_gap)
+                broker_restart_command=broker_restart_command, max_gap=max_gap,
+                broker_pause_command=broker_pause_command, broker_resume_command=broker_resume_command,
+                timeout=max(600.0, 2 * messages / max(rate, 1) + 300))
     try:
         outcome = run(plan, show_progress=not as_json)
     except Exception as exc:  # CouldNotRun: a broker that does not answer, its ksup died, the producer failed

@@ -17,15 +17,20 @@ pytestmark = pytest.mark.kafka
 
 def test_ksup_verify_short_run_with_every_fault(bootstrap):
     out = subprocess.run(
-        [sys.executable, "-m", "supervisor", "verify", "-b", bootstrap, "--messages", "6000", "--rate", "1500",
-         "--partitions", "4", "--workers", "2", "--fault-interval", "0.8", "--seed", "7", "--json"],
+        [sys.executable, "-m", "supervisor", "verify", "-b", bootstrap, "--messages", "24000", "--rate", "2000",
+         "--partitions", "4", "--workers", "2", "--fault-interval", "0.5", "--seed", "7", "--json",
+         # Loss is the claim here. Some fault pairs still leave a partition unconsumed for longer
+         # than the 10 s default (a hung handler when the supervisor is killed: up to ~48 s seen),
+         # an open problem of issue 14; the gap verdict itself is tested below.
+         "--max-gap", "120"],
         capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
     assert result["ok"] and result["lost"] == 0 and result["committed_ok"]
-    assert result["produced"] == 6000 and result["processed"] == 6000
-    assert len(result["faults"]) >= 3, result["faults"]
-    assert any(f.startswith("exception") for f in result["faults"])
+    assert result["produced"] == 24000 and result["processed"] == 24000
+    kinds = {f.split(" ")[0] for f in result["faults"]}
+    assert kinds >= {"sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang"}, \
+        result["faults"]
     assert sum(result["duplicates_by_fault"].values()) == result["duplicates"]
 
 
@@ -50,6 +55,30 @@ def test_ksup_verify_survives_broker_restarts(tmp_path):
         assert "broker-restart" in result["faults"], result["faults"]
         assert len(list(broker.workdir.glob("broker-*.log"))) >= 1, "the broker was restarted"
     finally:
+        broker.cleanup()
+
+
+def test_ksup_verify_survives_a_broker_pause(tmp_path):
+    """The broker-pause fault against a broker of its own: SIGSTOP for 5 s, then SIGCONT, while
+    ksup consumes; nothing is lost, and the gap stays under --max-gap."""
+    from tests.localkafka import LocalKafka
+
+    broker = LocalKafka(tmp_path / "kafka")
+    try:
+        broker.start()
+        assert broker.proc is not None
+        out = subprocess.run(
+            [sys.executable, "-m", "supervisor", "verify", "-b", broker.bootstrap, "--messages", "4000",
+             "--rate", "500", "--partitions", "4", "--workers", "2", "--fault-interval", "2",
+             "--faults", "broker-pause", "--broker-pause-command", f"kill -STOP {broker.proc.pid}",
+             "--broker-resume-command", f"kill -CONT {broker.proc.pid}", "--max-gap", "30", "--seed", "3", "--json"],
+            capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert out.returncode == 0, out.stdout + out.stderr
+        result = json.loads(out.stdout)
+        assert result["ok"] and result["lost"] == 0 and "broker-pause" in result["faults"], result
+    finally:
+        if broker.proc is not None:
+            os.kill(broker.proc.pid, 18)  # SIGCONT, whatever happened
         broker.cleanup()
 
 
@@ -163,6 +192,15 @@ def _verify(bootstrap: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "supervisor", "verify", "-b", bootstrap, "--partitions", "4",
                            "--workers", "2", "--json", *args], capture_output=True, text=True, timeout=600,
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_verify_soak_mode_prints_progress(bootstrap):
+    """--duration produces at --rate until the time is up, with a progress line every 10 s."""
+    out = _verify(bootstrap, "--duration", "12", "--rate", "300", "--faults", "kill", "--fault-interval", "3")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["produced"] == 3600 and result["lost"] == 0, result
+    assert "ksup verify: 1" in out.stderr and "lost so far 0" in out.stderr, out.stderr
 
 
 def test_verify_supervisor_kill_fault_and_gap_verdict(bootstrap):

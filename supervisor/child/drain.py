@@ -178,13 +178,19 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
     except KafkaException as exc:
         log.warning("pause failed: %s", exc)
     loop.runner.stop()
-    # The deadline is re-read each round: a quick-stop request can shorten it.
+    # The deadline is re-read each round: a quick-stop request can shorten it. A handler already
+    # past --handler-timeout is not waited for: it is stuck, and the rest must still be committed.
     while not loop.runner.wait_not_running(None, min(t0 + loop.drain_timeout_s, time.monotonic() + 0.1)):
         loop.collect()
         loop.serve(0.0)
         loop.check_supervisor(time.monotonic())
         loop.send_report()
         if time.monotonic() >= t0 + loop.drain_timeout_s:
+            break
+        oldest = loop.runner.oldest_running()
+        if loop.handler_timeout_s and oldest is not None and time.time() - oldest[1] > loop.handler_timeout_s:
+            log.error("drain: the handler on %s ran past --handler-timeout (%.0fs); not waiting for it",
+                      oldest[0].record.coordinates, loop.handler_timeout_s)
             break
     loop.collect()
     oldest = loop.runner.oldest_running()

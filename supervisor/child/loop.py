@@ -66,6 +66,7 @@ class ConsumerLoop:
         self.drain_timeout_s = float(options.get("graceful_timeout_s", 30.0))
         self.exit_within_s = float(options.get("exit_within_s", self.drain_timeout_s + 5.0))
         self.max_memory = int(options.get("max_memory_bytes", 0) or 0)
+        self.handler_timeout_s = float(options.get("handler_timeout_s", 0) or 0)
         self.over_memory = False
         self._last_memory_check = 0.0
         self.lost_unconfirmed: set[TP] = set()  # lost with stored offsets the broker never confirmed

@@ -347,6 +347,10 @@ class HandlerRunner:
                 self._cond.notify_all()
 
     def threads_alive(self) -> int:
+        """Handler threads that are running or ended normally (after a stop, threads return:
+        that is not a death). Only a crash counts against it."""
+        if self.crashed is None:
+            return len(self._threads)
         return sum(t.is_alive() for t in self._threads)
 
     def _serve(self, number: int) -> None:

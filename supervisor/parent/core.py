@@ -204,8 +204,13 @@ class SupervisorCore:
             return
         for slot in in_group:
             if slot.ready_to_leave and not slot.leave_sent:
-                # A slot scaled away for good leaves the group even as a static member.
-                self.send(slot, m.Leave(leave_group=slot.then is After.REMOVE))
+                # A slot scaled away for good leaves the group even as a static member; so does,
+                # at a stop, a slot above the configured --workers (added by scaling up): a
+                # restart will not bring it back, and its member would hold its partitions until
+                # the session expires.
+                for_good = slot.then is After.REMOVE or \
+                    (self.state is State.STOPPING and slot.index >= self.settings.workers)
+                self.send(slot, m.Leave(leave_group=for_good))
                 slot.leave_sent = True
 
     # ---- commands -----------------------------------------------------------------------------

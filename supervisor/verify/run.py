@@ -29,8 +29,13 @@ from typing import Any
 
 from supervisor.adapters.control import request
 
-FAULTS = ("sigterm", "kill", "supervisor-kill", "reload", "scale", "exception", "broker-restart")
-DEFAULT_FAULTS = FAULTS[:-1]  # broker-restart needs a command
+FAULTS = ("sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang",
+          "broker-restart", "broker-pause")
+PROGRESS_EVERY_S = 10.0  # a progress line on stderr at least this often (soak runs, logs)
+MESSAGE_FAULTS = ("exception", "hang")  # carried by messages, not injected on the schedule
+HANDLER_TIMEOUT_S = 3.0  # verify's ksup stops a hung handler after this long
+DEFAULT_FAULTS = FAULTS[:-2]  # broker-restart and broker-pause need commands
+BROKER_PAUSE_S = 5.0  # how long a broker-pause fault keeps the broker paused
 BROKER_RESTART_TIMEOUT_S = 300.0
 
 
@@ -50,6 +55,8 @@ class Plan:
     timeout: float = 600.0
     broker_restart_command: str | None = None  # a shell command; returns once the broker is back
     max_gap: float = 10.0  # the verdict fails when a partition waited longer than this for a consumer
+    broker_pause_command: str | None = None   # freezes a broker (e.g. ssh B kill -STOP <pid>)
+    broker_resume_command: str | None = None  # and thaws it
 
 
 @dataclass
@@ -83,10 +90,16 @@ class Ksup:
 
     def __init__(self, plan: Plan, topic: str, work: Path, env: dict[str, str]) -> None:
         self.socket = str(work / "ksup.sock")
+        # The fault plan accounts for ksup's own rules: injected deaths (kills, hangs) must not
+        # trip its crash-loop halt, which is for a handler that can never work.
+        config = work / "ksup.toml"
+        config.write_text("crash_loop_deaths = 1000000\n")
         args = [sys.executable, "-m", "supervisor", "start", "supervisor.verify.recorder:process",
                 "-b", plan.bootstrap, "-t", topic, "-g", topic, "-w", str(plan.workers),
                 "--control-socket", self.socket, "--log-format", "json", "--restart-delay", "0.2",
-                "--graceful-timeout", "20"]
+                "--graceful-timeout", "20", "--config", str(config)]
+        if "hang" in plan.faults:
+            args += ["--handler-timeout", str(HANDLER_TIMEOUT_S)]
         for key, value in plan.kafka.items():
             args += ["-X", f"{key}={value}"]
         self.log = open(work / f"ksup-{time.monotonic_ns()}.log", "wb")
@@ -163,16 +176,18 @@ def _admin_and_probe(plan: Plan) -> tuple[Any, Any]:
     return AdminClient(conf), probe
 
 
-def _produce(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, Any], stop: threading.Event) -> None:
+def _produce(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], progress: dict[str, Any],
+             stop: threading.Event) -> None:
     """The producer thread: never dies on timing; any error is kept in progress["error"] for the
     main loop, which stops the run with it."""
     try:
-        _produce_all(plan, topic, fail_at, progress, stop)
+        _produce_all(plan, topic, fail_at, hang_at, progress, stop)
     except BaseException as exc:  # noqa: BLE001 - reported by the main loop
         progress["error"] = f"the producer failed: {type(exc).__name__}: {exc}"
 
 
-def _produce_all(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, Any], stop: threading.Event) -> None:
+def _produce_all(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], progress: dict[str, Any],
+                 stop: threading.Event) -> None:
     from confluent_kafka import Producer
 
     producer = Producer({**{k: v for k, v in plan.kafka.items() if k.startswith(("security.", "sasl.", "ssl."))},
@@ -186,7 +201,7 @@ def _produce_all(plan: Plan, topic: str, fail_at: set[int], progress: dict[str, 
         wait = started + n / plan.rate - time.monotonic()
         if wait > 0:
             time.sleep(wait)  # one reading of the clock: never a negative sleep
-        value = f"seq-{n}" + (":fail" if n in fail_at else "")
+        value = f"seq-{n}" + (":fail" if n in fail_at else ":hang" if n in hang_at else "")
         while True:
             try:
                 producer.produce(topic, value.encode(), key=str(n).encode())
@@ -245,9 +260,13 @@ def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, e
     # Messages that raise once: one per planned "exception" fault, spread over the run.
     fail_at = {rng.randrange(plan.messages) for _ in range(max(1, plan.messages // 5000))} \
         if "exception" in plan.faults else set()
+    # Messages that hang once, fewer: each costs a --handler-timeout and a worker restart.
+    hang_at = {rng.randrange(plan.messages) for _ in range(max(1, plan.messages // 20000))} - fail_at \
+        if "hang" in plan.faults else set()
     progress: dict[str, Any] = {"produced": 0}
     stop_producing = threading.Event()
-    producer = threading.Thread(target=_produce, args=(plan, topic, fail_at, progress, stop_producing), daemon=True)
+    producer = threading.Thread(target=_produce, args=(plan, topic, fail_at, hang_at, progress, stop_producing),
+                                daemon=True)
     ksup: Ksup | None = None
     timeline: list[tuple[int, str]] = []
     ends: dict[int, int] = {}
@@ -257,20 +276,27 @@ def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, e
         producer.start()
         next_fault = time.monotonic() + plan.fault_interval
         scaled = False
+        deck: list[str] = []  # scheduled faults come in seeded rounds with every kind once
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
         while True:
             done = _count_lines(record)
             if show_progress:
                 _bar(progress["produced"], done, plan.messages, len(outcome.faults))
             if "error" in progress:
                 raise CouldNotRun(progress["error"])
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + PROGRESS_EVERY_S
+                _progress_line(t0, progress["produced"], done, outcome.faults, admin, topic, plan, record)
             ksup.check_alive()
             if not producer.is_alive() and done >= plan.messages:
                 break
             if time.monotonic() - t0 > plan.timeout:
                 raise CouldNotRun(f"verification did not finish within {plan.timeout:.0f}s")
-            faults = [f for f in plan.faults if f != "exception"]
+            faults = [f for f in plan.faults if f not in MESSAGE_FAULTS]
             if faults and producer.is_alive() and time.monotonic() >= next_fault:
-                fault = rng.choice(faults)
+                if not deck:
+                    deck = rng.sample(faults, len(faults))
+                fault = deck.pop()
                 timeline.append((time.time_ns(), fault))
                 outcome.faults.append(fault)
                 ksup, scaled = _inject(fault, ksup, plan, topic, work, env, rng, scaled)
@@ -278,6 +304,8 @@ def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, e
             time.sleep(0.2)
         if fail_at:
             outcome.faults.append(f"exception x{len(fail_at)}")
+        if hang_at:
+            outcome.faults.append(f"hang x{len(hang_at)}")
         ends = _wait_committed(admin, probe, topic, plan)
     except Interrupted as exc:
         outcome.interrupted = str(exc)
@@ -317,19 +345,47 @@ def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dic
         if pids:
             os.kill(rng.choice(pids), signal.SIGKILL)
     elif fault == "reload":
+        began = time.time()
         result = ksup.ask({"cmd": "reload", "wait": True}, timeout=300)
-        if not result.get("ok"):
+        # A message fault (a raise, a hang) that a freshly rolled worker met is that fault's
+        # expected outcome, not a failed release; anything else is a real reload failure.
+        if not result.get("ok") and not _message_fault_since(work, began):
             raise RuntimeError(f"rolling reload failed: {result.get('error')}")
+    elif fault == "scale-flap":
+        # Up by two and straight back down: the scale-down is decided while the new slots boot.
+        ksup.ask({"cmd": "scale", "workers": plan.workers + 2})
+        ksup.ask({"cmd": "scale", "workers": plan.workers + 1 if scaled else plan.workers})
     elif fault == "scale":
         ksup.ask({"cmd": "scale", "workers": plan.workers if scaled else plan.workers + 1})
         scaled = not scaled
     elif fault == "broker-restart" and plan.broker_restart_command:
-        done = subprocess.run(plan.broker_restart_command, shell=True, timeout=BROKER_RESTART_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"--broker-restart-command exited {done.returncode}: "
-                               f"{(done.stderr or done.stdout).strip()[-300:]}")
+        _shell(plan.broker_restart_command, "--broker-restart-command")
+    elif fault == "broker-pause" and plan.broker_pause_command and plan.broker_resume_command:
+        _shell(plan.broker_pause_command, "--broker-pause-command")
+        try:
+            time.sleep(BROKER_PAUSE_S)  # the fault itself: the broker stays frozen this long
+        finally:
+            _shell(plan.broker_resume_command, "--broker-resume-command")
     return ksup, scaled
+
+
+def _message_fault_since(work: Path, since: float) -> bool:
+    """Whether a handler met an injected failure or hang since ``since`` (the recording
+    handler leaves a marker file for each, see recorder.py)."""
+    for marker in [*work.glob("record.txt.failed-*"), *work.glob("record.txt.hung-*")]:
+        try:
+            if marker.stat().st_mtime >= since - 1.0:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _shell(command: str, option: str) -> None:
+    done = subprocess.run(command, shell=True, timeout=BROKER_RESTART_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{option} exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:
@@ -422,6 +478,22 @@ def _analyse(outcome: Outcome, record: Path, ends: dict[int, int], timeline: lis
             by_kind[cause] = max(by_kind.get(cause, 0.0), round(gap, 3))
     outcome.longest_gap_s = round(worst, 3)
     outcome.gap_by_fault = by_kind
+
+
+def _progress_line(t0: float, produced: int, processed: int, faults: list[str], admin: Any, topic: str, plan: Plan,
+                   record: Path) -> None:
+    """One line for a soak run's log: produced, processed, lost so far (committed but never
+    processed), faults so far."""
+    try:
+        committed = _committed(admin, topic, plan.partitions)
+        seen = {tuple(map(int, line.split()[:2])) for line in record.read_text().splitlines()} \
+            if record.exists() else set()
+        lost: int | str = sum(1 for p, c in committed.items() for o in range(max(c, 0)) if (p, o) not in seen)
+    except Exception:  # noqa: BLE001 - a progress line is best effort
+        lost = "?"
+    sys.stderr.write(f"ksup verify: {time.monotonic() - t0:.0f}s produced {produced} processed {processed} "
+                     f"lost so far {lost} faults {len(faults)}\n")
+    sys.stderr.flush()
 
 
 def _bar(produced: int, processed: int, total: int, faults: int) -> None:
