@@ -259,6 +259,7 @@ def worker_options(s: Settings, log_format: str) -> dict[str, Any]:
         "exit_within_s": s.graceful_timeout,  # a direct SIGTERM's budget (the supervisor's kill deadline)
         "max_memory_bytes": s.max_memory or 0,  # the worker stops taking messages above it
         "handler_timeout_s": s.handler_timeout or 0,  # a drain does not wait for a handler past it
+        "configured_workers": s.workers,  # an orphan in a slot above it leaves the group for good
         "broker_timeout_s": s.broker_timeout,
         "revoke_timeout_s": s.revoke_timeout,
         # A standing Kafka problem (no broker answering, commits failing) counts for health

@@ -325,3 +325,31 @@ def test_grandchildren_are_reaped_and_do_not_outlive_a_stop(ksup, bootstrap, nam
         os.kill(child, signal.SIGKILL)
     assert gone, "a worker's child outlived the stop"
 
+
+
+def test_orphans_above_the_configured_workers_leave_the_group(ksup, bootstrap, names, tmp_path):
+    """A ksup scaled up (SIGTTIN) is SIGKILLed; its orphaned workers drain on their own. The one
+    above the configured --workers leaves the group for good (a restarted ksup will not bring
+    it back), so a new ksup consumes every partition well within the 45 s session timeout."""
+    import psutil
+
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record)}
+    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=["-X", "session.timeout.ms=45000"])
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    first.signal(signal.SIGTTIN)
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    workers = [p.pid for p in psutil.Process(first.proc.pid).children()]
+    os.kill(first.proc.pid, signal.SIGKILL)
+    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                               for p in workers), 30, "the orphans exited")
+    killed_at = time.monotonic()
+    second = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env)
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
+    assert time.monotonic() - killed_at < 30, "consumed before the orphan's session (45 s) expired"
+    assert second.stop() == 0, second.tail()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from supervisor.child.loop import ORPHANED
 from supervisor.child.offsets import tp_name
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import WorkerExit
@@ -205,7 +206,7 @@ def wait_for_leave(loop: ConsumerLoop) -> None:
     while not loop.leave_now and not loop.channel.closed and time.monotonic() < deadline:
         loop.serve(0.02)
         loop.check_supervisor(time.monotonic())
-        if loop.outside_stop() == "supervisor died (orphaned)":
+        if loop.outside_stop() == ORPHANED:
             return
 
 

@@ -30,6 +30,7 @@ from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
 
+ORPHANED = "supervisor died (orphaned)"  # outside_stop's reason when the supervisor is gone
 MEMORY_CHECK_S = 0.02   # how often the worker reads its own RSS when --max-memory is set
 POLL_TIMEOUT_S = 0.1     # how long an idle worker blocks in poll(): bounds drain-notice latency
 SERVE_INTERVAL_S = 0.5   # the longest the consumer goes unserved while the handler is busy
@@ -67,6 +68,7 @@ class ConsumerLoop:
         self.exit_within_s = float(options.get("exit_within_s", self.drain_timeout_s + 5.0))
         self.max_memory = int(options.get("max_memory_bytes", 0) or 0)
         self.handler_timeout_s = float(options.get("handler_timeout_s", 0) or 0)
+        self.slot_above_configured = False  # set by main: see there
         self.over_memory = False
         self._last_memory_check = 0.0
         self.lost_unconfirmed: set[TP] = set()  # lost with stored offsets the broker never confirmed
@@ -114,6 +116,8 @@ class ConsumerLoop:
         reason = self.outside_stop()
         if reason is not None:
             self.request_drain(reason)
+            if reason == ORPHANED and self.slot_above_configured:
+                self.leave_group = True
         if now - self._last_channel_check < CHANNEL_CHECK_S:
             return
         self._last_channel_check = now

@@ -159,15 +159,20 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
     from supervisor.child.loop import ConsumerLoop
 
     def outside_stop() -> str | None:
-        if Flags.term:
-            return "SIGTERM received"
+        # Orphaned first: the kernel's parent-death signal is a SIGTERM too, and what matters
+        # then is that no supervisor is left to release us or bring this slot back.
         if watch.orphaned():
             return "supervisor died (orphaned)"
+        if Flags.term:
+            return "SIGTERM received"
         return None
 
     runner = build_runner(cfg, handler)
     loop = ConsumerLoop(consumer, runner, channel, cfg.topics, cfg.options, outside_stop, handler.instance)
     loop.instance_id = cfg.kafka.get("group.instance.id", "")
+    # Orphaned (the supervisor died): a slot above the configured --workers was added by scaling
+    # and will not come back with a restarted ksup, so its static member leaves for good.
+    loop.slot_above_configured = cfg.slot >= int(cfg.options.get("configured_workers", cfg.slot + 1))
     loop.group = cfg.kafka.get("group.id", "")
     if commits.log is not None:
         from supervisor.child.kafka_problems import unsupported_reason
