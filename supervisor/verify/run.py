@@ -288,12 +288,15 @@ def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, e
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
                 _progress_line(t0, progress["produced"], done, outcome.faults, admin, topic, plan, record)
             ksup.check_alive()
-            if not producer.is_alive() and done >= plan.messages:
+            faults = [f for f in plan.faults if f not in MESSAGE_FAULTS]
+            # The first round is always finished: every chosen kind happens at least once, also
+            # when the messages were all produced before the round's slower faults came up.
+            first_round_left = bool(faults) and len(outcome.faults) < len(faults)
+            if not producer.is_alive() and done >= plan.messages and not first_round_left:
                 break
             if time.monotonic() - t0 > plan.timeout:
                 raise CouldNotRun(f"verification did not finish within {plan.timeout:.0f}s")
-            faults = [f for f in plan.faults if f not in MESSAGE_FAULTS]
-            if faults and producer.is_alive() and time.monotonic() >= next_fault:
+            if faults and (producer.is_alive() or first_round_left) and time.monotonic() >= next_fault:
                 if not deck:
                     deck = rng.sample(faults, len(faults))
                 fault = deck.pop()
