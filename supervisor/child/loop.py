@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from supervisor.child.kafka_problems import KafkaProblems, classify
+from supervisor.child.leave_barrier import LeaveBarrier
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
 from supervisor.child.runner import STORED, HandlerRunner, Job, Outcome
@@ -95,6 +96,7 @@ class ConsumerLoop:
         self.group_seen_at = self.rebalanced_at = 0.0
         self.empty_target_at = 0.0  # KIP-848: the broker's heartbeat said "no partitions for you"
         self.problems = KafkaProblems(float(options.get("problem_after_s", 60.0)))
+        self.leave_barrier: LeaveBarrier | None = None  # orphans release each other (main sets it)
         self.instance_id = str(options.get("instance_id", ""))
         self.group = str(options.get("group", ""))
 

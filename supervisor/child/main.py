@@ -156,6 +156,7 @@ def run(channel: Channel) -> int:
 
 def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
             watch: liveness.ParentWatch, commits: CommitRelay) -> int:
+    from supervisor.child.leave_barrier import LeaveBarrier
     from supervisor.child.loop import ConsumerLoop
 
     def outside_stop() -> str | None:
@@ -184,8 +185,15 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
     commits.target = loop
     tune_gc()
     runner.start()
+    if cfg.options.get("board"):  # its folder outlives the supervisor: orphans meet there
+        loop.leave_barrier = LeaveBarrier(os.path.dirname(str(cfg.options["board"])))
+        loop.leave_barrier.enter()
     log.info("joining group %s for %s", cfg.kafka.get("group.id"), ", ".join(cfg.topics))
-    code = loop.run()
+    try:
+        code = loop.run()
+    finally:
+        if loop.leave_barrier is not None:
+            loop.leave_barrier.leave()
     run_teardown(handler)
     return int(code)
 
