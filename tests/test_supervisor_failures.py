@@ -404,3 +404,40 @@ def test_orphans_killed_mid_rebalance_commit_what_they_finished(ksup, bootstrap,
         done[p] = max(done.get(p, -1), o)
     expected = {p: done[p] + 1 if p in done else -1001 for p in range(4)}
     assert committed_offsets(bootstrap, group, topic, 4) == expected, "finished work left uncommitted"
+
+
+def test_a_slot_stopped_while_still_joining_leaves_the_group(ksup, bootstrap, names, tmp_path):
+    """A slot added by scaling up (above --workers, so it must leave the group for good at a
+    stop) is stopped while its JoinGroup is still pending: the rebalance its join started waits
+    for worker 0, frozen here (SIGSTOP) until the stop began. It used to close at once: a
+    member whose join never completed sends no LeaveGroup, so its static member stayed in the
+    group and the next ksup's members left it a partition, unconsumed until its session expired
+    (ksup verify: a 47.6 s gap after scale + SIGTERM). Judged by the broker's committed offsets:
+    a new ksup consumes every partition well within the 45 s session."""
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record)}
+    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env)
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    old = first.worker_pids()
+    os.kill(old[0], signal.SIGSTOP)  # the group's next rebalance cannot complete without it
+    try:
+        first.signal(signal.SIGTTIN)
+        wait_until(lambda: any(r.get("slot") == 1 and str(r.get("message", "")).startswith("joining group")
+                               for r in first.log_records()), 60, "slot 1 sent its JoinGroup", 0.02)
+        first.signal(signal.SIGTERM)
+    finally:
+        os.kill(old[0], signal.SIGCONT)
+    t0 = time.monotonic()
+    assert first.wait(60) == 0, first.tail()
+    stopped_at = time.monotonic()
+    print(f"stop took {stopped_at - t0:.1f}s")
+    second = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env)
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
+    print(f"consumed {time.monotonic() - stopped_at:.1f}s after the stop")
+    assert time.monotonic() - stopped_at < 30, "consumed before the departed member's session (45 s) expired"
+    assert second.stop() == 0, second.tail()

@@ -85,6 +85,7 @@ class ConsumerLoop:
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
         self.leave_now = False  # the supervisor's Leave arrived
         self.leave_group = False  # ... asking to leave the group for good (scale down)
+        self.join_done = False  # the group answered this member's join (a rebalance callback)
         self.gave_up_in_flight = False  # the drain deadline passed with the handler still running
         self._last_poll = 0.0
         self._last_channel_check = 0.0
@@ -126,6 +127,7 @@ class ConsumerLoop:
         for msg in self.channel.read_available():
             if isinstance(msg, m.Drain):
                 self.request_drain(msg.reason, msg.timeout_s, deadline_s=msg.deadline_s)
+                self.leave_group = self.leave_group or msg.leave_group
             elif isinstance(msg, m.Leave):
                 self.leave_now = True
                 self.leave_group = self.leave_group or msg.leave_group
@@ -328,6 +330,7 @@ class ConsumerLoop:
         that, so this counts as the (empty) assignment, for readiness."""
         if self.book.owned:
             return
+        self.join_done = True
         self.empty_target_at = time.time()
         if self.state == "joining":
             self.state = "assigned"
@@ -438,6 +441,7 @@ class ConsumerLoop:
             self.book.acquire(tps)
             self.assignments += bool(tps)
             self.state = "assigned"
+            self.join_done = True
             self.call_lifecycle("on_assign", tps)
             log.info("assigned %s", ", ".join(map(tp_name, tps)) or "nothing new")
             self.send_report(force=True)

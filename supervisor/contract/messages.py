@@ -43,6 +43,9 @@ class Drain:
     reason: str = "requested"
     # Seconds until the supervisor's SIGKILL: the whole drain (commit, wait, close) fits in it.
     deadline_s: float | None = None
+    # The slot goes for good (as Leave.leave_group says later): a worker still joining
+    # finishes its join first, since a member whose JoinGroup is pending cannot leave.
+    leave_group: bool = False
 
 
 @dataclass(frozen=True)

@@ -189,12 +189,18 @@ class SupervisorCore:
     def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float) -> None:
         """Ask one worker to drain (Drain over the pipe plus SIGTERM, which also reaches a worker
         still booting); SIGKILL it if it has not exited ``deadline_s`` from now."""
-        self.send(slot, m.Drain(wait_s, reason, deadline_s))
+        self.send(slot, m.Drain(wait_s, reason, deadline_s, leave_group=self.leaves_for_good(slot)))
         self.kill(slot, signal.SIGTERM)
         now = self.now
         slot.drain_sent_at = slot.drain_sent_at or now
         slot.kill_at = min(slot.kill_at or now + deadline_s, now + deadline_s)
         slot.advance(SlotState.DRAINING)
+
+    def leaves_for_good(self, slot: WorkerSlot) -> bool:
+        """A slot scaled away for good leaves the group even as a static member; so does, at a
+        stop, a slot above the configured --workers (added by scaling up): a restart will not
+        bring it back, and its member would hold its partitions until the session expires."""
+        return slot.then is After.REMOVE or (self.state is State.STOPPING and slot.index >= self.settings.workers)
 
     def release_leavers(self) -> None:
         """Let drained workers close. During a stop, only once every worker that is still in the
@@ -204,13 +210,7 @@ class SupervisorCore:
             return
         for slot in in_group:
             if slot.ready_to_leave and not slot.leave_sent:
-                # A slot scaled away for good leaves the group even as a static member; so does,
-                # at a stop, a slot above the configured --workers (added by scaling up): a
-                # restart will not bring it back, and its member would hold its partitions until
-                # the session expires.
-                for_good = slot.then is After.REMOVE or \
-                    (self.state is State.STOPPING and slot.index >= self.settings.workers)
-                self.send(slot, m.Leave(leave_group=for_good))
+                self.send(slot, m.Leave(leave_group=self.leaves_for_good(slot)))
                 slot.leave_sent = True
 
     # ---- commands -----------------------------------------------------------------------------
