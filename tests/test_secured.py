@@ -1,0 +1,220 @@
+"""A secured cluster (issue 15), on a broker of this module's own with a SASL_PLAINTEXT listener
+(PLAIN and SCRAM-SHA-512) next to its PLAINTEXT one, which the tests' own admin, producer and
+offset checks use: ksup consumes through SASL with nothing lost; the password, given by a file
+reference, an environment reference or a config file, never shows in any log (JSON or text,
+librdkafka's debug lines included), status, metrics, the receipt, or any ksup process's argv or
+environment; passed with -X on the command line, the same check finds it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import REPO, ksup_cli, read_record, wait_until
+from tests.kafkautil import committed_offsets, create_topic, free_port_unused, produce_sequence
+from tests.localkafka import LocalKafka, Secured
+
+pytestmark = pytest.mark.kafka
+
+USER, PASSWORD = "alice", "Pw-alice-7f3c9e"
+REVOKED_USER, REVOKED_PASSWORD = "bob", "Pw-bob-51d0aa"  # deleted by one test while ksup runs
+REAUTH_MS = 4000  # the broker makes clients re-authenticate (KIP-368) this often
+MESSAGES, PARTITIONS = 20, 2
+
+# A handler that also writes the password it can read (from a file named in its environment:
+# the path is no secret) to its log and stdout: both must come out redacted.
+SECRET_ECHO = '''
+import logging, os
+from tests.handlers.recording import process as record
+
+SECRET = open(os.environ["KSUP_TEST_SECRET_FILE"]).read().strip()
+_said = False
+
+
+def process(record_):
+    global _said
+    if not _said:
+        _said = True
+        logging.getLogger("handler").warning("handler logs the password %s", SECRET)
+        print(f"handler prints the password {SECRET}", flush=True)
+    record(record_)
+'''
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[LocalKafka]:
+    broker = LocalKafka(secured=Secured(users={USER: PASSWORD, REVOKED_USER: REVOKED_PASSWORD}, reauth_ms=REAUTH_MS))
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+def sasl_args(mechanism: str, user: str = USER) -> list[str]:
+    return ["-X", "security.protocol=SASL_PLAINTEXT", "-X", f"sasl.mechanism={mechanism}",
+            "-X", f"sasl.username={user}"]
+
+
+def _proc(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read().decode(errors="replace")
+
+
+def places_holding(secret: str, places: dict[str, str]) -> list[str]:
+    return sorted(where for where, text in places.items() if secret in text)
+
+
+# (how the password is given, mechanism, log format); "argv" is the way not to do it, which the
+# same check must catch.
+WAYS = [("file", "PLAIN", "json"), ("file", "SCRAM-SHA-512", "text"), ("config", "SCRAM-SHA-512", "json"),
+        ("config", "PLAIN", "text"), ("env", "SCRAM-SHA-512", "json"), ("argv", "PLAIN", "json")]
+# Where each way is expected to leave the password: an environment reference is read from the
+# supervisor's own environment, whose /proc copy keeps it (the variable is removed before any
+# worker starts); -X on the command line is in the supervisor's argv for every local user to see.
+EXPECTED = {"file": [], "config": [], "env": ["supervisor environ"], "argv": ["supervisor cmdline"]}
+
+
+@pytest.mark.parametrize(("way", "mechanism", "fmt"), WAYS)
+def test_consumes_over_sasl_and_the_password_never_shows(ksup, secured, names, tmp_path, way, mechanism, fmt):
+    topic, group = names
+    create_topic(secured.bootstrap, topic, PARTITIONS)
+    produce_sequence(secured.bootstrap, topic, MESSAGES, partitions=PARTITIONS)
+    secret_file = tmp_path / "kafka-password"
+    secret_file.write_text(PASSWORD + "\n")  # as `echo pw > file` or a Kubernetes secret leaves it
+    (tmp_path / "secret_echo.py").write_text(SECRET_ECHO)
+    record, port = tmp_path / "record.txt", free_port_unused()
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SECRET_FILE": str(secret_file),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    extra = [*sasl_args(mechanism), "-X", "debug=security,conf", "--log-level", "debug", "--log-format", fmt,
+             "--metrics-addr", f"127.0.0.1:{port}", "-w", "2"]
+    if way == "file":
+        extra += ["-X", f"sasl.password:file={secret_file}"]
+    elif way == "env":
+        env["KSUP_TEST_KAFKA_PASSWORD"] = PASSWORD
+        extra += ["-X", "sasl.password:env=KSUP_TEST_KAFKA_PASSWORD"]
+    elif way == "config":
+        (tmp_path / "ksup.toml").write_text(f'[kafka]\n"sasl.password" = "{PASSWORD}"\n')
+        extra += ["--config", str(tmp_path / "ksup.toml")]
+    else:
+        extra += ["-X", f"sasl.password={PASSWORD}"]
+    run = ksup("secret_echo:process", secured.sasl_bootstrap, topic, group, cwd=tmp_path, env=env, extra=extra)
+    wait_until(lambda: len(read_record(record)) >= MESSAGES, 60, f"all consumed over SASL {mechanism}")
+    wait_until(lambda: committed_offsets(secured.bootstrap, group, topic, PARTITIONS) == {0: 10, 1: 10}, 60,
+               "all committed", 0.5)
+    status = ksup_cli("status", "--json", "-g", group)
+    assert status.returncode == 0, status.stderr
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    places = {"status": status.stdout, "metrics": metrics}
+    workers = run.worker_pids()
+    assert len(workers) == 2
+    for who, pid in (("supervisor", run.proc.pid), *((f"worker {i}", w) for i, w in enumerate(workers))):
+        places[f"{who} cmdline"], places[f"{who} environ"] = _proc(pid, "cmdline"), _proc(pid, "environ")
+    assert "KSUP_TEST_KAFKA_PASSWORD" not in places["worker 0 environ"] + places["worker 1 environ"]
+    assert run.stop() == 0, run.tail()
+    places["log"], places["receipt"] = run.log_text(), run.receipt_path.read_text()
+
+    seen = {(p, o) for p, o, _ in read_record(record)}
+    assert seen == {(p, o) for p in range(PARTITIONS) for o in range(MESSAGES // PARTITIONS)}, "nothing lost"
+    log = places["log"]
+    # The checks below can see what they look for: librdkafka's security debug lines (SASL
+    # handshake), its config dump, and the handler's own line, all with the password blanked.
+    assert "Broker supported SASL mechanisms: PLAIN,SCRAM-SHA-512" in log, log[-2000:]
+    assert "sasl.password" in log and "handler logs the password ***" in log and \
+        "handler prints the password ***" in log, run.tail(60)
+    assert places_holding(PASSWORD, places) == EXPECTED[way]
+
+
+def test_verify_on_a_secured_cluster_keeps_the_password_out_of_argv(secured, tmp_path):
+    """`ksup verify` takes the same -X (references included) and hands the Kafka properties to
+    its own ksup in a config file of the owner's only, never on that ksup's command line."""
+    import psutil
+
+    (tmp_path / "pw").write_text(PASSWORD)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "verify", "-b", secured.sasl_bootstrap, *sasl_args("SCRAM-SHA-512"),
+         "-X", f"sasl.password:file={tmp_path / 'pw'}", "--messages", "300", "--rate", "300", "--partitions", "2",
+         "-w", "1", "--faults", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    seen: dict[int, str] = {}
+    try:
+        def a_worker_seen() -> bool:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    seen[child.pid] = " ".join(child.cmdline()) + "\0" + "\0".join(
+                        f"{k}={v}" for k, v in child.environ().items())
+            except psutil.Error:
+                pass
+            return any("supervisor.child" in text for text in seen.values())
+
+        wait_until(a_worker_seen, 60, "verify's ksup and its worker")
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0, out
+    assert "produced        300" in out and "lost            0" in out and "OK: nothing lost" in out, out
+    assert PASSWORD not in out
+    assert not [pid for pid, text in seen.items() if PASSWORD in text], "the password is in a process's argv or environ"
+
+
+def test_config_file_reference_and_env_reference_in_toml(ksup, secured, names, tmp_path):
+    """The [kafka] table takes the same references as -X (a key ending in :file or :env)."""
+    topic, group = names
+    create_topic(secured.bootstrap, topic, 1)
+    produce_sequence(secured.bootstrap, topic, 5)
+    (tmp_path / "pw").write_text(PASSWORD)
+    (tmp_path / "ksup.toml").write_text(
+        f'[kafka]\n"security.protocol" = "SASL_PLAINTEXT"\n"sasl.mechanism" = "SCRAM-SHA-512"\n'
+        f'"sasl.username:env" = "KSUP_TEST_KAFKA_USER"\n"sasl.password:file" = "{tmp_path / "pw"}"\n')
+    record = tmp_path / "r.txt"
+    run = ksup("tests.handlers.recording:process", secured.sasl_bootstrap, topic, group,
+               env={"KSUP_TEST_RECORD": str(record), "KSUP_TEST_KAFKA_USER": USER},
+               extra=["--config", str(tmp_path / "ksup.toml")])
+    wait_until(lambda: len(read_record(record)) == 5, 60, "consumed")
+    assert run.stop() == 0, run.tail()
+    assert PASSWORD not in run.log_text()
+
+
+@pytest.mark.parametrize(("args", "toml", "needle"), [
+    (["-X", "sasl.password:file=/nonexistent/kafka-pw"], "",
+     "sasl.password:file=/nonexistent/kafka-pw: cannot read it (No such file or directory); create the file"),
+    (["-X", "sasl.password:env=KSUP_TEST_UNSET_VARIABLE"], "",
+     "sasl.password:env=KSUP_TEST_UNSET_VARIABLE: the environment variable KSUP_TEST_UNSET_VARIABLE is not set"),
+    (["-X", "sasl.password:file=EMPTY"], "", "is empty (write the value into it"),
+    (["-X", "sasl.password:vault=x"], "", "sasl.password:vault: unknown reference :vault (a key may end in :file"),
+    (["-X", "sasl.password=a", "-X", "sasl.password:env=HOME"], "", "sasl.password is given twice"),
+    ([], '[kafka]\n"sasl.password" = { file = "/run/secrets/pw" }\n', '"sasl.password:file" = "/path/to/it"'),
+    ([], '[kafka]\n"sasl.password:file" = "/nonexistent/kafka-pw"\n', "sasl.password:file=/nonexistent/kafka-pw"),
+])
+def test_bad_secret_references_are_one_line_config_errors(names, tmp_path, args, toml, needle):
+    """Exit 78 before any worker starts (no broker is asked), one line naming the key and the fix."""
+    topic, group = names
+    (tmp_path / "EMPTY").write_text("\n")
+    config = ["--config", str(tmp_path / "ksup.toml")] if toml else []
+    (tmp_path / "ksup.toml").write_text(toml)
+    out = subprocess.run([sys.executable, "-m", "supervisor", "start", "tests.handlers.recording:process",
+                          "-b", "127.0.0.1:1", "-t", topic, "-g", group, *config, *args],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 78, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ksup: error: ") and needle in lines[0], out.stderr
+
+
+def test_references_resolve(tmp_path):
+    from supervisor import references
+
+    (tmp_path / "pw").write_text("s3cret\n\n")  # one trailing newline is dropped, not more
+    out, variables = references.resolve({"sasl.password:file": str(tmp_path / "pw"), "sasl.username:env": "U",
+                                          "group.id": "g"}, {"U": "alice"})
+    assert out == {"sasl.password": "s3cret\n", "sasl.username": "alice", "group.id": "g"}
+    assert variables == ["U"]
