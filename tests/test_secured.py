@@ -1,9 +1,11 @@
 """A secured cluster (issue 15), on a broker of this module's own with a SASL_PLAINTEXT listener
 (PLAIN and SCRAM-SHA-512) next to its PLAINTEXT one, which the tests' own admin, producer and
-offset checks use: ksup consumes through SASL with nothing lost; the password, given by a file
-reference, an environment reference or a config file, never shows in any log (JSON or text,
-librdkafka's debug lines included), status, metrics, the receipt, or any ksup process's argv or
-environment; passed with -X on the command line, the same check finds it."""
+offset checks use: ksup consumes through SASL with nothing lost; a wrong password, an unknown
+user or a mechanism the broker lacks is exit 13 AUTH_FAILED at once (not after --broker-timeout),
+naming the mechanism and the user; the password, given by a file reference, an environment
+reference or a config file, never shows in any log (JSON or text, librdkafka's debug lines
+included), status, metrics, the receipt, or any ksup process's argv or environment; passed with
+-X on the command line, the same check finds it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -131,6 +134,71 @@ def test_consumes_over_sasl_and_the_password_never_shows(ksup, secured, names, t
     assert places_holding(PASSWORD, places) == EXPECTED[way]
 
 
+CHECK_LOGIN = "check sasl.username and the password"
+
+
+@pytest.mark.parametrize(("mechanism", "user", "password", "detail", "fix"), [
+    ("PLAIN", USER, "wrong-password", "Invalid username or password", CHECK_LOGIN),
+    ("SCRAM-SHA-512", USER, "wrong-password", "invalid credentials with SASL mechanism SCRAM-SHA-512", CHECK_LOGIN),
+    ("SCRAM-SHA-512", "mallory", PASSWORD, "invalid credentials with SASL mechanism SCRAM-SHA-512", CHECK_LOGIN),
+    ("SCRAM-SHA-256", USER, PASSWORD, "Unsupported SASL mechanism", "set sasl.mechanism to one the broker offers"),
+])
+def test_refused_credentials_are_auth_failed_at_once(ksup, secured, names, tmp_path, mechanism, user, password,
+                                                      detail, fix):
+    """Exit 13 with one line naming the mechanism, the user and the fix, well before
+    --broker-timeout (20 s here; before ksup knew, it waited all of it and said exit 7)."""
+    topic, group = names
+    create_topic(secured.bootstrap, topic, 1)
+    (tmp_path / "ksup.toml").write_text(f'[kafka]\n"sasl.password" = "{password}"\n')
+    t0 = time.monotonic()
+    run = ksup("tests.handlers.recording:process", secured.sasl_bootstrap, topic, group,
+               env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt")}, workers=2,
+               extra=[*sasl_args(mechanism, user), "--config", str(tmp_path / "ksup.toml"), "--broker-timeout", "20"])
+    code = run.wait(45)
+    took = time.monotonic() - t0
+    print(f"{mechanism} {user}: exit {code} after {took:.2f}s")
+    last = run.log_text().strip().splitlines()[-1]
+    assert code == 13, run.tail()
+    assert last.startswith("ksup: exit 13 (AUTH_FAILED): "), last
+    assert mechanism in last and repr(user) in last and detail in last, last
+    assert fix in last, "names the settings to fix"
+    assert took < 10, f"exit 13 took {took:.1f}s: it waited for the broker timeout"
+    assert password not in run.log_text()
+    assert read_record(tmp_path / "r.txt") == []
+
+
+def test_a_credential_deleted_while_running_is_auth_failed(ksup, secured, names, tmp_path):
+    """librdkafka re-authenticates a connection only when the broker asks for it
+    (connections.max.reauth.ms, KIP-368; without it a running consumer keeps its authenticated
+    connections, and deleting its credential changes nothing until it reconnects). With it, the
+    first refused re-authentication stops the worker with 13 and ksup halts with 13; what was
+    finished before is committed."""
+    from confluent_kafka.admin import AdminClient, ScramMechanism, UserScramCredentialDeletion
+
+    topic, group = names
+    create_topic(secured.bootstrap, topic, 1)
+    produce_sequence(secured.bootstrap, topic, 5)
+    (tmp_path / "pw").write_text(REVOKED_PASSWORD)
+    record = tmp_path / "r.txt"
+    run = ksup("tests.handlers.recording:process", secured.sasl_bootstrap, topic, group,
+               env={"KSUP_TEST_RECORD": str(record)},
+               extra=[*sasl_args("SCRAM-SHA-512", REVOKED_USER), "-X", f"sasl.password:file={tmp_path / 'pw'}"])
+    wait_until(lambda: committed_offsets(secured.bootstrap, group, topic, 1) == {0: 5}, 60, "consumed and committed")
+    admin = AdminClient({"bootstrap.servers": secured.bootstrap})
+    for future in admin.alter_user_scram_credentials(
+            [UserScramCredentialDeletion(REVOKED_USER, ScramMechanism.SCRAM_SHA_512)]).values():
+        future.result(30)
+    t0 = time.monotonic()
+    code = run.wait(REAUTH_MS / 1000 + 30)
+    print(f"exit {code} {time.monotonic() - t0:.2f}s after the credential was deleted")
+    last = run.log_text().strip().splitlines()[-1]
+    assert code == 13, run.tail()
+    assert last.startswith("ksup: exit 13 (AUTH_FAILED): ") and "re-authentication" in last, last
+    assert repr(REVOKED_USER) in last and "SCRAM-SHA-512" in last, last
+    assert sorted(o for _, o, _ in read_record(record)) == [0, 1, 2, 3, 4]
+    assert committed_offsets(secured.bootstrap, group, topic, 1) == {0: 5}
+
+
 def test_verify_on_a_secured_cluster_keeps_the_password_out_of_argv(secured, tmp_path):
     """`ksup verify` takes the same -X (references included) and hands the Kafka properties to
     its own ksup in a config file of the owner's only, never on that ksup's command line."""
@@ -208,6 +276,27 @@ def test_bad_secret_references_are_one_line_config_errors(names, tmp_path, args,
     assert out.returncode == 78, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ksup: error: ") and needle in lines[0], out.stderr
+
+
+def test_refusals_are_classified_and_halt_with_13():
+    from confluent_kafka import KafkaError
+
+    from supervisor.child.kafka_problems import classify
+    from supervisor.contract.exitcodes import ExitCode, WorkerExit
+    from supervisor.parent import policy
+
+    kafka = {"bootstrap.servers": "h:1", "security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
+             "sasl.username": "alice", "sasl.password": PASSWORD}
+    text = ("sasl_ssl://h:1/bootstrap: SASL authentication error: Authentication failed: Invalid username or "
+            "password (after 301ms in state AUTH_REQ)")
+    verdict = classify(KafkaError(KafkaError._AUTHENTICATION, text), "", "g", kafka)
+    assert verdict is not None and verdict.code == WorkerExit.AUTH_FAILED
+    assert verdict.reason == ("authentication failed: the broker at h:1 refused the SASL PLAIN login of user 'alice' "
+                              "(Authentication failed: Invalid username or password); check sasl.username and the "
+                              "password (sasl.password, or the file or variable its :file/:env reference names)")
+    assert classify(KafkaError(KafkaError._TRANSPORT), "", "g", kafka) is None
+    assert policy.halt_code_for_boot_failure(WorkerExit.AUTH_FAILED) == ExitCode.AUTH_FAILED
+    assert policy.halt_for_worker_exit(13, 0, "why", "", "g") == (ExitCode.AUTH_FAILED, "why")
 
 
 def test_references_resolve(tmp_path):
