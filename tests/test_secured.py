@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.kafka
 USER, PASSWORD = "alice", "Pw-alice-7f3c9e"
 REVOKED_USER, REVOKED_PASSWORD = "bob", "Pw-bob-51d0aa"  # deleted by one test while ksup runs
 REAUTH_MS = 4000  # the broker makes clients re-authenticate (KIP-368) this often
+TLS_KEY_PASSWORD = "Key-pw-0c4e12"  # encrypts the client certificate's key
 MESSAGES, PARTITIONS = 20, 2
 
 # A handler that also writes the password it can read (from a file named in its environment:
@@ -52,7 +54,8 @@ def process(record_):
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[LocalKafka]:
-    broker = LocalKafka(secured=Secured(users={USER: PASSWORD, REVOKED_USER: REVOKED_PASSWORD}, reauth_ms=REAUTH_MS))
+    broker = LocalKafka(secured=Secured(users={USER: PASSWORD, REVOKED_USER: REVOKED_PASSWORD}, reauth_ms=REAUTH_MS,
+                                        tls_key_password=TLS_KEY_PASSWORD))
     try:
         broker.start()
         yield broker
@@ -234,6 +237,65 @@ def test_verify_on_a_secured_cluster_keeps_the_password_out_of_argv(secured, tmp
     assert not [pid for pid, text in seen.items() if PASSWORD in text], "the password is in a process's argv or environ"
 
 
+def tls_args(broker: LocalKafka, key_password_file: Path | None, trust_broker: bool = True) -> list[str]:
+    d = broker.tls_dir
+    args = ["-X", "security.protocol=SSL"] + (["-X", f"ssl.ca.location={d / 'ca.pem'}"] if trust_broker else [])
+    if key_password_file is not None:
+        args += ["-X", f"ssl.certificate.location={d / 'client.pem'}", "-X", f"ssl.key.location={d / 'client.key'}",
+                 "-X", f"ssl.key.password:file={key_password_file}"]
+    return args
+
+
+def test_consumes_over_tls_with_a_client_certificate(ksup, secured, names, tmp_path):
+    """An SSL listener that requires a client certificate; the key's password comes from a file
+    reference and shows nowhere (librdkafka's security debug lines included)."""
+    topic, group = names
+    create_topic(secured.bootstrap, topic, PARTITIONS)
+    produce_sequence(secured.bootstrap, topic, MESSAGES, partitions=PARTITIONS)
+    (tmp_path / "key-pw").write_text(TLS_KEY_PASSWORD + "\n")
+    record = tmp_path / "r.txt"
+    run = ksup("tests.handlers.recording:process", secured.ssl_bootstrap, topic, group, workers=2,
+               env={"KSUP_TEST_RECORD": str(record)},
+               extra=[*tls_args(secured, tmp_path / "key-pw"), "-X", "debug=security,conf", "--log-level", "debug"])
+    wait_until(lambda: committed_offsets(secured.bootstrap, group, topic, PARTITIONS) == {0: 10, 1: 10}, 60,
+               "all committed over TLS", 0.5)
+    procs = [run.proc.pid, *run.worker_pids()]
+    assert len(procs) == 3
+    leaks = [f"{pid} {name}" for pid in procs for name in ("cmdline", "environ")
+             if TLS_KEY_PASSWORD in _proc(pid, name)]
+    assert run.stop() == 0, run.tail()
+    assert {(p, o) for p, o, _ in read_record(record)} == {(p, o) for p in range(PARTITIONS) for o in range(10)}
+    log = run.log_text()
+    # librdkafka's security debug lines are there to look in: the key was loaded, the config dumped.
+    assert "Loading private key file from" in log and "ssl.key.password = [redacted]" in log, run.tail(60)
+    assert not leaks and TLS_KEY_PASSWORD not in log and TLS_KEY_PASSWORD not in run.receipt_path.read_text()
+
+
+@pytest.mark.parametrize(("case", "code", "needle"), [
+    ("no-client-certificate", 13, "refused the TLS client certificate (ssl/tls alert bad certificate); set "
+                                  "ssl.certificate.location"),
+    ("broker-not-trusted", 13, "TLS handshake with the broker at 127.0.0.1:"),
+    ("wrong-key-password", 78, "ssl.key.location failed: error:0A080009:SSL routines::PEM lib (check "
+                               "ssl.key.password"),
+])
+def test_tls_refusals(ksup, secured, names, tmp_path, case, code, needle):
+    topic, group = names
+    create_topic(secured.bootstrap, topic, 1)
+    (tmp_path / "key-pw").write_text("not-the-key-password" if case == "wrong-key-password" else TLS_KEY_PASSWORD)
+    args = tls_args(secured, None if case == "no-client-certificate" else tmp_path / "key-pw",
+                    trust_broker=case != "broker-not-trusted")
+    t0 = time.monotonic()
+    run = ksup("tests.handlers.recording:process", secured.ssl_bootstrap, topic, group,
+               env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt")}, extra=[*args, "--broker-timeout", "20"])
+    got = run.wait(45)
+    print(f"{case}: exit {got} after {time.monotonic() - t0:.2f}s")
+    last = run.log_text().strip().splitlines()[-1]
+    assert got == code, run.tail()
+    assert needle in last, last
+    assert time.monotonic() - t0 < 10, "did not wait for --broker-timeout"
+    assert "not-the-key-password" not in run.log_text() and TLS_KEY_PASSWORD not in run.log_text()
+
+
 def test_config_file_reference_and_env_reference_in_toml(ksup, secured, names, tmp_path):
     """The [kafka] table takes the same references as -X (a key ending in :file or :env)."""
     topic, group = names
@@ -295,6 +357,18 @@ def test_refusals_are_classified_and_halt_with_13():
                               "(Authentication failed: Invalid username or password); check sasl.username and the "
                               "password (sasl.password, or the file or variable its :file/:env reference names)")
     assert classify(KafkaError(KafkaError._TRANSPORT), "", "g", kafka) is None
+    untrusted = ("ssl://h:1/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: "
+                 "broker certificate could not be verified, verify that ssl.ca.location is correctly configured or "
+                 "root CA certificates are installed (install ca-certificates package) "
+                 "(after 25ms in state SSL_HANDSHAKE)")
+    rejected = ("ssl://h:1/bootstrap: Receive failed: error:0A000412:SSL routines::ssl/tls alert bad certificate: "
+                "SSL alert number 42 (after 3ms in state APIVERSION_QUERY)")
+    for code, text, needle in ((KafkaError._SSL, untrusted, "set ssl.ca.location"),
+                               (KafkaError._TRANSPORT, rejected, "refused the TLS client certificate")):
+        verdict = classify(KafkaError(code, text), "", "g", kafka)
+        assert verdict is not None and verdict.code == WorkerExit.AUTH_FAILED and needle in verdict.reason, verdict
+    refused_by_peer = "ssl://h:1/bootstrap: Disconnected: connection closed by peer (after 1ms in state UP)"
+    assert classify(KafkaError(KafkaError._TRANSPORT, refused_by_peer), "", "g", kafka) is None
     assert policy.halt_code_for_boot_failure(WorkerExit.AUTH_FAILED) == ExitCode.AUTH_FAILED
     assert policy.halt_for_worker_exit(13, 0, "why", "", "g") == (ExitCode.AUTH_FAILED, "why")
 

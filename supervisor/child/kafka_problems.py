@@ -6,7 +6,9 @@ Fatal, with their own exit codes (the supervisor halts on each, restarting canno
   offer): librdkafka 2.16 reports ``_AUTHENTICATION`` to ``error_cb`` for every connection
   attempt (about 0.3 s after connecting, against Kafka 4.3) and retries for ever; a metadata
   request only times out with ``_TRANSPORT``. ``fatal()`` and ``retriable()`` are both False, so
-  the code decides. At boot the worker serves ``error_cb`` while it waits for metadata (main.py).
+  the code decides. TLS: an untrusted broker certificate or a client certificate the broker
+  rejects (their texts, below). At boot the worker serves ``error_cb`` while it waits for
+  metadata (main.py).
 - fenced: another consumer joined with this worker's ``group.instance.id``. librdkafka hands
   this out of ``poll()`` as ``_FATAL`` whose text carries the broker's error (FENCED_INSTANCE_ID
   on the classic protocol, which fences the older member; UNRELEASED_INSTANCE_ID on KIP-848,
@@ -66,25 +68,53 @@ def unsupported_reason(servers: str) -> str:
             f"or upgrade the brokers to Kafka 4.x")
 
 
+# TLS handshakes that no retry can fix (measured, librdkafka 2.16.0 against Kafka 4.3.1): we do not
+# trust the broker's certificate (_SSL "certificate verify failed"), or the broker rejects ours
+# with a TLS alert (_TRANSPORT "ssl/tls alert bad certificate" when none or a wrong one is sent).
+TLS_UNTRUSTED_TEXT = "certificate verify failed"
+TLS_ALERT_TEXTS = ("alert bad certificate", "alert certificate required", "alert unknown ca",
+                   "alert certificate unknown", "alert certificate expired", "alert certificate revoked",
+                   "alert unsupported certificate", "alert access denied")
+TLS_CODES = (KafkaError._SSL, KafkaError._TRANSPORT)
+
+
+def _tls_refusal(text: str) -> bool:
+    return TLS_UNTRUSTED_TEXT in text or any(t in text for t in TLS_ALERT_TEXTS)
+
+
+def is_refusal(err: Any) -> bool:
+    """The broker refused our login (SASL), or a TLS handshake failed over a certificate."""
+    return _refused(err.code(), str(err.str()), False)
+
+
+def _detail(text: str, start: str) -> str:
+    """librdkafka's text without the broker's name before it and the timing after it:
+    "<broker>: <start>... (after 301ms in state AUTH_REQ)", where <broker> is
+    "sasl_ssl://host:port/1" or "GroupCoordinator: host:port"."""
+    detail = text.rsplit(" (after ", 1)[0]
+    return detail[detail.find(start):] if start in detail else detail
+
+
 def auth_reason(kafka: Mapping[str, str], text: str) -> str:
-    """One line for a refused login: who tried what where, the broker's words, the fix. Never
-    the password (only the names of the settings that hold it)."""
+    """One line for a refused login or certificate: who tried what where, the words of the side
+    that refused, the fix. Never a password (only the names of the settings that hold it)."""
     servers = kafka.get("bootstrap.servers", "?")
-    protocol = kafka.get("security.protocol", "plaintext").upper()
+    if TLS_UNTRUSTED_TEXT in text:
+        detail = _detail(text, "certificate verify failed").split(", verify that", 1)[0]
+        return (f"authentication failed: the TLS handshake with the broker at {servers} failed ({detail}); "
+                f"set ssl.ca.location to the CA that signed the broker's certificate")
+    if any(t in text for t in TLS_ALERT_TEXTS):
+        detail = _detail(text, "ssl/tls alert").split(": SSL alert number", 1)[0]
+        return (f"authentication failed: the broker at {servers} refused the TLS client certificate "
+                f"({detail}); set ssl.certificate.location and ssl.key.location to a certificate signed by a "
+                f"CA the broker trusts")
     mechanism = kafka.get("sasl.mechanism", kafka.get("sasl.mechanisms", "GSSAPI"))
     user = kafka.get("sasl.username", "")
-    # "<broker>: SASL authentication error: <the broker's words> (after 301ms in state AUTH_REQ)",
-    # where <broker> is "sasl_plaintext://host:port/1" or "GroupCoordinator: host:port".
-    detail = text.rsplit(" (after ", 1)[0]
-    detail = detail[detail.find("SASL "):] if "SASL " in detail else detail
-    detail = detail.removeprefix("SASL authentication error: ")
-    if "SASL" in protocol:
-        who = f"SASL {mechanism} login of user {user!r}" if user else f"SASL {mechanism} login (no sasl.username)"
-        fix = ("set sasl.mechanism to one the broker offers" if "Unsupported SASL mechanism" in detail else
-               "check sasl.username and the password (sasl.password, or the file or variable its :file/:env "
-               "reference names)")
-    else:
-        who, fix = f"{protocol} connection", "check the ssl.* settings (certificates, keys and their passwords)"
+    detail = _detail(text, "SASL ").removeprefix("SASL authentication error: ")
+    who = f"SASL {mechanism} login of user {user!r}" if user else f"SASL {mechanism} login (no sasl.username)"
+    fix = ("set sasl.mechanism to one the broker offers" if "Unsupported SASL mechanism" in detail else
+           "check sasl.username and the password (sasl.password, or the file or variable its :file/:env "
+           "reference names)")
     return f"authentication failed: the broker at {servers} refused the {who} ({detail}); {fix}"
 
 
@@ -93,7 +123,7 @@ def _fenced(code: int, text: str, fatal: bool) -> bool:
 
 
 def _refused(code: int, text: str, fatal: bool) -> bool:
-    return code in AUTH_CODES
+    return code in AUTH_CODES or (code in TLS_CODES and _tls_refusal(text))
 
 
 def _other_fatal(code: int, text: str, fatal: bool) -> bool:

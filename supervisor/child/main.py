@@ -93,8 +93,10 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
         consumer = Consumer({"statistics.interval.ms": "1000", **kafka, "on_commit": commits,
                              "stats_cb": commits.stats, "error_cb": commits.error, "logger": commits.log})
     except (KafkaException, ValueError, TypeError) as exc:
-        raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
-                                           f"(fix or remove that -X/[kafka] setting)") from None
+        text = _kafka_text(exc)
+        fix = next((hint for needle, hint in CONFIG_HINTS.items() if needle in text),
+                   "fix or remove that -X/[kafka] setting")
+        raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {text} ({fix})") from None
     consumer = maybe_owned(consumer)  # test mode only: checks the one-owner-thread rule
     timeout = float(cfg.options.get("broker_timeout_s", 30.0))
     servers = cfg.kafka.get("bootstrap.servers", "?")
@@ -140,6 +142,13 @@ def wait_for_metadata(consumer: Any, commits: CommitRelay, kafka: dict[str, str]
             raise BootError(WorkerExit.BROKER_UNREACHABLE,
                             f"no Kafka broker answered at {kafka.get('bootstrap.servers', '?')} within "
                             f"{timeout:g}s (check --bootstrap-servers and that the broker is running)")
+
+
+# librdkafka's words when it refuses a setting -> what to fix, where "fix that setting" is too vague.
+CONFIG_HINTS = {
+    # An encrypted key that does not open (measured: "ssl.key.location failed: ...:PEM lib").
+    "ssl.key.location failed": "check ssl.key.password, the password of the key in ssl.key.location",
+}
 
 
 def _kafka_text(exc: BaseException) -> str:
@@ -303,9 +312,9 @@ class CommitRelay:
         if self.target is not None:
             self.target.on_error(err)
             return
-        from supervisor.child.kafka_problems import AUTH_CODES
+        from supervisor.child.kafka_problems import is_refusal
 
-        if err.code() in AUTH_CODES and self.refused is None:
+        if self.refused is None and is_refusal(err):
             self.refused = err
 
 
