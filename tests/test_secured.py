@@ -381,3 +381,19 @@ def test_references_resolve(tmp_path):
                                           "group.id": "g"}, {"U": "alice"})
     assert out == {"sasl.password": "s3cret\n", "sasl.username": "alice", "group.id": "g"}
     assert variables == ["U"]
+
+
+def test_docs_list_exit_13_and_the_units_do_not_restart_on_it():
+    """The README's exit-code table has a row for every ExitCode; the systemd units, like for 8,
+    do not restart on 13 (a restart would be refused again)."""
+    import re
+
+    from supervisor.contract.exitcodes import ExitCode
+
+    readme = (REPO / "README.md").read_text()
+    missing = [c.name for c in ExitCode if f"| {int(c)} | {c.name} |" not in readme]
+    assert missing == [], f"exit codes without a README row: {missing}"
+    for unit in ("ksup.service", "ksup@.service"):
+        text = (REPO / "systemd" / unit).read_text()
+        prevented = set(re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M).group(1).split())
+        assert {"8", "13"} <= prevented, (unit, prevented)
