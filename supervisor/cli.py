@@ -355,10 +355,11 @@ def verify(bootstrap_servers: str, messages: int, duration: float | None, partit
         fail("the broker-pause fault needs --broker-pause-command and --broker-resume-command (commands that "
              "freeze a broker and thaw it, e.g. with kill -STOP / kill -CONT)", ExitCode.USAGE)
     try:
-        kafka, _ = references.resolve(dict(cfgmod.parse_kafka_property(p) for p in kafka_props))
+        kafka, variables = references.resolve(dict(cfgmod.parse_kafka_property(p) for p in kafka_props))
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
+    references.forget_variables(variables)  # verify's ksup and its workers get the values from a file
     setup_logging("text", "warning", "supervisor", secrets=secret_values(kafka))
     if duration is not None:
         messages = max(int(duration * rate), 1)

@@ -204,16 +204,16 @@ def test_a_credential_deleted_while_running_is_auth_failed(ksup, secured, names,
 
 def test_verify_on_a_secured_cluster_keeps_the_password_out_of_argv(secured, tmp_path):
     """`ksup verify` takes the same -X (references included) and hands the Kafka properties to
-    its own ksup in a config file of the owner's only, never on that ksup's command line."""
+    its own ksup in a config file of the owner's only, never on that ksup's command line; a
+    variable read by an :env reference is not inherited by that ksup or its workers."""
     import psutil
 
-    (tmp_path / "pw").write_text(PASSWORD)
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervisor", "verify", "-b", secured.sasl_bootstrap, *sasl_args("SCRAM-SHA-512"),
-         "-X", f"sasl.password:file={tmp_path / 'pw'}", "--messages", "300", "--rate", "300", "--partitions", "2",
-         "-w", "1", "--faults", ""],
+         "-X", "sasl.password:env=KSUP_TEST_KAFKA_PASSWORD", "--messages", "300", "--rate", "300",
+         "--partitions", "2", "-w", "1", "--faults", ""],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+        env={**os.environ, "PYTHONPATH": str(REPO), "KSUP_TEST_KAFKA_PASSWORD": PASSWORD}, start_new_session=True)
     seen: dict[int, str] = {}
     try:
         def a_worker_seen() -> bool:

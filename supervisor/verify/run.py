@@ -243,6 +243,7 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         probe.close()
+        (work / "ksup.toml").unlink(missing_ok=True)  # it may hold a password; the logs stay
         if not plan.keep_topic:
             try:
                 admin.delete_topics([topic])[topic].result(60)
