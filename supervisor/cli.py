@@ -113,6 +113,7 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
                 else:
                     values[name] = value
         # Secret references (key:file / key:env) resolved per source, so -X still overrides the file.
+        file_keys = list(values.get("kafka", {}))
         from_file, file_vars = references.resolve(values.get("kafka", {}))
         given = [cfgmod.parse_kafka_property(p) for p in kafka_props]
         from_argv, argv_vars = references.resolve(dict(given))
@@ -139,10 +140,8 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
     setup_logging(log_format, settings.log_level, "supervisor", secrets=secrets, stream=sink.SinkStream(out))
     worker_output.SECRETS[:] = secrets
     worker_output.FORMAT = log_format
-    for key in sorted({k for k, _ in given if SECRET_KEY.search(k) and ":" not in k}):
-        logging.getLogger("ksup.supervisor").warning(
-            "-X %s is on the command line, where every local user can read it (ps, /proc/<pid>/cmdline); "
-            "use -X %s:file=PATH (or the config file's [kafka] table) instead", key, key)
+    for warning in references.exposure_warnings(SECRET_KEY, (k for k, _ in given), config_file, file_keys):
+        logging.getLogger("ksup.supervisor").warning("%s", warning)
     from supervisor.adapters import systemd
     from supervisor.adapters.control import ControlSocketHooks, default_socket_path
     from supervisor.adapters.pidfile import PidfileHooks

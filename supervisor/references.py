@@ -18,7 +18,9 @@ inherits it. librdkafka property names never contain a colon, so a suffix cannot
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import re
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from pathlib import Path
 
@@ -103,3 +105,25 @@ def forget_variables(names: list[str]) -> None:
     process was started with), which is why the README recommends :file."""
     for name in names:
         os.environ.pop(name, None)
+
+
+def exposure_warnings(secret_key: re.Pattern[str], argv_keys: Iterable[str], config_file: str | None,
+                      file_keys: Iterable[str]) -> list[str]:
+    """Lines to warn with when a secret-looking property's value is written out where others can
+    read it: on the command line, or in a config file readable by every local user."""
+    out = [f"-X {key} is on the command line, where every local user can read it (ps, /proc/<pid>/cmdline); "
+           f"use -X {key}:file=PATH instead" for key in sorted({k for k in argv_keys if _plain_secret(secret_key, k)})]
+    in_file = sorted({k for k in file_keys if _plain_secret(secret_key, k)})
+    if config_file and in_file:
+        try:
+            mode = os.stat(config_file).st_mode
+        except OSError:
+            return out
+        if mode & stat.S_IROTH:
+            out.append(f"{config_file} holds {', '.join(in_file)} and every local user can read it "
+                       f"(mode {stat.S_IMODE(mode):o}); chmod 600 it, or use \"{in_file[0]}:file\" = PATH")
+    return out
+
+
+def _plain_secret(secret_key: re.Pattern[str], key: str) -> bool:
+    return ":" not in key and bool(secret_key.search(key))

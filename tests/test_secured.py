@@ -107,6 +107,7 @@ def test_consumes_over_sasl_and_the_password_never_shows(ksup, secured, names, t
         extra += ["-X", "sasl.password:env=KSUP_TEST_KAFKA_PASSWORD"]
     elif way == "config":
         (tmp_path / "ksup.toml").write_text(f'[kafka]\n"sasl.password" = "{PASSWORD}"\n')
+        (tmp_path / "ksup.toml").chmod(0o644)
         extra += ["--config", str(tmp_path / "ksup.toml")]
     else:
         extra += ["-X", f"sasl.password={PASSWORD}"]
@@ -135,6 +136,10 @@ def test_consumes_over_sasl_and_the_password_never_shows(ksup, secured, names, t
     assert "sasl.password" in log and "handler logs the password ***" in log and \
         "handler prints the password ***" in log, run.tail(60)
     assert places_holding(PASSWORD, places) == EXPECTED[way]
+    # Written-out passwords get a warning naming the way out; references get none.
+    warned = {"argv": "-X sasl.password is on the command line", "config": "ksup.toml holds sasl.password and every "
+              "local user can read it (mode 644); chmod 600 it"}
+    assert (warned[way] in log) if way in warned else ("every local user can read it" not in log), way
 
 
 CHECK_LOGIN = "check sasl.username and the password"
