@@ -11,11 +11,11 @@ from typing import Any
 
 import click
 
-from supervisor import __version__
+from supervisor import __version__, references
 from supervisor import config as cfgmod
 from supervisor.contract.exitcodes import ExitCode, VerifyExit
 from supervisor.errors import ConfigError, StartupError
-from supervisor.logs import resolve_format, secret_values, setup_logging
+from supervisor.logs import SECRET_KEY, resolve_format, secret_values, setup_logging
 from supervisor.parent import worker_output
 
 
@@ -112,9 +112,12 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
                         values["topics"] = tuple(value)
                 else:
                     values[name] = value
-        kafka = dict(values.get("kafka", {}))
-        kafka.update(cfgmod.parse_kafka_property(p) for p in kafka_props)
-        values["kafka"] = kafka
+        # Secret references (key:file / key:env) resolved per source, so -X still overrides the file.
+        file_keys = list(values.get("kafka", {}))
+        from_file, file_vars = references.resolve(values.get("kafka", {}))
+        given = [cfgmod.parse_kafka_property(p) for p in kafka_props]
+        from_argv, argv_vars = references.resolve(dict(given))
+        values["kafka"] = {**from_file, **from_argv}
         values["handler"] = handler or values.get("handler", "")
         if isinstance(values.get("on_error"), str):
             values["on_error"] = tuple(p.strip() for p in values["on_error"].split(",") if p.strip())
@@ -126,6 +129,8 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
+    # Read once: no process ksup starts inherits a variable that held a secret.
+    references.forget_variables(file_vars + argv_vars)
     log_format = resolve_format(settings.log_format)
     secrets = secret_values(settings.kafka)
     from supervisor.parent import sink
@@ -135,6 +140,8 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
     setup_logging(log_format, settings.log_level, "supervisor", secrets=secrets, stream=sink.SinkStream(out))
     worker_output.SECRETS[:] = secrets
     worker_output.FORMAT = log_format
+    for warning in references.exposure_warnings(SECRET_KEY, (k for k, _ in given), config_file, file_keys):
+        logging.getLogger("ksup.supervisor").warning("%s", warning)
     from supervisor.adapters import systemd
     from supervisor.adapters.control import ControlSocketHooks, default_socket_path
     from supervisor.adapters.pidfile import PidfileHooks
@@ -347,10 +354,11 @@ def verify(bootstrap_servers: str, messages: int, duration: float | None, partit
         fail("the broker-pause fault needs --broker-pause-command and --broker-resume-command (commands that "
              "freeze a broker and thaw it, e.g. with kill -STOP / kill -CONT)", ExitCode.USAGE)
     try:
-        kafka = dict(cfgmod.parse_kafka_property(p) for p in kafka_props)
+        kafka, variables = references.resolve(dict(cfgmod.parse_kafka_property(p) for p in kafka_props))
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
+    references.forget_variables(variables)  # verify's ksup and its workers get the values from a file
     setup_logging("text", "warning", "supervisor", secrets=secret_values(kafka))
     if duration is not None:
         messages = max(int(duration * rate), 1)

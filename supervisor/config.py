@@ -129,6 +129,11 @@ def load_file(path: str) -> dict[str, Any]:
         if name == "kafka":
             if not isinstance(value, dict):
                 raise ConfigError(f"[kafka] in {path} must be a table of librdkafka properties")
+            tables = [str(k) for k, v in value.items() if isinstance(v, dict)]
+            if tables:
+                raise ConfigError(f"[kafka] {tables[0]!r} in {path} is a table; a librdkafka property is a "
+                                  f"value, and a secret read from a file is written "
+                                  f'"{tables[0]}:file" = "/path/to/it" (or :env = "VARIABLE")')
             value = {str(k): _kafka_value(v) for k, v in value.items()}
         out[name] = value
     return out

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 KAFKA_VERSION = os.environ.get("KSUP_KAFKA_VERSION", "4.3.1")
@@ -89,15 +90,35 @@ def _cluster_id() -> str:
             return cid
 
 
+@dataclass(frozen=True)
+class Secured:
+    """Extra listeners of a secured broker, next to its PLAINTEXT one (which the tests' own admin
+    and producer keep using): SASL_PLAINTEXT with PLAIN and SCRAM-SHA-512 for ``users`` (name ->
+    password: PLAIN users in the listener's JAAS config, SCRAM credentials written into the
+    metadata log at format time); ``reauth_ms`` > 0 makes the broker demand re-authentication
+    (KIP-368) that often on SASL connections."""
+
+    users: dict[str, str] = field(default_factory=dict)
+    reauth_ms: int = 0
+    # An SSL listener too, requiring a client certificate: a CA, the broker's certificate and a
+    # client certificate whose key is encrypted with this password are made with openssl in
+    # <workdir>/tls (ca.pem, client.pem, client.key).
+    tls_key_password: str = ""
+
+
 class LocalKafka:
     """One broker+controller node. ``start()`` blocks until the broker serves requests."""
 
-    def __init__(self, workdir: Path | None = None, version: str = KAFKA_VERSION) -> None:
+    def __init__(self, workdir: Path | None = None, version: str = KAFKA_VERSION,
+                 secured: Secured | None = None) -> None:
         self.version = version
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ksup-kafka-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.controller_port = free_port()
+        self.secured = secured
+        self.sasl_port = free_port() if secured is not None else 0
+        self.ssl_port = free_port() if secured is not None and secured.tls_key_password else 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_seconds = 0.0
 
@@ -105,16 +126,95 @@ class LocalKafka:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT listener (PLAIN and SCRAM-SHA-512); only with ``secured``."""
+        assert self.secured is not None, "not a secured broker"
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        """The SSL listener (client certificate required); only with ``secured.tls_key_password``."""
+        assert self.ssl_port, "no TLS listener"
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / "tls"
+
+    def _make_certificates(self, key_password: str) -> None:
+        """A throwaway CA; the broker's certificate for IP 127.0.0.1 (key unencrypted, PKCS#8, as
+        Kafka's PEM keystore wants it); a client certificate with an encrypted key."""
+        d = self.tls_dir
+        d.mkdir(exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+                "-days", "2", "-subj", "/CN=ksup-test-ca")
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+                "-subj", "/CN=127.0.0.1")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+        openssl("pkcs8", "-topk8", "-nocrypt", "-in", "server.key", "-out", "server.pk8")
+        (d / "server-keystore.pem").write_text((d / "server.pk8").read_text() + (d / "server.pem").read_text())
+        openssl("req", "-newkey", "rsa:2048", "-keyout", "client.key", "-passout", f"pass:{key_password}",
+                "-out", "client.csr", "-subj", "/CN=ksup-client")
+        openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", "client.pem", "-days", "2")
+
+    def _listener_properties(self) -> dict[str, str]:
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        protocols = ["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT"]
+        extra: dict[str, str] = {}
+        if self.secured is not None:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
+            users = " ".join(f'user_{name}="{pw}"' for name, pw in self.secured.users.items())
+            prefix = "listener.name.sasl_plaintext."
+            extra = {
+                f"{prefix}sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-512",
+                f"{prefix}plain.sasl.jaas.config":
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+                f"{prefix}scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            }
+            if self.secured.reauth_ms:
+                extra[f"{prefix}connections.max.reauth.ms"] = str(self.secured.reauth_ms)
+        if self.ssl_port:
+            listeners.append(f"SSL://127.0.0.1:{self.ssl_port}")
+            protocols.append("SSL:SSL")
+            tls = "listener.name.ssl."
+            extra.update({
+                f"{tls}ssl.keystore.type": "PEM",
+                f"{tls}ssl.keystore.location": str(self.tls_dir / "server-keystore.pem"),
+                f"{tls}ssl.truststore.type": "PEM",
+                f"{tls}ssl.truststore.location": str(self.tls_dir / "ca.pem"),
+                f"{tls}ssl.client.auth": "required",
+            })
+        return {
+            "listeners": ",".join([*listeners, f"CONTROLLER://127.0.0.1:{self.controller_port}"]),
+            "advertised.listeners": ",".join(listeners),
+            "listener.security.protocol.map": ",".join(protocols),
+            **extra,
+        }
+
+    def _format_args(self) -> list[str]:
+        if self.secured is None:
+            return []
+        return [a for name, pw in self.secured.users.items()
+                for a in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={pw}]")]
+
     def _write_properties(self) -> Path:
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            **self._listener_properties(),
             "inter.broker.listener.name": "PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.workdir / "data"),
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",  # the default 50 makes the first join slow
@@ -142,10 +242,12 @@ class LocalKafka:
     def start(self, timeout: float = 90.0) -> None:
         libs = ensure_jars(self.version)
         t0 = time.monotonic()
+        if self.ssl_port and self.secured is not None:
+            self._make_certificates(self.secured.tls_key_password)
         props = self._write_properties()
         subprocess.run(
             ["java", "-Xmx256m", "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
-             "-t", _cluster_id(), "-c", str(props), "--ignore-formatted"],
+             "-t", _cluster_id(), "-c", str(props), "--ignore-formatted", *self._format_args()],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
         )
         self.proc = _launch(self.workdir, libs)

@@ -85,7 +85,8 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         loop.commit_on_revoke = False  # the group is stuck: close() must not block on a commit
         if code == WorkerExit.OK:
             code = WorkerExit.COMMIT_FAILED
-    receipt = read_receipt(loop, ask_broker=committed)
+    refused = loop.exit_code in REFUSED_CODES
+    receipt = read_receipt(loop, ask_broker=committed and not refused)
     t_wait = time.monotonic()
     if loop.leave_group and not loop.join_done:
         finish_join(loop, min(JOIN_WAIT_S, budget_left(loop)))
@@ -102,7 +103,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     loop.send_report(force=True)  # the final counts, for the supervisor's metrics
     loop.channel.send(m.Exiting(pid=os.getpid(), exit_code=int(code), reason=loop.stop_reason or "",
                                 receipt=receipt, abandoned=inflight, drain_seconds=time.monotonic() - t0))
-    close_within(loop, min(CLOSE_TIMEOUT_S, budget_left(loop, reserve=0.3)), code)
+    close_within(loop, min(REFUSED_CLOSE_S if refused else CLOSE_TIMEOUT_S, budget_left(loop, reserve=0.3)), code)
     loop.state = "closed"
     log.info("drained (%s): handler %.3fs, commit %.3fs, wait for others %.3fs, close %.3fs; exit %d",
              loop.stop_reason, t_commit - t0, t_wait - t_commit, t_close - t_wait,
@@ -141,6 +142,11 @@ def leave_group_for_good(loop: ConsumerLoop, timeout_s: float = LEAVE_GROUP_S) -
         except KafkaException:
             return
         loop.serve(0.05)
+# The broker refused our login (a re-authentication failed: the credential was deleted or changed):
+# each connection is closed when its session ends, so the finished work's commit is still tried
+# (bounded, as always), but reading offsets back and a full close() would only wait out timeouts.
+REFUSED_CODES = (WorkerExit.AUTH_FAILED,)
+REFUSED_CLOSE_S = 2.0
 # The consumer is unusable (fenced: every later call fails) or can never join (the broker lacks
 # the group protocol): nothing may be stored or committed any more, so nothing is waited for.
 GIVE_UP_CODES = (WorkerExit.FENCED, WorkerExit.BROKER_UNSUPPORTED)

@@ -1,7 +1,14 @@
 """What the worker makes of Kafka's errors (child side): which ones end the worker, and which
 standing problems it reports to the supervisor (``Report.problems``) for status and health.
 
-Fatal, with their own exit codes (the supervisor halts on both, restarting cannot help):
+Fatal, with their own exit codes (the supervisor halts on each, restarting cannot help):
+- the broker refused the credentials (wrong password, unknown user, a SASL mechanism it does not
+  offer): librdkafka 2.16 reports ``_AUTHENTICATION`` to ``error_cb`` for every connection
+  attempt (about 0.3 s after connecting, against Kafka 4.3) and retries for ever; a metadata
+  request only times out with ``_TRANSPORT``. ``fatal()`` and ``retriable()`` are both False, so
+  the code decides. TLS: an untrusted broker certificate or a client certificate the broker
+  rejects (their texts, below). At boot the worker serves ``error_cb`` while it waits for
+  metadata (main.py).
 - fenced: another consumer joined with this worker's ``group.instance.id``. librdkafka hands
   this out of ``poll()`` as ``_FATAL`` whose text carries the broker's error (FENCED_INSTANCE_ID
   on the classic protocol, which fences the older member; UNRELEASED_INSTANCE_ID on KIP-848,
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError
@@ -42,6 +49,7 @@ UNSUPPORTED_848_TEXT = "ConsumerGroupHeartbeatRequest not supported by broker"
 # librdkafka keeps its join state "init"; this cgrp debug line is the broker saying so.
 EMPTY_TARGET_848_TEXT = 'ConsumerGroupHeartbeat received target assignment ""'
 UNKNOWN_TOPIC_CODES = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
+AUTH_CODES = (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED)
 
 
 class Fatal(NamedTuple):
@@ -60,13 +68,89 @@ def unsupported_reason(servers: str) -> str:
             f"or upgrade the brokers to Kafka 4.x")
 
 
-def classify(err: Any, instance_id: str, group: str) -> Fatal | None:
-    """A consumer error (from poll/consume, error_cb or a commit) that must end the worker."""
-    code, text = err.code(), str(err.str())
-    if code in FENCED_CODES or any(t in text for t in FENCED_TEXTS):
-        return Fatal(WorkerExit.FENCED, fenced_reason(instance_id or "(none)", group, text))
-    if code == KafkaError._FATAL or err.fatal():
-        return Fatal(WorkerExit.KAFKA_FATAL, f"fatal Kafka error: {text}")
+# TLS handshakes that no retry can fix (measured, librdkafka 2.16.0 against Kafka 4.3.1): we do not
+# trust the broker's certificate (_SSL "certificate verify failed"), or the broker rejects ours
+# with a TLS alert (_TRANSPORT "ssl/tls alert bad certificate" when none or a wrong one is sent).
+TLS_UNTRUSTED_TEXT = "certificate verify failed"
+TLS_ALERT_TEXTS = ("alert bad certificate", "alert certificate required", "alert unknown ca",
+                   "alert certificate unknown", "alert certificate expired", "alert certificate revoked",
+                   "alert unsupported certificate", "alert access denied")
+TLS_CODES = (KafkaError._SSL, KafkaError._TRANSPORT)
+
+
+def _tls_refusal(text: str) -> bool:
+    return TLS_UNTRUSTED_TEXT in text or any(t in text for t in TLS_ALERT_TEXTS)
+
+
+def is_refusal(err: Any) -> bool:
+    """The broker refused our login (SASL), or a TLS handshake failed over a certificate."""
+    return _refused(err.code(), str(err.str()), False)
+
+
+def _detail(text: str, start: str) -> str:
+    """librdkafka's text without the broker's name before it and the timing after it:
+    "<broker>: <start>... (after 301ms in state AUTH_REQ)", where <broker> is
+    "sasl_ssl://host:port/1" or "GroupCoordinator: host:port"."""
+    detail = text.rsplit(" (after ", 1)[0]
+    return detail[detail.find(start):] if start in detail else detail
+
+
+def auth_reason(kafka: Mapping[str, str], text: str) -> str:
+    """One line for a refused login or certificate: who tried what where, the words of the side
+    that refused, the fix. Never a password (only the names of the settings that hold it)."""
+    servers = kafka.get("bootstrap.servers", "?")
+    if TLS_UNTRUSTED_TEXT in text:
+        detail = _detail(text, "certificate verify failed").split(", verify that", 1)[0]
+        return (f"authentication failed: the TLS handshake with the broker at {servers} failed ({detail}); "
+                f"set ssl.ca.location to the CA that signed the broker's certificate")
+    if any(t in text for t in TLS_ALERT_TEXTS):
+        detail = _detail(text, "ssl/tls alert").split(": SSL alert number", 1)[0]
+        return (f"authentication failed: the broker at {servers} refused the TLS client certificate "
+                f"({detail}); set ssl.certificate.location and ssl.key.location to a certificate signed by a "
+                f"CA the broker trusts")
+    mechanism = kafka.get("sasl.mechanism", kafka.get("sasl.mechanisms", "GSSAPI"))
+    user = kafka.get("sasl.username", "")
+    detail = _detail(text, "SASL ").removeprefix("SASL authentication error: ")
+    who = f"SASL {mechanism} login of user {user!r}" if user else f"SASL {mechanism} login (no sasl.username)"
+    fix = ("set sasl.mechanism to one the broker offers" if "Unsupported SASL mechanism" in detail else
+           "check sasl.username and the password (sasl.password, or the file or variable its :file/:env "
+           "reference names)")
+    return f"authentication failed: the broker at {servers} refused the {who} ({detail}); {fix}"
+
+
+def _fenced(code: int, text: str, fatal: bool) -> bool:
+    return code in FENCED_CODES or any(t in text for t in FENCED_TEXTS)
+
+
+def _refused(code: int, text: str, fatal: bool) -> bool:
+    return code in AUTH_CODES or (code in TLS_CODES and _tls_refusal(text))
+
+
+def _other_fatal(code: int, text: str, fatal: bool) -> bool:
+    return code == KafkaError._FATAL or fatal
+
+
+class _Kind(NamedTuple):
+    matches: Callable[[int, str, bool], bool]
+    code: WorkerExit
+    reason: Callable[[str, str, Mapping[str, str], str], str]  # (instance_id, group, kafka, text)
+
+
+# First match wins: fencing comes as _FATAL too, so it goes before the catch-all.
+FATAL_KINDS = (
+    _Kind(_fenced, WorkerExit.FENCED, lambda iid, group, kafka, text: fenced_reason(iid or "(none)", group, text)),
+    _Kind(_refused, WorkerExit.AUTH_FAILED, lambda iid, group, kafka, text: auth_reason(kafka, text)),
+    _Kind(_other_fatal, WorkerExit.KAFKA_FATAL, lambda iid, group, kafka, text: f"fatal Kafka error: {text}"),
+)
+
+
+def classify(err: Any, instance_id: str, group: str, kafka: Mapping[str, str] | None = None) -> Fatal | None:
+    """A consumer error (from poll/consume, error_cb or a commit) that must end the worker.
+    ``kafka``: the worker's librdkafka properties, for naming the login that was refused."""
+    code, text, fatal = err.code(), str(err.str()), bool(err.fatal())
+    for kind in FATAL_KINDS:
+        if kind.matches(code, text, fatal):
+            return Fatal(kind.code, kind.reason(instance_id, group, kafka or {}, text))
     return None
 
 

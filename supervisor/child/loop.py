@@ -100,6 +100,7 @@ class ConsumerLoop:
         self.leave_barrier: LeaveBarrier | None = None  # orphans release each other (main sets it)
         self.instance_id = str(options.get("instance_id", ""))
         self.group = str(options.get("group", ""))
+        self.kafka_conf: dict[str, str] = {}  # the worker's librdkafka properties (names a refused login)
 
     # ---- requests from outside ----------------------------------------------------------------
 
@@ -211,7 +212,10 @@ class ConsumerLoop:
 
     def on_consumer_error(self, err: Any) -> None:
         self.problems.on_error(err)
-        fatal = classify(err, self.instance_id, self.group)
+        fatal = classify(err, self.instance_id, self.group, self.kafka_conf)
+        if fatal is not None and fatal.code == self.exit_code:
+            log.debug("again: %s", err.str())  # librdkafka retries: one line for the cause is enough
+            return
         if fatal is not None:
             # Fenced or otherwise fatal: the consumer is unusable (every later call fails), so
             # the worker gives up at once and processes nothing more (drain.py's give_up).
@@ -421,7 +425,7 @@ class ConsumerLoop:
         """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
         self.commit_results += 1
         self.problems.on_commit(err, partitions)
-        fatal = classify(err, self.instance_id, self.group) if err is not None else None
+        fatal = classify(err, self.instance_id, self.group, self.kafka_conf) if err is not None else None
         if fatal is not None and fatal.code == WorkerExit.FENCED:
             self.on_consumer_error(err)
             return

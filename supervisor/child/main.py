@@ -93,18 +93,18 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
         consumer = Consumer({"statistics.interval.ms": "1000", **kafka, "on_commit": commits,
                              "stats_cb": commits.stats, "error_cb": commits.error, "logger": commits.log})
     except (KafkaException, ValueError, TypeError) as exc:
-        raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {_kafka_text(exc)} "
-                                           f"(fix or remove that -X/[kafka] setting)") from None
+        text = _kafka_text(exc)
+        fix = next((hint for needle, hint in CONFIG_HINTS.items() if needle in text),
+                   "fix or remove that -X/[kafka] setting")
+        raise BootError(WorkerExit.CONFIG, f"Kafka configuration rejected: {text} ({fix})") from None
     consumer = maybe_owned(consumer)  # test mode only: checks the one-owner-thread rule
     timeout = float(cfg.options.get("broker_timeout_s", 30.0))
     servers = cfg.kafka.get("bootstrap.servers", "?")
     try:
-        md = consumer.list_topics(timeout=timeout)
-    except KafkaException:
+        md = wait_for_metadata(consumer, commits, cfg.kafka, timeout)
+    except BootError:
         consumer.close()
-        raise BootError(WorkerExit.BROKER_UNREACHABLE,
-                        f"no Kafka broker answered at {servers} within {timeout:g}s "
-                        f"(check --bootstrap-servers and that the broker is running)") from None
+        raise
     missing = [t for t in cfg.topics if t not in md.topics or md.topics[t].error is not None]
     if missing:
         consumer.close()
@@ -112,6 +112,43 @@ def boot(cfg: m.Configure, commits: CommitRelay) -> tuple[Any, Any, int]:
                         f"topic {', '.join(map(repr, missing))} does not exist on {servers} "
                         f"(create it, or check --topic)")
     return handler, consumer, sum(len(md.topics[t].partitions) for t in cfg.topics)
+
+
+METADATA_SLICE_S = 0.25
+
+
+def wait_for_metadata(consumer: Any, commits: CommitRelay, kafka: dict[str, str], timeout: float) -> Any:
+    """The cluster's metadata within ``timeout``, asked for in short slices with ``error_cb``
+    served in between: librdkafka hands errors out only from ``poll()``, and a refused login
+    (which it retries for ever) would otherwise surface as a bare timeout after all of
+    ``timeout``. BootError AUTH_FAILED at the first refusal, BROKER_UNREACHABLE at the deadline."""
+    from confluent_kafka import KafkaException
+
+    from supervisor.child.kafka_problems import auth_reason
+
+    deadline = time.monotonic() + timeout
+    while True:
+        slice_end = min(time.monotonic() + METADATA_SLICE_S, deadline)
+        try:
+            return consumer.list_topics(timeout=max(slice_end - time.monotonic(), 0.001))
+        except KafkaException:
+            pass
+        # Not subscribed yet: poll() returns no message, it only serves the callbacks (bounded
+        # by the slice, also when list_topics gave up early).
+        consumer.poll(max(slice_end - time.monotonic(), 0.0))
+        if commits.refused is not None:
+            raise BootError(WorkerExit.AUTH_FAILED, auth_reason(kafka, str(commits.refused.str())))
+        if time.monotonic() >= deadline:
+            raise BootError(WorkerExit.BROKER_UNREACHABLE,
+                            f"no Kafka broker answered at {kafka.get('bootstrap.servers', '?')} within "
+                            f"{timeout:g}s (check --bootstrap-servers and that the broker is running)")
+
+
+# librdkafka's words when it refuses a setting -> what to fix, where "fix that setting" is too vague.
+CONFIG_HINTS = {
+    # An encrypted key that does not open (measured: "ssl.key.location failed: ...:PEM lib").
+    "ssl.key.location failed": "check ssl.key.password, the password of the key in ssl.key.location",
+}
 
 
 def _kafka_text(exc: BaseException) -> str:
@@ -182,6 +219,7 @@ def consume(cfg: m.Configure, handler: Any, consumer: Any, channel: Channel,
         commits.log.on_unsupported = lambda _text: loop.request_drain(
             unsupported_reason(servers), 0.0, WorkerExit.BROKER_UNSUPPORTED)
         commits.log.on_empty_target = loop.on_empty_target
+    loop.kafka_conf = cfg.kafka  # names the login in an authentication failure
     commits.target = loop
     tune_gc()
     runner.start()
@@ -268,6 +306,7 @@ class CommitRelay:
     def __init__(self) -> None:
         self.target: Any = None
         self.log: Any = None  # the LogWatch given to librdkafka as its logger
+        self.refused: Any = None  # the first authentication error, while booting (no loop yet)
 
     def __call__(self, err: Any, partitions: Any) -> None:
         if self.target is not None:
@@ -280,6 +319,11 @@ class CommitRelay:
     def error(self, err: Any) -> None:
         if self.target is not None:
             self.target.on_error(err)
+            return
+        from supervisor.child.kafka_problems import is_refusal
+
+        if self.refused is None and is_refusal(err):
+            self.refused = err
 
 
 def main(argv: list[str] | None = None) -> None:

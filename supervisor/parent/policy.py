@@ -35,6 +35,7 @@ def halt_code_for_boot_failure(worker_code: int) -> ExitCode:
     return {
         WorkerExit.CONFIG: ExitCode.CONFIG,
         WorkerExit.BROKER_UNREACHABLE: ExitCode.BROKER_UNREACHABLE,
+        WorkerExit.AUTH_FAILED: ExitCode.AUTH_FAILED,
     }.get(WorkerExit(worker_code) if worker_code in WorkerExit._value2member_map_ else WorkerExit.INTERNAL,
           ExitCode.BOOT_FAILED)
 
@@ -42,7 +43,8 @@ def halt_code_for_boot_failure(worker_code: int) -> ExitCode:
 def halt_for_worker_exit(worker_code: int | None, index: int, worker_reason: str,
                          instance_id: str, group: str) -> tuple[ExitCode, str] | None:
     """A worker exit that no restart can cure stops ksup: fenced (another consumer uses this
-    slot's group.instance.id) or a broker without the chosen group protocol."""
+    slot's group.instance.id), a broker without the chosen group protocol, or one that refused
+    the credentials (a restarted worker gets the same ones: ksup resolves them once)."""
     if worker_code == WorkerExit.FENCED:
         prefix = instance_id.rpartition("-")[0] or instance_id
         return ExitCode.FENCED, (
@@ -51,6 +53,8 @@ def halt_for_worker_exit(worker_code: int | None, index: int, worker_reason: str
             f"of the group its own --instance-id-prefix")
     if worker_code == WorkerExit.BROKER_UNSUPPORTED:
         return ExitCode.BROKER_UNSUPPORTED, worker_reason or f"worker {index}: the broker lacks a feature"
+    if worker_code == WorkerExit.AUTH_FAILED:
+        return ExitCode.AUTH_FAILED, worker_reason or f"worker {index}: the broker refused its credentials"
     return None
 
 

@@ -93,15 +93,19 @@ class Ksup:
         # The fault plan accounts for ksup's own rules: injected deaths (kills, hangs) must not
         # trip its crash-loop halt, which is for a handler that can never work.
         config = work / "ksup.toml"
-        config.write_text("crash_loop_deaths = 1000000\n")
+        # The Kafka properties go in the file's [kafka] table, not in -X: they may hold a password,
+        # and argv is readable by every local user; the file is the owner's only.
+        kafka = "".join(f"{json.dumps(k, ensure_ascii=False)} = {json.dumps(v, ensure_ascii=False)}\n"
+                        for k, v in plan.kafka.items())
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("crash_loop_deaths = 1000000\n" + (f"[kafka]\n{kafka}" if kafka else ""))
         args = [sys.executable, "-m", "supervisor", "start", "supervisor.verify.recorder:process",
                 "-b", plan.bootstrap, "-t", topic, "-g", topic, "-w", str(plan.workers),
                 "--control-socket", self.socket, "--log-format", "json", "--restart-delay", "0.2",
                 "--graceful-timeout", "20", "--config", str(config)]
         if "hang" in plan.faults:
             args += ["--handler-timeout", str(HANDLER_TIMEOUT_S)]
-        for key, value in plan.kafka.items():
-            args += ["-X", f"{key}={value}"]
         self.log = open(work / f"ksup-{time.monotonic_ns()}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True, preexec_fn=_die_with_parent)
@@ -239,6 +243,7 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         probe.close()
+        (work / "ksup.toml").unlink(missing_ok=True)  # it may hold a password; the logs stay
         if not plan.keep_topic:
             try:
                 admin.delete_topics([topic])[topic].result(60)
