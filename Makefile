@@ -9,7 +9,7 @@ COMPAT_VENV ?= .venv-compat
 # The oldest confluent-kafka ksup supports; its consumer differs from 2.16's (see README).
 COMPAT_CONFLUENT ?= 2.15.0
 
-.PHONY: demo test lint unit compat setup tools bench clean
+.PHONY: demo test lint unit compat setup tools bench clean test-soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ lint: setup
 test: lint
 	$(PY) -m pytest
 	$(MAKE) compat
+
+# ksup verify soaks (issue 14): 100,000 messages, a fault every second, seeds 1-5 (~8 min).
+test-soak: setup
+	$(PY) -m pytest -m soak -s
 
 # The core no-loss tests again, on the oldest supported confluent-kafka.
 compat: setup

@@ -315,8 +315,9 @@ def health(socket_path: str | None, group: str | None, readiness: bool) -> None:
 @click.option("-w", "--workers", type=int, default=4, show_default=True)
 @click.option("--rate", type=int, default=2_000, show_default=True, help="Messages produced per second.")
 @click.option("--faults", default=None,
-              help="Faults to inject, comma-separated (empty for none): sigterm, kill, reload, scale, exception "
-                   "(the default), and broker-restart (the default too when --broker-restart-command is given).")
+              help="Faults to inject, comma-separated (empty for none): sigterm, kill, supervisor-kill, reload, "
+                   "scale, scale-flap, exception, hang (the default), and broker-restart / broker-pause (the "
+                   "default too when their commands are given).")
 @click.option("--broker-restart-command", default=None, metavar="CMD",
               help="Shell command that restarts a broker and returns once it serves again (the broker-restart fault).")
 @click.option("--fault-interval", type=float, default=3.0, show_default=True, help="Seconds between faults.")
@@ -336,21 +337,23 @@ def verify(bootstrap_servers: str, messages: int, duration: float | None, partit
            as_json: bool) -> None:
     """Prove at-least-once on your own cluster: a scratch topic, N messages, ksup workers with a
     recording handler, faults on a seeded schedule; exits 0 only when nothing was lost."""
-    from supervisor.verify.run import DEFAULT_FAULTS, FAULTS, Plan, report, run
+    from supervisor.verify.run import DEFAULT_FAULTS, Fault, Plan, report, run
     from supervisor.verify.run import as_json as to_json
 
     if faults is None:
-        chosen = DEFAULT_FAULTS + (("broker-restart",) if broker_restart_command else ()) + \
-            (("broker-pause",) if broker_pause_command and broker_resume_command else ())
+        chosen = DEFAULT_FAULTS + ((Fault.BROKER_RESTART,) if broker_restart_command else ()) + \
+            ((Fault.BROKER_PAUSE,) if broker_pause_command and broker_resume_command else ())
     else:
-        chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in FAULTS]
-    if unknown:
-        fail(f"unknown fault(s) {', '.join(unknown)} (choose from {', '.join(FAULTS)})", ExitCode.USAGE)
-    if "broker-restart" in chosen and not broker_restart_command:
+        names = [f.strip() for f in faults.split(",") if f.strip()]
+        known = {f.value: f for f in Fault}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            fail(f"unknown fault(s) {', '.join(unknown)} (choose from {', '.join(known)})", ExitCode.USAGE)
+        chosen = tuple(known[n] for n in names)
+    if Fault.BROKER_RESTART in chosen and not broker_restart_command:
         fail("the broker-restart fault needs --broker-restart-command (a command that restarts a broker "
              "and returns once it is back)", ExitCode.USAGE)
-    if "broker-pause" in chosen and not (broker_pause_command and broker_resume_command):
+    if Fault.BROKER_PAUSE in chosen and not (broker_pause_command and broker_resume_command):
         fail("the broker-pause fault needs --broker-pause-command and --broker-resume-command (commands that "
              "freeze a broker and thaw it, e.g. with kill -STOP / kill -CONT)", ExitCode.USAGE)
     try:

@@ -1,173 +1,52 @@
-"""``ksup verify``: produce N sequence-numbered messages to a scratch topic while a real
+"""``ksup verify``'s run: produce N sequence-numbered messages to a scratch topic while a real
 ``ksup start`` consumes them with the recording handler, inject faults on a seeded schedule,
-then check from the records and the broker that every message was processed at least once.
+then judge from the handler's record and the broker's committed offsets (never from ksup's own
+report) that every message was processed at least once.
 
-Faults: ``sigterm`` (stop ksup with SIGTERM and start it again), ``kill`` (SIGKILL one worker),
-``reload`` (rolling reload), ``scale`` (one worker more, then back), ``exception`` (a message
-whose handler raises once), ``broker-restart`` (runs the user's ``--broker-restart-command``,
-which restarts a broker and returns once it is back; ksup verify does not manage brokers). Each
-duplicate is attributed to the last fault before it.
+The pieces: plan.py (faults, settings, how a run ends early), ksup_process.py (the ksup it
+drives), faults.py (one function per scheduled fault), producer.py, tally.py (the record, read
+as it grows), report.py (outcome, verdict, text and JSON). This module is the loop.
+
+Scheduled faults come in seeded rounds in which every kind happens once; the first round is
+always finished, and after each fault the run waits until ksup is ready again before the next.
+SIGTERM/SIGINT are only recorded (plan.Cancel); the loop then stops ksup, reports what was
+seen and deletes the scratch topic.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.adapters.control import request
+from supervisor.verify.faults import INJECT, FaultContext, message_faults_seen, new_message_faults
+from supervisor.verify.ksup_process import Ksup, write_config
+from supervisor.verify.plan import (
+    DEFAULT_FAULTS,
+    MESSAGES_PER_EXCEPTION,
+    MESSAGES_PER_HANG,
+    PROGRESS_EVERY_S,
+    READY_WAIT_S,
+    Cancel,
+    CouldNotRun,
+    Fault,
+    Interrupted,
+    Plan,
+)
+from supervisor.verify.producer import produce, spread
+from supervisor.verify.report import Outcome, as_json, report
+from supervisor.verify.tally import Tally
 
-FAULTS = ("sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang",
-          "broker-restart", "broker-pause")
-PROGRESS_EVERY_S = 10.0  # a progress line on stderr at least this often (soak runs, logs)
-MESSAGE_FAULTS = ("exception", "hang")  # carried by messages, not injected on the schedule
-HANDLER_TIMEOUT_S = 3.0  # verify's ksup stops a hung handler after this long
-DEFAULT_FAULTS = FAULTS[:-2]  # broker-restart and broker-pause need commands
-BROKER_PAUSE_S = 5.0  # how long a broker-pause fault keeps the broker paused
-BROKER_RESTART_TIMEOUT_S = 300.0
-
-
-@dataclass
-class Plan:
-    bootstrap: str
-    messages: int = 20_000
-    partitions: int = 8
-    workers: int = 4
-    rate: int = 2_000            # messages produced per second
-    faults: tuple[str, ...] = DEFAULT_FAULTS
-    fault_interval: float = 3.0  # seconds between faults
-    seed: int = 1
-    kafka: dict[str, str] = field(default_factory=dict)
-    keep_topic: bool = False
-    handler_sleep: float = 0.0005
-    timeout: float = 600.0
-    broker_restart_command: str | None = None  # a shell command; returns once the broker is back
-    max_gap: float = 10.0  # the verdict fails when a partition waited longer than this for a consumer
-    broker_pause_command: str | None = None   # freezes a broker (e.g. ssh B kill -STOP <pid>)
-    broker_resume_command: str | None = None  # and thaws it
-
-
-@dataclass
-class Outcome:
-    produced: int = 0
-    processed: int = 0
-    lost: int = 0
-    duplicates: int = 0
-    duplicates_by_fault: dict[str, int] = field(default_factory=dict)
-    faults: list[str] = field(default_factory=list)
-    committed_ok: bool = False
-    committed_mismatch: dict[str, list[int]] = field(default_factory=dict)
-    longest_gap_s: float = 0.0
-    seconds: float = 0.0
-    topic: str = ""
-    files: str = ""
-    interrupted: str = ""  # the signal that ended the run early: no verdict, what was seen so far
-    max_gap_s: float = 10.0
-    gap_by_fault: dict[str, float] = field(default_factory=dict)  # longest gap that began after each kind
-
-    @property
-    def ok(self) -> bool:
-        return self.lost == 0 and self.committed_ok and not self.interrupted and self.longest_gap_s <= self.max_gap_s
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "ok": self.ok}
-
-
-class Ksup:
-    """One ``ksup start`` process of the verification run."""
-
-    def __init__(self, plan: Plan, topic: str, work: Path, env: dict[str, str]) -> None:
-        self.socket = str(work / "ksup.sock")
-        # The fault plan accounts for ksup's own rules: injected deaths (kills, hangs) must not
-        # trip its crash-loop halt, which is for a handler that can never work.
-        config = work / "ksup.toml"
-        # The Kafka properties go in the file's [kafka] table, not in -X: they may hold a password,
-        # and argv is readable by every local user; the file is the owner's only.
-        kafka = "".join(f"{json.dumps(k, ensure_ascii=False)} = {json.dumps(v, ensure_ascii=False)}\n"
-                        for k, v in plan.kafka.items())
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("crash_loop_deaths = 1000000\n" + (f"[kafka]\n{kafka}" if kafka else ""))
-        args = [sys.executable, "-m", "supervisor", "start", "supervisor.verify.recorder:process",
-                "-b", plan.bootstrap, "-t", topic, "-g", topic, "-w", str(plan.workers),
-                "--control-socket", self.socket, "--log-format", "json", "--restart-delay", "0.2",
-                "--graceful-timeout", "20", "--config", str(config)]
-        if "hang" in plan.faults:
-            args += ["--handler-timeout", str(HANDLER_TIMEOUT_S)]
-        self.log = open(work / f"ksup-{time.monotonic_ns()}.log", "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        self.stopping = False  # verify stopped it on purpose (a sigterm fault, the end)
-
-    def check_alive(self) -> None:
-        """Raise CouldNotRun when this ksup ended without verify asking it to."""
-        code = self.proc.poll()
-        if code is not None and not self.stopping:
-            raise CouldNotRun(f"its ksup exited {code} unexpectedly (see {self.log.name})")
-
-    def ask(self, body: dict[str, Any], timeout: float | None = 10.0) -> dict[str, Any]:
-        return request(self.socket, body, timeout)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise CouldNotRun(f"its ksup exited {self.proc.returncode} while starting (see {self.log.name})")
-            try:
-                workers = self.ask({"cmd": "status"})["workers"]
-                if workers and all(w["state"] == "assigned" for w in workers):
-                    return
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("ksup did not get its workers assigned")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        self.stopping = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
-
-
-class CouldNotRun(Exception):
-    """The run could not go on (its ksup died, the producer failed, the broker is gone): no
-    verdict about loss; verify exits COULD_NOT_RUN with this reason."""
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT: stop cleanly, still report what was seen."""
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In verify's ksup, before exec: the kernel sends it SIGTERM when verify dies, whatever
-    kills verify (SIGKILL included); ksup then drains, and its workers exit with it."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+__all__ = ["DEFAULT_FAULTS", "CouldNotRun", "Fault", "Outcome", "Plan", "as_json", "report", "run"]
 
 
 def _admin_and_probe(plan: Plan) -> tuple[Any, Any]:
@@ -178,45 +57,6 @@ def _admin_and_probe(plan: Plan) -> tuple[Any, Any]:
     conf["bootstrap.servers"] = plan.bootstrap
     probe = Consumer({**conf, "group.id": f"ksup-verify-probe-{uuid.uuid4().hex[:8]}"})
     return AdminClient(conf), probe
-
-
-def _produce(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], progress: dict[str, Any],
-             stop: threading.Event) -> None:
-    """The producer thread: never dies on timing; any error is kept in progress["error"] for the
-    main loop, which stops the run with it."""
-    try:
-        _produce_all(plan, topic, fail_at, hang_at, progress, stop)
-    except BaseException as exc:  # noqa: BLE001 - reported by the main loop
-        progress["error"] = f"the producer failed: {type(exc).__name__}: {exc}"
-
-
-def _produce_all(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], progress: dict[str, Any],
-                 stop: threading.Event) -> None:
-    from confluent_kafka import Producer
-
-    producer = Producer({**{k: v for k, v in plan.kafka.items() if k.startswith(("security.", "sasl.", "ssl."))},
-                         "bootstrap.servers": plan.bootstrap, "acks": "all", "linger.ms": 5,
-                         # a broker restart makes the producer retry: each message must land once
-                         "enable.idempotence": True})
-    started = time.monotonic()
-    for n in range(plan.messages):
-        if stop.is_set():
-            break
-        wait = started + n / plan.rate - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)  # one reading of the clock: never a negative sleep
-        value = f"seq-{n}" + (":fail" if n in fail_at else ":hang" if n in hang_at else "")
-        while True:
-            try:
-                producer.produce(topic, value.encode(), key=str(n).encode())
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
-        progress["produced"] = n + 1
-    left = producer.flush(60)
-    if left:
-        raise RuntimeError(f"{left} message(s) not acknowledged by the broker within 60 s")
 
 
 def run(plan: Plan, show_progress: bool = True) -> Outcome:
@@ -235,10 +75,12 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
         admin.create_topics([NewTopic(topic, num_partitions=plan.partitions, replication_factor=-1)])[topic].result(60)
     except Exception as exc:
         raise CouldNotRun(f"could not create the scratch topic on {plan.bootstrap}: {exc}") from None
+    write_config(plan, work / "ksup.toml")
     outcome = Outcome(topic=topic, max_gap_s=plan.max_gap)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    cancel = Cancel()
+    previous = {sig: signal.signal(sig, cancel) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _run(plan, rng, topic, work, record, env, admin, probe, outcome, show_progress)
+        _run(plan, rng, topic, work, env, admin, probe, outcome, cancel, show_progress)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -255,65 +97,59 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
     return outcome
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, env: dict[str, str], admin: Any,
-         probe: Any, outcome: Outcome, show_progress: bool) -> None:
+def _run(plan: Plan, rng: random.Random, topic: str, work: Path, env: dict[str, str], admin: Any,
+         probe: Any, outcome: Outcome, cancel: Cancel, show_progress: bool) -> None:
     t0 = time.monotonic()
-    # Messages that raise once: one per planned "exception" fault, spread over the run.
-    fail_at = {rng.randrange(plan.messages) for _ in range(max(1, plan.messages // 5000))} \
-        if "exception" in plan.faults else set()
-    # Messages that hang once, fewer: each costs a --handler-timeout and a worker restart.
-    hang_at = {rng.randrange(plan.messages) for _ in range(max(1, plan.messages // 20000))} - fail_at \
-        if "hang" in plan.faults else set()
+    fail_at = spread(max(1, plan.messages // MESSAGES_PER_EXCEPTION), plan.messages, rng) \
+        if Fault.EXCEPTION in plan.faults else set()
+    hang_at = spread(max(1, plan.messages // MESSAGES_PER_HANG), plan.messages, rng, shift=0.5) - fail_at \
+        if Fault.HANG in plan.faults else set()
+    tally = Tally(work / "record.txt")
     progress: dict[str, Any] = {"produced": 0}
     stop_producing = threading.Event()
-    producer = threading.Thread(target=_produce, args=(plan, topic, fail_at, hang_at, progress, stop_producing),
-                                daemon=True)
-    ksup: Ksup | None = None
-    timeline: list[tuple[int, str]] = []
+    producer = threading.Thread(target=produce, args=(plan, topic, fail_at, hang_at, progress, stop_producing),
+                                name="ksup-verify-producer", daemon=True)
+    ctx: FaultContext | None = None
     ends: dict[int, int] = {}
+    scheduled = plan.scheduled
     try:
-        ksup = Ksup(plan, topic, work, env)
-        ksup.wait_ready()
+        ctx = FaultContext(plan, topic, work, env, rng, cancel, Ksup(plan, topic, work, env))
+        if not ctx.ksup.wait_ready(cancel, READY_WAIT_S):
+            raise CouldNotRun(f"its ksup was not ready within {READY_WAIT_S:.0f}s (see {ctx.ksup.log.name})")
         producer.start()
         next_fault = time.monotonic() + plan.fault_interval
-        scaled = False
-        deck: list[str] = []  # scheduled faults come in seeded rounds with every kind once
-        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        deck: list[Fault] = []
+        markers: set[str] = set()
+        # On a thread of its own: a progress line every 10 s also while a fault is under way.
+        threading.Thread(target=_progress, args=(t0, progress, tally, outcome.faults, admin, topic, plan,
+                                                 stop_producing), name="ksup-verify-progress", daemon=True).start()
         while True:
-            done = _count_lines(record)
+            cancel.check()
+            for at_ns, kind in new_message_faults(work, markers):
+                tally.fault(at_ns, kind.value)  # a gap or duplicate after it is this fault's
+            tally.poll()
             if show_progress:
-                _bar(progress["produced"], done, plan.messages, len(outcome.faults))
+                _bar(progress["produced"], tally.distinct, plan.messages, len(outcome.faults))
             if "error" in progress:
                 raise CouldNotRun(progress["error"])
-            if time.monotonic() >= next_progress:
-                next_progress = time.monotonic() + PROGRESS_EVERY_S
-                _progress_line(t0, progress["produced"], done, outcome.faults, admin, topic, plan, record)
-            ksup.check_alive()
-            faults = [f for f in plan.faults if f not in MESSAGE_FAULTS]
-            # The first round is always finished: every chosen kind happens at least once, also
-            # when the messages were all produced before the round's slower faults came up.
-            first_round_left = bool(faults) and len(outcome.faults) < len(faults)
-            if not producer.is_alive() and done >= plan.messages and not first_round_left:
+            ctx.ksup.check_alive()
+            first_round_left = bool(scheduled) and len(outcome.faults) < len(scheduled)
+            if not producer.is_alive() and tally.distinct >= plan.messages and not first_round_left:
                 break
             if time.monotonic() - t0 > plan.timeout:
                 raise CouldNotRun(f"verification did not finish within {plan.timeout:.0f}s")
-            if faults and (producer.is_alive() or first_round_left) and time.monotonic() >= next_fault:
+            if scheduled and (producer.is_alive() or first_round_left) and time.monotonic() >= next_fault:
                 if not deck:
-                    deck = rng.sample(faults, len(faults))
+                    deck = rng.sample(scheduled, len(scheduled))
                 fault = deck.pop()
-                timeline.append((time.time_ns(), fault))
-                outcome.faults.append(fault)
-                ksup, scaled = _inject(fault, ksup, plan, topic, work, env, rng, scaled)
+                tally.fault(time.time_ns(), fault.value)
+                outcome.faults.append(fault.value)
+                INJECT[fault](ctx)
+                # One fault at a time: what follows is this fault's outcome, not two at once.
+                if not ctx.ksup.wait_ready(cancel, READY_WAIT_S):
+                    outcome.not_ready_after.append(fault.value)
                 next_fault = time.monotonic() + plan.fault_interval
-            time.sleep(0.2)
-        if fail_at:
-            outcome.faults.append(f"exception x{len(fail_at)}")
-        if hang_at:
-            outcome.faults.append(f"hang x{len(hang_at)}")
+            cancel.sleep(0.2)
         ends = _wait_committed(admin, probe, topic, plan)
     except Interrupted as exc:
         outcome.interrupted = str(exc)
@@ -321,103 +157,21 @@ def _run(plan: Plan, rng: random.Random, topic: str, work: Path, record: Path, e
         raise CouldNotRun(str(exc)) from None
     finally:
         stop_producing.set()
-        if ksup is not None:
-            ksup.stop()
+        if ctx is not None:
+            ctx.ksup.stop()
         if show_progress:
             sys.stderr.write("\n")
     outcome.seconds = round(time.monotonic() - t0, 1)
     if outcome.interrupted:
         ends = _wait_committed(admin, probe, topic, plan, within_s=5.0)
-    _analyse(outcome, record, ends, timeline, admin, topic)
-
-
-def _inject(fault: str, ksup: Ksup, plan: Plan, topic: str, work: Path, env: dict[str, str],
-            rng: random.Random, scaled: bool) -> tuple[Ksup, bool]:
-    if fault == "sigterm":
-        code = ksup.stop()
-        if code not in (0, 4, 5):  # 4/5: a message abandoned or a commit unconfirmed: duplicates, not loss
-            raise RuntimeError(f"ksup exited {code} on SIGTERM (see {ksup.log.name})")
-        ksup = Ksup(plan, topic, work, env)
-        ksup.wait_ready()
-    elif fault == "supervisor-kill":
-        # The supervisor dies at once; its workers notice (their pipe closes) and drain on their own.
-        workers = [w["pid"] for w in ksup.ask({"cmd": "status"})["workers"] if w["pid"]]
-        ksup.stopping = True
-        ksup.proc.kill()
-        ksup.stop()
-        _wait_gone(workers, 60.0)
-        ksup = Ksup(plan, topic, work, env)
-        ksup.wait_ready()
-    elif fault == "kill":
-        pids = [w["pid"] for w in ksup.ask({"cmd": "status"})["workers"] if w["pid"]]
-        if pids:
-            os.kill(rng.choice(pids), signal.SIGKILL)
-    elif fault == "reload":
-        began = time.time()
-        result = ksup.ask({"cmd": "reload", "wait": True}, timeout=300)
-        # A message fault (a raise, a hang) that a freshly rolled worker met is that fault's
-        # expected outcome, not a failed release; anything else is a real reload failure.
-        if not result.get("ok") and not _message_fault_since(work, began):
-            raise RuntimeError(f"rolling reload failed: {result.get('error')}")
-    elif fault == "scale-flap":
-        # Up by two and straight back down: the scale-down is decided while the new slots boot.
-        ksup.ask({"cmd": "scale", "workers": plan.workers + 2})
-        ksup.ask({"cmd": "scale", "workers": plan.workers + 1 if scaled else plan.workers})
-    elif fault == "scale":
-        ksup.ask({"cmd": "scale", "workers": plan.workers if scaled else plan.workers + 1})
-        scaled = not scaled
-    elif fault == "broker-restart" and plan.broker_restart_command:
-        _shell(plan.broker_restart_command, "--broker-restart-command")
-    elif fault == "broker-pause" and plan.broker_pause_command and plan.broker_resume_command:
-        _shell(plan.broker_pause_command, "--broker-pause-command")
-        try:
-            time.sleep(BROKER_PAUSE_S)  # the fault itself: the broker stays frozen this long
-        finally:
-            _shell(plan.broker_resume_command, "--broker-resume-command")
-    return ksup, scaled
-
-
-def _message_fault_since(work: Path, since: float) -> bool:
-    """Whether a handler met an injected failure or hang since ``since`` (the recording
-    handler leaves a marker file for each, see recorder.py)."""
-    for marker in [*work.glob("record.txt.failed-*"), *work.glob("record.txt.hung-*")]:
-        try:
-            if marker.stat().st_mtime >= since - 1.0:
-                return True
-        except OSError:
-            pass
-    return False
-
-
-def _shell(command: str, option: str) -> None:
-    done = subprocess.run(command, shell=True, timeout=BROKER_RESTART_TIMEOUT_S, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{option} exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}")
-
-
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        if not alive:
-            return
-        time.sleep(0.1)
-    raise CouldNotRun(f"workers {pids} outlived their killed supervisor by {timeout:.0f}s (orphans)")
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return len({tuple(line.split()[:2]) for line in f})
-    except OSError:
-        return 0
+    counts = Counter(outcome.faults)
+    for kind, n in message_faults_seen(work).items():
+        if n:
+            counts[kind.value] = n
+            outcome.faults.append(f"{kind.value} x{n}")
+    outcome.fault_counts = dict(counts)
+    tally.poll()
+    _analyse(outcome, tally, ends, admin, topic)
 
 
 def _wait_committed(admin: Any, probe: Any, topic: str, plan: Plan, within_s: float = 60.0) -> dict[int, int]:
@@ -440,67 +194,44 @@ def _committed(admin: Any, topic: str, partitions: int) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in result.topic_partitions}
 
 
-def _analyse(outcome: Outcome, record: Path, ends: dict[int, int], timeline: list[tuple[int, str]],
-             admin: Any, topic: str) -> None:
-    rows = [tuple(map(int, line.split())) for line in record.read_text().splitlines()] if record.exists() else []
+def _analyse(outcome: Outcome, tally: Tally, ends: dict[int, int], admin: Any, topic: str) -> None:
     outcome.produced = sum(ends.values())
-    seen = Counter((r[0], r[1]) for r in rows)
-    outcome.processed = len(seen)
-    outcome.lost = sum(1 for p, end in ends.items() for o in range(end) if (p, o) not in seen)
-    outcome.duplicates = sum(n - 1 for n in seen.values() if n > 1)
-    first: set[tuple[int, int]] = set()
-    by_fault: Counter[str] = Counter()
-    for p, o, _pid, _created, done in sorted(rows, key=lambda r: r[4]):
-        if (p, o) in first:
-            cause = "before any fault"
-            for at, name in timeline:
-                if at <= done:
-                    cause = name
-            by_fault[cause] += 1
-        first.add((p, o))
-    outcome.duplicates_by_fault = dict(by_fault)
+    outcome.processed = tally.processed_below(ends)
+    outcome.duplicates = tally.duplicates
+    outcome.duplicates_by_fault = dict(tally.duplicates_by_fault)
     committed = _committed(admin, topic, len(ends))
     if outcome.interrupted:
         # Cut short: loss is what the group committed without processing it (the rest was
         # simply not consumed yet).
-        outcome.lost = sum(1 for p, c in committed.items() for o in range(max(c, 0)) if (p, o) not in seen)
+        outcome.lost = sum(tally.missing(p, max(c, 0)) for p, c in committed.items())
         outcome.committed_ok = outcome.lost == 0
-        outcome.committed_mismatch = {}
     else:
+        outcome.lost = sum(tally.missing(p, end) for p, end in ends.items())
         outcome.committed_ok = committed == ends
-    if not outcome.interrupted:
         outcome.committed_mismatch = {str(p): [committed.get(p, -1), end] for p, end in ends.items()
                                       if committed.get(p) != end}
-    worst = 0.0
-    by_kind: dict[str, float] = {}
-    for p in ends:
-        events = sorted((r[4], r[3]) for r in rows if r[0] == p)
-        for (done_a, _), (done_b, created_b) in zip(events, events[1:], strict=False):
-            waiting_since = max(done_a, created_b * 1_000_000)  # the next message was already there
-            gap = (done_b - waiting_since) / 1e9
-            worst = max(worst, gap)
-            cause = "before any fault"
-            for at, name in timeline:
-                if at <= waiting_since:
-                    cause = name
-            by_kind[cause] = max(by_kind.get(cause, 0.0), round(gap, 3))
-    outcome.longest_gap_s = round(worst, 3)
-    outcome.gap_by_fault = by_kind
+    outcome.longest_gap_s = round(tally.longest_gap_s, 3)
+    outcome.gap_by_fault = dict(tally.gap_by_fault)
 
 
-def _progress_line(t0: float, produced: int, processed: int, faults: list[str], admin: Any, topic: str, plan: Plan,
-                   record: Path) -> None:
-    """One line for a soak run's log: produced, processed, lost so far (committed but never
-    processed), faults so far."""
+def _progress(t0: float, progress: dict[str, Any], tally: Tally, faults: list[str], admin: Any, topic: str,
+              plan: Plan, done: threading.Event) -> None:
+    """Every PROGRESS_EVERY_S until the run ends: one line for a soak run's log."""
+    while not done.wait(PROGRESS_EVERY_S):
+        _progress_line(t0, progress["produced"], tally, faults, admin, topic, plan)
+
+
+def _progress_line(t0: float, produced: int, tally: Tally, faults: list[str], admin: Any, topic: str,
+                   plan: Plan) -> None:
+    """Produced, processed, lost so far (committed but never processed), faults so far, the
+    longest gap so far."""
     try:
         committed = _committed(admin, topic, plan.partitions)
-        seen = {tuple(map(int, line.split()[:2])) for line in record.read_text().splitlines()} \
-            if record.exists() else set()
-        lost: int | str = sum(1 for p, c in committed.items() for o in range(max(c, 0)) if (p, o) not in seen)
+        lost: int | str = sum(tally.missing(p, max(c, 0)) for p, c in committed.items())
     except Exception:  # noqa: BLE001 - a progress line is best effort
         lost = "?"
-    sys.stderr.write(f"ksup verify: {time.monotonic() - t0:.0f}s produced {produced} processed {processed} "
-                     f"lost so far {lost} faults {len(faults)}\n")
+    sys.stderr.write(f"ksup verify: {time.monotonic() - t0:.0f}s produced {produced} processed {tally.distinct} "
+                     f"lost so far {lost} faults {len(faults)} longest gap {tally.longest_gap_s:.1f}s\n")
     sys.stderr.flush()
 
 
@@ -512,30 +243,3 @@ def _bar(produced: int, processed: int, total: int, faults: int) -> None:
     sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] produced {produced}/{total}  "
                      f"processed {processed}  faults {faults} ")
     sys.stderr.flush()
-
-
-def report(outcome: Outcome) -> str:
-    lines = [
-        f"topic           {outcome.topic}",
-        f"produced        {outcome.produced}",
-        f"processed       {outcome.processed}",
-        f"lost            {outcome.lost}" + ("" if outcome.lost == 0 else "   <-- MESSAGES LOST"),
-        f"duplicates      {outcome.duplicates}" + (
-            "   (" + ", ".join(f"{k}: {v}" for k, v in sorted(outcome.duplicates_by_fault.items())) + ")"
-            if outcome.duplicates else ""),
-        "committed       " + ("= processed + 1 on every partition" if outcome.committed_ok
-                             else f"MISMATCH {outcome.committed_mismatch}"),
-        f"longest gap     {outcome.longest_gap_s} s without a consumer on a partition with messages waiting"
-        + (f"   <-- ABOVE --max-gap {outcome.max_gap_s:g} s" if outcome.longest_gap_s > outcome.max_gap_s else ""),
-        "gap by fault    " + (", ".join(f"{k}: {v} s" for k, v in sorted(outcome.gap_by_fault.items())) or "none"),
-        f"faults          {', '.join(outcome.faults) or 'none'}",
-        f"took            {outcome.seconds} s",
-        "result          " + ("OK: nothing lost" if outcome.ok else
-                                 f"INTERRUPTED ({outcome.interrupted}): no verdict; lost so far {outcome.lost}"
-                                 if outcome.interrupted else "FAILED"),
-    ]
-    return "\n".join(lines)
-
-
-def as_json(outcome: Outcome) -> str:
-    return json.dumps(outcome.as_dict(), indent=2)
