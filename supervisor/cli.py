@@ -51,7 +51,9 @@ def main() -> None:
 @click.option("--revoke-timeout", type=float, default=10.0,
               help="Seconds a revocation waits for the message in flight of the revoked partitions.")
 @click.option("--restart-delay", type=float, default=1.0,
-              help="First delay before restarting a dead worker (doubles per death, capped at 30s).")
+              help="First delay before restarting a dead worker (doubles per death, up to --max-restart-delay).")
+@click.option("--max-restart-delay", type=float, default=30.0,
+              help="The longest restart delay the doubling reaches.")
 @click.option("--handler-timeout", type=float, default=None,
               help="Seconds one message may take; a worker stuck longer is stopped and restarted.")
 @click.option("--heartbeat-timeout", type=float, default=30.0,

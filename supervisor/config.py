@@ -39,7 +39,8 @@ class Settings:
     quick_timeout: float = 5.0       # the same after a second Ctrl+C or SIGQUIT
     broker_timeout: float = 30.0     # how long a booting worker waits for the broker
     revoke_timeout: float = 10.0     # how long a revoke waits for the message in flight
-    restart_delay: float = 1.0       # first respawn delay after a worker died; doubles, capped
+    restart_delay: float = 1.0       # first respawn delay after a worker died; doubles, capped ...
+    max_restart_delay: float = 30.0  # ... at this
     crash_loop_deaths: int = 5       # this many unexpected deaths ...
     crash_loop_window: float = 60.0  # ... within this many seconds stop the supervisor
     handler_timeout: float | None = None  # a message taking longer marks the worker stuck
@@ -181,6 +182,9 @@ def validate(s: Settings) -> Settings:
         if bad:
             raise ConfigError(f"{', '.join(bad)} cannot be set with --group-protocol consumer "
                               f"(the broker decides them under KIP-848; remove them)")
+    if not 0 < s.restart_delay <= s.max_restart_delay:
+        raise ConfigError(f"--restart-delay ({s.restart_delay:g}s) must be positive and at most "
+                          f"--max-restart-delay ({s.max_restart_delay:g}s)")
     for name in ("graceful_timeout", "quick_timeout", "broker_timeout", "revoke_timeout", "heartbeat_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")

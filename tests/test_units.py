@@ -290,10 +290,11 @@ def test_config_file_unknown_key(tmp_path):
 
 
 def test_restart_backoff_and_crash_loop():
-    assert policy.restart_delay([100.0], 100.0, 1.0) == 1.0
-    assert policy.restart_delay([97.0, 98.0, 99.0, 100.0], 100.0, 1.0) == 8.0
-    assert policy.restart_delay([float(t) for t in range(20)], 20.0, 1.0) == policy.MAX_RESTART_DELAY_S
-    assert policy.restart_delay([0.0, 1.0], 500.0, 1.0) == 1.0, "reset after a healthy period"
+    assert policy.restart_delay([100.0], 100.0, 1.0, 30.0) == 1.0
+    assert policy.restart_delay([97.0, 98.0, 99.0, 100.0], 100.0, 1.0, 30.0) == 8.0
+    assert policy.restart_delay([float(t) for t in range(20)], 20.0, 1.0, 30.0) == 30.0
+    assert policy.restart_delay([97.0, 98.0, 99.0, 100.0], 100.0, 0.2, 0.5) == 0.5, "--max-restart-delay caps it"
+    assert policy.restart_delay([0.0, 1.0], 500.0, 1.0, 30.0) == 1.0, "reset after a healthy period"
     assert policy.is_crash_loop([1, 2, 3, 4, 5], 6, 5, 60)
     assert not policy.is_crash_loop([1, 2, 3, 4, 5], 100, 5, 60)
 

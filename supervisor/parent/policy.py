@@ -10,15 +10,14 @@ if TYPE_CHECKING:
     from supervisor.config import Settings
     from supervisor.parent.slots import WorkerSlot
 
-MAX_RESTART_DELAY_S = 30.0
 BOOT_EXTRA_S = 15.0  # a worker's boot deadline: --broker-timeout plus this (import, Consumer())
 HEALTHY_RESET_S = 60.0  # a worker that lived this long restarts with the first delay again
 
 
-def restart_delay(deaths: list[float], now: float, first_delay: float) -> float:
+def restart_delay(deaths: list[float], now: float, first_delay: float, max_delay: float) -> float:
     """Exponential backoff per slot over the deaths since it was last healthy for a while."""
     recent = [t for t in deaths if now - t < HEALTHY_RESET_S]
-    return float(min(first_delay * 2.0 ** max(len(recent) - 1, 0), MAX_RESTART_DELAY_S))
+    return float(min(first_delay * 2.0 ** max(len(recent) - 1, 0), max_delay))
 
 
 def boot_deadline(s: Settings) -> float:

@@ -113,7 +113,7 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
         raise HaltSupervisor(f"crash loop: {core.settings.crash_loop_deaths} worker deaths within "
                              f"{core.settings.crash_loop_window:g}s; last: worker {slot.index} {how}",
                              ExitCode.CRASH_LOOP)
-    delay = policy.restart_delay(slot.deaths, now, core.settings.restart_delay)
+    delay = policy.restart_delay(slot.deaths, now, core.settings.restart_delay, core.settings.max_restart_delay)
     slot.respawn_at = now + delay
     log.info("worker %d restarts in %.1fs", slot.index, delay)
 

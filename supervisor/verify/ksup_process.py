@@ -28,15 +28,18 @@ def _die_with_parent() -> None:
 
 
 def write_config(plan: Plan, path: Path) -> None:
-    """ksup's config file: the fault plan accounts for ksup's own rules (injected deaths must
-    not trip its crash-loop halt, which is for a handler that can never work), and the Kafka
+    """ksup's config file: the fault plan accounts for ksup's own rules: injected deaths must
+    not trip its crash-loop halt (which is for a handler that can never work), nor grow a
+    slot's restart backoff (which spares a broken handler a hot loop: after a few injected
+    raises a slot would wait 6-13 s, a gap of the plan's making, not ksup's). The Kafka
     properties go in its [kafka] table, not in -X: they may hold a password, and argv is
     readable by every local user; the file is the owner's only."""
     kafka = "".join(f"{json.dumps(k, ensure_ascii=False)} = {json.dumps(v, ensure_ascii=False)}\n"
                     for k, v in plan.kafka.items())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write("crash_loop_deaths = 1000000\n" + (f"[kafka]\n{kafka}" if kafka else ""))
+        f.write("crash_loop_deaths = 1000000\nrestart_delay = 0.2\nmax_restart_delay = 0.5\n"
+                + (f"[kafka]\n{kafka}" if kafka else ""))
 
 
 class Ksup:
@@ -46,7 +49,7 @@ class Ksup:
         self.socket = str(work / "ksup.sock")
         args = [sys.executable, "-m", "supervisor", "start", "supervisor.verify.recorder:process",
                 "-b", plan.bootstrap, "-t", topic, "-g", topic, "-w", str(plan.workers),
-                "--control-socket", self.socket, "--log-format", "json", "--restart-delay", "0.2",
+                "--control-socket", self.socket, "--log-format", "json",
                 "--graceful-timeout", "20", "--config", str(work / "ksup.toml")]
         if Fault.HANG in plan.faults:
             args += ["--handler-timeout", str(HANDLER_TIMEOUT_S)]
