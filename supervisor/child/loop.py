@@ -464,13 +464,13 @@ class ConsumerLoop:
             gone = set(tps)
             dropped = self.runner.drop(gone)
             # After the drain gave up on the message in flight, close() must not wait for it again.
-            deadline = time.monotonic() + (0.0 if self.gave_up_in_flight else self.revoke_timeout_s)
-            if not self.runner.wait_not_running(gone, deadline):
+            wait_s = 0.0 if self.gave_up_in_flight else self.revoke_timeout_s
+            if not self.runner.wait_not_running(gone, time.monotonic() + wait_s):
                 oldest = self.runner.oldest_running()
                 job = oldest[0] if oldest else None
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "
                             "stored (the next owner handles it again)",
-                            job.record.coordinates if job else "?", self.revoke_timeout_s)
+                            job.record.coordinates if job else "?", wait_s)
             self.collect()
             if self.commit_on_revoke:
                 self.commit_partitions(tps)
