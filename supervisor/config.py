@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from supervisor.child.policies import ErrorPolicy
 from supervisor.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -20,7 +21,6 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 GROUP_PROTOCOLS = ("classic", "consumer")
-ERROR_POLICIES = ("retry", "dead-letter", "skip", "stop")
 ORDER_BY = ("partition", "key")
 LOG_FORMATS = ("auto", "json", "text")
 
@@ -56,7 +56,7 @@ class Settings:
     order_by: str = "partition"      # lane = partition, or partition + key
     batch_size: int = 1              # >1: the handler gets a list of up to this many records
     batch_timeout: float = 1.0       # how long a partial batch waits to fill
-    on_error: tuple[str, ...] = ("stop",)  # error-policy chain: retry, dead-letter, skip, stop
+    on_error: tuple[ErrorPolicy, ...] = (ErrorPolicy.STOP,)  # the error-policy chain (child/policies.py)
     retry_attempts: int = 3
     retry_backoff: float = 0.5       # seconds before the first retry; doubles each time
     dead_letter_topic: str = "{topic}.dlq"
@@ -208,10 +208,11 @@ def validate(s: Settings) -> Settings:
         host, sep, port = s.metrics_addr.rpartition(":")
         if not sep or not port.isdigit():
             raise ConfigError(f"--metrics-addr {s.metrics_addr!r} is not host:port (for example 127.0.0.1:9300)")
-    bad = [p for p in s.on_error if p not in ERROR_POLICIES]
-    if bad or not s.on_error:
+    known = {p.value: p for p in ErrorPolicy}
+    if not s.on_error or any(p not in known for p in s.on_error):
         raise ConfigError(f"--on-error {','.join(s.on_error)}: each policy must be one of "
-                          f"{', '.join(ERROR_POLICIES)} (for example --on-error retry,dead-letter)")
+                          f"{', '.join(known)} (for example --on-error retry,dead-letter)")
+    s = replace(s, on_error=tuple(known[p] for p in s.on_error))
     if s.order_by not in ORDER_BY:
         raise ConfigError(f"--order-by must be one of {', '.join(ORDER_BY)}")
     if s.concurrency < 1 or s.batch_size < 1:

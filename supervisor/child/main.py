@@ -278,14 +278,14 @@ def tune_gc() -> None:
 
 def build_runner(cfg: m.Configure, handler: Any) -> Any:
     """The handler threads with the error policy and the in-flight board, from the options."""
-    from supervisor.child.policies import DeadLetter, Executor
+    from supervisor.child.policies import DeadLetter, ErrorPolicy, Executor
     from supervisor.child.runner import HandlerRunner
     from supervisor.contract.inflight_board import BoardWriter
 
     o = cfg.options
-    chain = list(o.get("on_error", ["stop"]))
+    chain = [ErrorPolicy(p) for p in o.get("on_error", ["stop"])]
     dead_letter = DeadLetter(cfg.kafka, str(o.get("dead_letter_topic", "{topic}.dlq"))) \
-        if "dead-letter" in chain else None
+        if ErrorPolicy.DEAD_LETTER in chain else None
     poison = {(str(t), int(p), int(off)) for t, p, off in o.get("poison", [])}
     suspects = {(str(t), int(p), int(off)) for t, p, off in o.get("suspects", [])}
     batch = int(o.get("batch_size", 1)) > 1

@@ -18,6 +18,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from supervisor.child.handler import check_returned
@@ -25,6 +26,20 @@ from supervisor.child.runner import STORED, Job, Outcome
 from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
+
+
+class ErrorPolicy(str, Enum):
+    """The names ``--on-error`` takes (config.py validates against these)."""
+
+    RETRY = "retry"
+    DEAD_LETTER = "dead-letter"
+    SKIP = "skip"
+    STOP = "stop"
+
+
+# The policies that take a message out of the way without running it again: a poison message
+# (one that killed workers) goes to the first of these in the chain.
+QUARANTINE = (ErrorPolicy.DEAD_LETTER, ErrorPolicy.SKIP)
 
 # Producer properties worth copying from the consumer's configuration (connection and security).
 _SHARED_PREFIXES = ("bootstrap.servers", "security.", "sasl.", "ssl.", "client.", "socket.", "broker.",
@@ -75,7 +90,8 @@ class DeadLetter:
 class Executor:
     """Runs the handler for a job and applies the error policy. Called on handler threads."""
 
-    def __init__(self, process: Callable[..., Any], chain: list[str], retry_attempts: int, retry_backoff_s: float,
+    def __init__(self, process: Callable[..., Any], chain: list[ErrorPolicy], retry_attempts: int,
+                 retry_backoff_s: float,
                  dead_letter: DeadLetter | None, poison: set[tuple[str, int, int]], batch: bool) -> None:
         self.process = process
         self.chain = chain
@@ -118,34 +134,63 @@ class Executor:
             check_returned(result)
 
     def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
-        where = jobs[0].record.coordinates
+        """The chain, in order: the first policy that decides gives the outcome; ``stop`` ends
+        it whatever is configured after it (and when nothing decided)."""
         for policy in self.chain:
-            if policy == "retry":
-                if jobs[0].attempts < self.retry_attempts:
-                    delay = self.retry_backoff_s * 2 ** jobs[0].attempts
-                    log.warning("handler raised %s on %s (attempt %d of %d); retrying in %.2fs; only this "
-                                "partition waits", type(exc).__name__, where, jobs[0].attempts + 1,
-                                self.retry_attempts + 1, delay)
-                    return Outcome(store=False, retry_in=delay, error=exc)
-                continue
-            if policy in ("dead-letter", "skip"):
-                return self.fall_back(jobs, exc, f"{type(exc).__name__}: {exc}")
-            if policy == "stop":
-                break
+            outcome = self._ON_FAILURE[policy](self, jobs, exc)
+            if outcome is not None:
+                return outcome
         return Outcome(store=False, stop=True, error=exc)
 
-    def fall_back(self, jobs: list[Job], exc: BaseException | None, reason: str) -> Outcome:
-        """The first of dead-letter / skip in the chain; stop when neither is configured or works."""
-        where = jobs[0].record.coordinates
-        for policy in self.chain:
-            if policy == "dead-letter" and self.dead_letter is not None:
-                problem = self.dead_letter.send(jobs, exc, reason)
-                if problem is None:
-                    log.warning("%s sent to dead-letter topic %s (%s)", where,
-                                self.dead_letter.topic_for(jobs[0].record.topic), reason)
-                    return Outcome(store=True, error=exc, note="dead-lettered")
-                log.error("dead-letter produce of %s failed: %s", where, problem)
-            if policy == "skip":
-                log.error("SKIPPED %s: %s (--on-error skip): its offset is stored without processing", where, reason)
-                return Outcome(store=True, error=exc, note="skipped")
+    def _retry(self, jobs: list[Job], exc: BaseException) -> Outcome | None:
+        if jobs[0].attempts >= self.retry_attempts:
+            return None  # attempts used up: the next policy
+        delay = self.retry_backoff_s * 2 ** jobs[0].attempts
+        log.warning("handler raised %s on %s (attempt %d of %d); retrying in %.2fs; only this partition waits",
+                    type(exc).__name__, jobs[0].record.coordinates, jobs[0].attempts + 1, self.retry_attempts + 1,
+                    delay)
+        return Outcome(store=False, retry_in=delay, error=exc)
+
+    def _quarantine(self, jobs: list[Job], exc: BaseException) -> Outcome:
+        return self.fall_back(jobs, exc, f"{type(exc).__name__}: {exc}")
+
+    def _stop(self, jobs: list[Job], exc: BaseException) -> Outcome:
         return Outcome(store=False, stop=True, error=exc)
+
+    _ON_FAILURE: dict[ErrorPolicy, Callable[[Executor, list[Job], BaseException], Outcome | None]] = {
+        ErrorPolicy.RETRY: _retry,
+        ErrorPolicy.DEAD_LETTER: _quarantine,
+        ErrorPolicy.SKIP: _quarantine,
+        ErrorPolicy.STOP: _stop,
+    }
+
+    def fall_back(self, jobs: list[Job], exc: BaseException | None, reason: str) -> Outcome:
+        """The first of dead-letter / skip in the chain that works; stop when none does."""
+        for policy in self.chain:
+            put_aside = self._PUT_ASIDE.get(policy)
+            outcome = put_aside(self, jobs, exc, reason) if put_aside else None
+            if outcome is not None:
+                return outcome
+        return Outcome(store=False, stop=True, error=exc)
+
+    def _dead_letter(self, jobs: list[Job], exc: BaseException | None, reason: str) -> Outcome | None:
+        if self.dead_letter is None:
+            return None
+        where = jobs[0].record.coordinates
+        problem = self.dead_letter.send(jobs, exc, reason)
+        if problem is not None:
+            log.error("dead-letter produce of %s failed: %s", where, problem)
+            return None
+        log.warning("%s sent to dead-letter topic %s (%s)", where, self.dead_letter.topic_for(jobs[0].record.topic),
+                    reason)
+        return Outcome(store=True, error=exc, note="dead-lettered")
+
+    def _skip(self, jobs: list[Job], exc: BaseException | None, reason: str) -> Outcome:
+        log.error("SKIPPED %s: %s (--on-error skip): its offset is stored without processing",
+                  jobs[0].record.coordinates, reason)
+        return Outcome(store=True, error=exc, note="skipped")
+
+    _PUT_ASIDE: dict[ErrorPolicy, Callable[[Executor, list[Job], BaseException | None, str], Outcome | None]] = {
+        ErrorPolicy.DEAD_LETTER: _dead_letter,
+        ErrorPolicy.SKIP: _skip,
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from supervisor.child.policies import QUARANTINE
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
@@ -133,11 +134,11 @@ def note_poison(core: SupervisorCore, inflight: list[tuple[str, int, int]]) -> s
         return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
     for key in inflight:
         core.poison_counts[key] += 1
-        fallback = [p for p in core.settings.on_error if p in ("dead-letter", "skip")]
+        fallback = [p for p in core.settings.on_error if p in QUARANTINE]
         if core.poison_counts[key] >= core.settings.poison_after and fallback and key not in core.poison:
             core.poison.add(key)
             log.error("%s[%d]@%d killed %d worker processes: the next worker will %s it without "
-                      "running the handler", *key, core.poison_counts[key], fallback[0])
+                      "running the handler", *key, core.poison_counts[key], fallback[0].value)
     return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
 
 
