@@ -68,15 +68,18 @@ def _verdicts(sock, port) -> tuple[int, str, int, list[str]]:
     return out.returncode, out.stderr, code, body["problems"]
 
 
-def _start(ksup, kafka, topic, group, tmp_path):
+def _start(ksup, kafka, topic, group, tmp_path, sleep: float = 0.0, consumed: int = 100):
+    """ksup on a 2-partition topic of 100 messages, once ``consumed`` of them were handled
+    (each taking ``sleep`` seconds) and it says healthy."""
     create_topic(kafka.bootstrap, topic, 2)
     produce_sequence(kafka.bootstrap, topic, 100, partitions=2)
     record = tmp_path / "record.txt"
     port, sock = free_port_unused(), tmp_path / "ctl.sock"
-    run = ksup(HANDLER, kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
+    run = ksup(HANDLER, kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record),
+                                                            "KSUP_TEST_SLEEP": str(sleep)},
                extra=["--metrics-addr", f"127.0.0.1:{port}", "--control-socket", str(sock),
                       "--progress-timeout", "4", "-X", "session.timeout.ms=6000"])
-    wait_until(lambda: len(read_record(record)) == 100, 60, "consumed")
+    wait_until(lambda: len(read_record(record)) >= consumed, 60, "consumed")
     wait_until(lambda: _verdicts(sock, port)[0] == 0, 30, "healthy")
     assert _verdicts(sock, port)[2] == 200
     return run, sock, port
@@ -103,13 +106,15 @@ def test_health_sees_a_deleted_topic(ksup, own_kafka, names, tmp_path):
     from confluent_kafka.admin import AdminClient
 
     topic, group = names
-    run, sock, port = _start(ksup, own_kafka, topic, group, tmp_path)
+    # A slow handler: the messages fetched before the deletion are still being handled after
+    # it, so their offsets are stored and their commits refused.
+    run, sock, port = _start(ksup, own_kafka, topic, group, tmp_path, sleep=0.25, consumed=5)
     admin = AdminClient({"bootstrap.servers": own_kafka.bootstrap})
     admin.delete_topics([topic])[topic].result(30)
     wait_until(lambda: _verdicts(sock, port)[0] == 1, 60, "ksup health unhealthy after the topic was deleted")
     code, stderr, http, problems = _verdicts(sock, port)
     assert http == 503 and "topic" in stderr and any(topic in p for p in problems), (stderr, problems)
-    # The offsets stored before the deletion can never be committed: after --progress-timeout
+    # The offsets stored after the deletion can never be committed: after --progress-timeout
     # (4 s) that is a standing problem of its own.
     wait_until(lambda: "commits failing for" in _verdicts(sock, port)[1], 30, "commits failing reported")
     assert any("commits failing for" in p for p in _verdicts(sock, port)[3])
