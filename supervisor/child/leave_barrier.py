@@ -22,15 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def _start_time(pid: int) -> str | None:
-    """The process start time (clock ticks since boot) of a live, non-zombie ``pid``."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]  # field 22 of stat (state is field 3)
+from supervisor.procfs import start_time
 
 
 class LeaveBarrier:
@@ -49,7 +41,7 @@ class LeaveBarrier:
 
     def enter(self) -> None:
         """This worker is a member of the group from now on."""
-        self._write("member", _start_time(self.pid) or "")
+        self._write("member", start_time(self.pid) or "")
 
     def committed(self) -> None:
         """This orphan's final commit is over: siblings need not wait for it any more."""
@@ -80,7 +72,7 @@ class LeaveBarrier:
                 started = (self.folder / name).read_text()
             except OSError:
                 continue
-            alive = _start_time(int(pid_text))
+            alive = start_time(int(pid_text))
             if alive is not None and (not started or alive == started):
                 out.append(int(pid_text))
         return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor.procfs import alive
 from supervisor.verify.ksup_process import Ksup
 from supervisor.verify.plan import BROKER_PAUSE_S, COMMAND_TIMEOUT_S, Cancel, CouldNotRun, Fault, Plan
 
@@ -199,14 +200,6 @@ def shell(command: str, option: str, cancel: Cancel) -> None:
         raise RuntimeError(f"{option} exited {proc.returncode}: {output[-300:]}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone for us
-    except (OSError, IndexError):
-        return False
-
-
 def _wait_for(predicate: Callable[[], bool], cancel: Cancel, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -220,7 +213,7 @@ def _wait_gone(pids: list[int], timeout: float, cancel: Cancel, what: str) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         cancel.check()
-        if not any(_alive(pid) for pid in pids):
+        if not any(alive(pid) for pid in pids):
             return
         time.sleep(0.05)
     raise CouldNotRun(f"workers {pids} {what} by {timeout:.0f}s")
