@@ -4,7 +4,9 @@ Faults come in two sorts. Scheduled ones are injected by verify, one at a time: 
 run waits until its ksup is ready again (``ready`` on the control socket, the readiness of the
 README), so every gap and duplicate is the outcome of one fault, never of two on top of each
 other. Message faults ride on messages (the recording handler raises on, or hangs on, the ones
-verify marked), spread evenly over the sequence numbers.
+verify marked), spread evenly over the sequence numbers and, when handled, at least
+MESSAGE_FAULT_SPACING_S apart per kind (a marked message that comes sooner is handled without
+its fault; the report counts the faults that happened).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ COMMAND_TIMEOUT_S = 300.0  # a broker command must return within this
 READY_WAIT_S = 90.0       # after a fault, its ksup must be ready again within this
 MESSAGES_PER_EXCEPTION = 5_000
 MESSAGES_PER_HANG = 20_000  # fewer: each costs a --handler-timeout and a worker restart
+MESSAGE_FAULT_SPACING_S = 2.0  # message faults of one kind at least this far apart (recorder.py)
 
 
 @dataclass

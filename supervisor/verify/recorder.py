@@ -5,6 +5,12 @@ named by KSUP_VERIFY_RECORD (appended whole with O_APPEND, so a line survives SI
 absent). A message whose value ends in ``:fail`` raises the first time it is handled (a marker
 file remembers), to exercise the handler-exception path; one ending in ``:hang`` hangs the first
 time (until ksup's --handler-timeout stops the worker), to exercise the stuck-handler path.
+
+Message faults of one kind are at least KSUP_VERIFY_FAULT_SPACING seconds apart (a marked
+message that comes sooner is handled normally, and its fault does not happen): after a worker
+restart the backlog is handled fast, and faults marked far apart in the sequence would come one
+on top of the other, each costing the same worker another restart, so that the gaps would be of
+the plan's making. Each fault that happened leaves its marker; verify counts those.
 """
 
 from __future__ import annotations
@@ -16,25 +22,42 @@ from supervisor.record import Record
 
 _RECORD = os.environ.get("KSUP_VERIFY_RECORD", "")
 _SLEEP = float(os.environ.get("KSUP_VERIFY_SLEEP", "0"))
+_SPACING = {"failed": float(os.environ.get("KSUP_VERIFY_FAULT_SPACING", "0")),
+            "hung": float(os.environ.get("KSUP_VERIFY_HANG_SPACING", "0"))}
 _fd = os.open(_RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _RECORD else -1
+
+
+def _claim(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _fault_now(kind: str, record: Record) -> bool:
+    """Whether the fault of this marked message happens now: the first time the message is
+    handled, and only if no fault of its kind happened in the last spacing seconds (every
+    worker claims windows of that length: this one and the one before it must be free, so two
+    claims are always a full window apart)."""
+    marker = f"{_RECORD}.{kind}-{record.partition}-{record.offset}"
+    if os.path.exists(marker):
+        return False
+    spacing = _SPACING[kind]
+    if spacing > 0:
+        window = int(time.time() / spacing)
+        if os.path.exists(f"{_RECORD}.window-{kind}-{window - 1}") or \
+                not _claim(f"{_RECORD}.window-{kind}-{window}"):
+            return False
+    return _claim(marker)
 
 
 def process(record: Record) -> None:
     if _SLEEP:
         time.sleep(_SLEEP)
-    if record.value is not None and record.value.endswith(b":hang"):
-        marker = f"{_RECORD}.hung-{record.partition}-{record.offset}"
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            time.sleep(3600)  # ksup's --handler-timeout ends this worker; the next one handles it
-        except FileExistsError:
-            pass
-    if record.value is not None and record.value.endswith(b":fail"):
-        marker = f"{_RECORD}.failed-{record.partition}-{record.offset}"
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            raise RuntimeError(f"ksup verify: injected handler failure at {record.coordinates}")
-        except FileExistsError:
-            pass
+    if record.value is not None and record.value.endswith(b":hang") and _fault_now("hung", record):
+        time.sleep(3600)  # ksup's --handler-timeout ends this worker; the next one handles it
+    if record.value is not None and record.value.endswith(b":fail") and _fault_now("failed", record):
+        raise RuntimeError(f"ksup verify: injected handler failure at {record.coordinates}")
     line = f"{record.partition} {record.offset} {os.getpid()} {record.timestamp[1]} {time.time_ns()}\n"
     os.write(_fd, line.encode())

@@ -32,6 +32,8 @@ from supervisor.verify.faults import INJECT, FaultContext, message_faults_seen, 
 from supervisor.verify.ksup_process import Ksup, write_config
 from supervisor.verify.plan import (
     DEFAULT_FAULTS,
+    HANDLER_TIMEOUT_S,
+    MESSAGE_FAULT_SPACING_S,
     MESSAGES_PER_EXCEPTION,
     MESSAGES_PER_HANG,
     PROGRESS_EVERY_S,
@@ -69,7 +71,11 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
     topic = f"ksup-verify-{uuid.uuid4().hex[:10]}"
     work = Path(tempfile.mkdtemp(prefix="ksup-verify-"))
     record = work / "record.txt"
-    env = {**os.environ, "KSUP_VERIFY_RECORD": str(record), "KSUP_VERIFY_SLEEP": str(plan.handler_sleep)}
+    env = {**os.environ, "KSUP_VERIFY_RECORD": str(record), "KSUP_VERIFY_SLEEP": str(plan.handler_sleep),
+           # One message fault of a kind at a time (recorder.py): a raise costs a worker restart,
+           # a hang the --handler-timeout and a restart.
+           "KSUP_VERIFY_FAULT_SPACING": str(max(MESSAGE_FAULT_SPACING_S, plan.fault_interval)),
+           "KSUP_VERIFY_HANG_SPACING": str(max(HANDLER_TIMEOUT_S + MESSAGE_FAULT_SPACING_S, plan.fault_interval))}
     admin, probe = _admin_and_probe(plan)
     try:
         admin.create_topics([NewTopic(topic, num_partitions=plan.partitions, replication_factor=-1)])[topic].result(60)
