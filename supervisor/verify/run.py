@@ -209,7 +209,7 @@ def _analyse(outcome: Outcome, tally: Tally, ends: dict[int, int], admin: Any, t
     if outcome.interrupted:
         # Cut short: loss is what the group committed without processing it (the rest was
         # simply not consumed yet).
-        outcome.lost = sum(tally.missing(p, max(c, 0)) for p, c in committed.items())
+        outcome.lost = tally.lost_below(committed)
         outcome.committed_ok = outcome.lost == 0
     else:
         outcome.lost = sum(tally.missing(p, end) for p, end in ends.items())
@@ -232,8 +232,7 @@ def _progress_line(t0: float, produced: int, tally: Tally, faults: list[str], ad
     """Produced, processed, lost so far (committed but never processed), faults so far, the
     longest gap so far."""
     try:
-        committed = _committed(admin, topic, plan.partitions)
-        lost: int | str = sum(tally.missing(p, max(c, 0)) for p, c in committed.items())
+        lost: int | str = tally.lost_below(_committed(admin, topic, plan.partitions))
     except Exception:  # noqa: BLE001 - a progress line is best effort
         lost = "?"
     sys.stderr.write(f"ksup verify: {time.monotonic() - t0:.0f}s produced {produced} processed {tally.distinct} "

@@ -11,6 +11,7 @@ that gap began after.
 from __future__ import annotations
 
 import bisect
+import threading
 from pathlib import Path
 
 BEFORE_ANY_FAULT = "before any fault"
@@ -19,6 +20,9 @@ BEFORE_ANY_FAULT = "before any fault"
 class Tally:
     def __init__(self, record: Path) -> None:
         self.record = record
+        # verify's loop and its progress thread both read the record (the loop can be busy
+        # with a fault for many seconds); one at a time.
+        self._lock = threading.Lock()
         self._pos = 0
         self._partial = b""
         self.seen: dict[int, bytearray] = {}  # partition -> times each offset was processed (max 255)
@@ -34,9 +38,10 @@ class Tally:
     def fault(self, at_ns: int, kind: str) -> None:
         """A fault began at ``at_ns`` (wall clock): what follows is attributed to it. Message
         faults are learnt of a little late (their marker files), so insertion keeps the order."""
-        i = bisect.bisect_right(self._fault_at, at_ns)
-        self._fault_at.insert(i, at_ns)
-        self._fault_kind.insert(i, kind)
+        with self._lock:
+            i = bisect.bisect_right(self._fault_at, at_ns)
+            self._fault_at.insert(i, at_ns)
+            self._fault_kind.insert(i, kind)
 
     def _cause(self, at_ns: int) -> str:
         i = bisect.bisect_right(self._fault_at, at_ns)
@@ -44,6 +49,19 @@ class Tally:
 
     def poll(self) -> None:
         """Take in what was appended since the last call."""
+        with self._lock:
+            self._poll()
+
+    def lost_below(self, committed: dict[int, int]) -> int:
+        """Offsets the group committed (``committed``: partition -> offset, read before this
+        call) that the handler never finished. The record is read first: the handler writes
+        its row before returning, so everything under an offset committed before this call is
+        in it; a stale read would count work finished since as lost."""
+        with self._lock:
+            self._poll()
+            return sum(self.missing(p, max(c, 0)) for p, c in committed.items())
+
+    def _poll(self) -> None:
         try:
             with open(self.record, "rb") as f:
                 f.seek(self._pos)
