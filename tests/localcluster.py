@@ -68,8 +68,15 @@ class Node:
 class LocalKafkaCluster:
     """``nodes`` combined broker+controller nodes; ``start()`` blocks until all of them serve."""
 
-    def __init__(self, nodes: int = 3, workdir: Path | None = None, version: str = KAFKA_VERSION) -> None:
+    def __init__(self, nodes: int = 3, workdir: Path | None = None, version: str = KAFKA_VERSION,
+                 overrides: dict[str, str] | None = None) -> None:
         self.version = version
+        # KIP-848 heartbeats every 2 s (production default 5 s; the single test broker uses 1 s).
+        # librdkafka times a heartbeat out after one interval, and a heartbeat that timed out
+        # while the group rebalanced can stall the group for max.poll.interval.ms (librdkafka
+        # 2.16.0; tests/cluster/kip848_heartbeat_stall.py): on these loaded 2 cores 1 s was too
+        # short (1 stall in about 25 KIP-848 joins).
+        self.overrides = {"group.consumer.heartbeat.interval.ms": "2000", **(overrides or {})}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ksup-cluster-"))
         self.nodes = [Node(i, free_port(), free_port(), self.workdir / f"node-{i}") for i in range(1, nodes + 1)]
         self.voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
@@ -95,8 +102,9 @@ class LocalKafkaCluster:
         cluster_id = _cluster_id()
         for n in self.nodes:
             n.workdir.mkdir(parents=True, exist_ok=True)
-            write_properties(n.workdir, node_properties(n.node_id, n.port, n.controller_port, self.voters,
-                                                        n.workdir / "data", replicas=len(self.nodes)))
+            write_properties(n.workdir, {**node_properties(n.node_id, n.port, n.controller_port, self.voters,
+                                                           n.workdir / "data", replicas=len(self.nodes)),
+                                         **self.overrides})
         with ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(lambda n: subprocess.run(
                 ["java", "-Xmx256m", "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
