@@ -48,11 +48,12 @@ test-soak: setup
 # fleet rolled by examples/rolling-upgrade.sh, some scenarios again on Kafka 3.9. Needs Kafka's
 # group tool (org.apache.kafka:kafka-tools) and the 3.9.2 jars, fetched once. Each scenario's
 # figures go to bench-results/cluster.jsonl; the table the README shows is printed at the end.
+# A part of it: make test-cluster CLUSTER_ARGS='-k classic' (any pytest arguments).
 test-cluster: setup
 	$(PY) tests/localkafka.py fetch 4.3.1 kafka-tools
 	$(PY) tests/localkafka.py fetch 3.9.2
 	mkdir -p bench-results && rm -f bench-results/cluster.jsonl
-	$(PY) -m pytest -m cluster tests/cluster; status=$$?; $(PY) -m tests.cluster.results; exit $$status
+	$(PY) -m pytest -m cluster tests/cluster $(CLUSTER_ARGS); status=$$?; $(PY) -m tests.cluster.results; exit $$status
 
 # The core no-loss tests again, on the oldest supported confluent-kafka.
 compat: setup
