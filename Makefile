@@ -9,7 +9,7 @@ COMPAT_VENV ?= .venv-compat
 # The oldest confluent-kafka ksup supports; its consumer differs from 2.16's (see README).
 COMPAT_CONFLUENT ?= 2.15.0
 
-.PHONY: demo test lint unit compat setup tools bench clean test-soak
+.PHONY: demo test test-cluster lint unit compat setup tools bench clean test-soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,18 @@ test: lint
 # ksup verify soaks (issue 14): 100,000 messages, a fault every second, seeds 1-5 (~8 min).
 test-soak: setup
 	$(PY) -m pytest -m soak -s
+
+# The cluster suite (tests/cluster/, marker `cluster`, not part of `make test`): a local 3-node
+# cluster, Kafka's own consumer scenarios (OffsetValidationTest) with ksup as the consumer, a
+# fleet rolled by examples/rolling-upgrade.sh, some scenarios again on Kafka 3.9. Needs Kafka's
+# group tool (org.apache.kafka:kafka-tools) and the 3.9.2 jars, fetched once. Each scenario's
+# figures go to bench-results/cluster.jsonl; the table the README shows is printed at the end.
+# A part of it: make test-cluster CLUSTER_ARGS='-k classic' (any pytest arguments).
+test-cluster: setup
+	$(PY) tests/localkafka.py fetch 4.3.1 kafka-tools
+	$(PY) tests/localkafka.py fetch 3.9.2
+	mkdir -p bench-results && rm -f bench-results/cluster.jsonl
+	$(PY) -m pytest -m cluster tests/cluster $(CLUSTER_ARGS); status=$$?; $(PY) -m tests.cluster.results; exit $$status
 
 # The core no-loss tests again, on the oldest supported confluent-kafka.
 compat: setup

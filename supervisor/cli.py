@@ -91,6 +91,10 @@ def main() -> None:
                    "get the same partitions back without a rebalance.")
 @click.option("--instance-id-prefix", default=None,
               help="group.instance.id is PREFIX-SLOT [default: HOST-GROUP].")
+@click.option("--instance-id-wait", type=float, default=60.0,
+              help="KIP-848: how long a worker keeps retrying a group.instance.id the broker still holds for "
+                   "another member (a predecessor that died without leaving holds it until its session "
+                   "expires, 45 s by default) before ksup concludes another consumer uses it (exit 8).")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None, help="Write the supervisor's pid here.")
 @click.option("--receipt", type=click.Path(dir_okay=False),
               help="Write the shutdown receipt (per partition: last processed, committed) as JSON here.")

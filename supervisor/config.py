@@ -66,6 +66,7 @@ class Settings:
     progress_timeout: float = 60.0   # /healthz: lag with no commit progress for this long is unhealthy
     static_membership: bool = True   # one stable group.instance.id per slot
     instance_id_prefix: str | None = None  # default: <host>-<group>
+    instance_id_wait: float = 60.0   # KIP-848: retry a group.instance.id the broker still holds this long
 
     @property
     def worker_drain_timeout(self) -> float:
@@ -185,7 +186,8 @@ def validate(s: Settings) -> Settings:
     if not 0 < s.restart_delay <= s.max_restart_delay:
         raise ConfigError(f"--restart-delay ({s.restart_delay:g}s) must be positive and at most "
                           f"--max-restart-delay ({s.max_restart_delay:g}s)")
-    for name in ("graceful_timeout", "quick_timeout", "broker_timeout", "revoke_timeout", "heartbeat_timeout"):
+    for name in ("graceful_timeout", "quick_timeout", "broker_timeout", "revoke_timeout", "heartbeat_timeout",
+                 "instance_id_wait"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if s.handler_timeout is not None:

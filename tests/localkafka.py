@@ -12,6 +12,7 @@ Run as a script to keep a broker in the foreground::
 from __future__ import annotations
 
 import base64
+import ctypes
 import os
 import shutil
 import signal
@@ -34,7 +35,7 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <groupId>local.ksup</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
   <packaging>pom</packaging>
   <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>{artifact}</artifactId>
       <version>{version}</version></dependency>
     <!-- Kafka 3.9/4.x use slf4j-api 1.7.x; without a binding the broker logs nothing to wait on. -->
     <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-simple</artifactId>
@@ -47,12 +48,16 @@ JVM_OPTS = [
     "-Xms64m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
     "-XX:+ExitOnOutOfMemoryError", "-Djava.net.preferIPv4Stack=true",
     "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
+    "-Dorg.slf4j.simpleLogger.showDateTime=true", "-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS",
 ]
 
 
-def ensure_jars(version: str = KAFKA_VERSION) -> Path:
-    """Return the folder holding the broker's runtime classpath, downloading it once."""
-    libs = CACHE_ROOT / f"kafka-{version}" / "libs"
+def ensure_jars(version: str = KAFKA_VERSION, artifact: str = "kafka_2.13") -> Path:
+    """Return the folder holding the runtime classpath of ``artifact`` (default: the broker),
+    downloading it once. ``kafka-tools`` holds the command-line tools (kafka-consumer-groups),
+    which the broker's classpath lacks."""
+    name = "kafka" if artifact == "kafka_2.13" else artifact
+    libs = CACHE_ROOT / f"{name}-{version}" / "libs"
     if (libs / ".complete").exists():
         return libs
     if shutil.which("mvn") is None:
@@ -60,7 +65,7 @@ def ensure_jars(version: str = KAFKA_VERSION) -> Path:
     libs.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ksup-mvn-", dir=libs.parent))
     try:
-        (work / "pom.xml").write_text(_POM.format(version=version))
+        (work / "pom.xml").write_text(_POM.format(version=version, artifact=artifact))
         out = work / "libs"
         subprocess.run(
             ["mvn", "-q", "-B", f"{DEPENDENCY_PLUGIN}:copy-dependencies",
@@ -88,6 +93,57 @@ def _cluster_id() -> str:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cid.startswith("-"):
             return cid
+
+
+def node_properties(node_id: int, port: int, controller_port: int, voters: str, data_dir: Path,
+                    replicas: int = 1) -> dict[str, str]:
+    """server.properties of one combined broker+controller node on 127.0.0.1. ``replicas`` > 1
+    (a cluster): internal topics and new topics get that replication factor and need
+    ``replicas - 1`` in sync (min.insync.replicas), so one node may be down."""
+    min_isr = str(max(replicas - 1, 1))
+    return {
+        "process.roles": "broker,controller",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters,
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(data_dir),
+        "offsets.topic.replication.factor": str(replicas),
+        "offsets.topic.num.partitions": "1" if replicas == 1 else "3",  # the default 50 makes the first join slow
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": min_isr,
+        "transaction.state.log.num.partitions": "1",
+        "share.coordinator.state.topic.replication.factor": str(replicas),
+        "share.coordinator.state.topic.min.isr": min_isr,
+        "group.initial.rebalance.delay.ms": "0",  # the default adds 3 s to every first join
+        "group.min.session.timeout.ms": "1000",  # lets tests use short session timeouts
+        "group.consumer.min.session.timeout.ms": "1000",
+        "group.consumer.session.timeout.ms": "10000",
+        "group.consumer.min.heartbeat.interval.ms": "500",
+        "group.consumer.heartbeat.interval.ms": "1000",
+        "auto.create.topics.enable": "false",
+        "num.partitions": "1",
+        "log.cleaner.dedupe.buffer.size": "2097152",  # the default 128 MiB comes out of the heap
+        "num.network.threads": "2",
+        "num.io.threads": "2",
+        **({} if replicas == 1 else {
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": min_isr,
+            # A killed node is fenced by the controller after 3 s instead of 9 s, so its
+            # partitions (and the groups it coordinates) move within seconds.
+            "broker.heartbeat.interval.ms": "500",
+            "broker.session.timeout.ms": "3000",
+        }),
+    }
+
+
+def write_properties(workdir: Path, props: dict[str, str]) -> Path:
+    path = workdir / "server.properties"
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
 
 
 @dataclass(frozen=True)
@@ -208,36 +264,9 @@ class LocalKafka:
                 for a in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={pw}]")]
 
     def _write_properties(self) -> Path:
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            **self._listener_properties(),
-            "inter.broker.listener.name": "PLAINTEXT",
-            "controller.listener.names": "CONTROLLER",
-            "log.dirs": str(self.workdir / "data"),
-            "offsets.topic.replication.factor": "1",
-            "offsets.topic.num.partitions": "1",  # the default 50 makes the first join slow
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "transaction.state.log.num.partitions": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",  # the default adds 3 s to every first join
-            "group.min.session.timeout.ms": "1000",  # lets tests use short session timeouts
-            "group.consumer.min.session.timeout.ms": "1000",
-            "group.consumer.session.timeout.ms": "10000",
-            "group.consumer.min.heartbeat.interval.ms": "500",
-            "group.consumer.heartbeat.interval.ms": "1000",
-            "auto.create.topics.enable": "false",
-            "num.partitions": "1",
-            "log.cleaner.dedupe.buffer.size": "2097152",  # the default 128 MiB comes out of the heap
-            "num.network.threads": "2",
-            "num.io.threads": "2",
-        }
-        path = self.workdir / "server.properties"
-        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        return path
+        props = node_properties(1, self.port, self.controller_port, f"1@127.0.0.1:{self.controller_port}",
+                                self.workdir / "data")
+        return write_properties(self.workdir, {**props, **self._listener_properties()})
 
     def start(self, timeout: float = 90.0) -> None:
         libs = ensure_jars(self.version)
@@ -289,8 +318,21 @@ class LocalKafka:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _launch(workdir: Path, libs: Path) -> subprocess.Popen[bytes]:
-    """Start the broker of ``workdir`` (formatted already); its pid goes to broker.pid."""
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: between fork and exec nothing may import
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process (thread) that started it dies."""
+    _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _launch(workdir: Path, libs: Path, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
+    """Start the broker of ``workdir`` (formatted already); its pid goes to broker.pid. With
+    ``die_with_parent`` the kernel kills it if the calling thread's process dies (even by
+    SIGKILL or an abort), so a crashed test run leaves no broker behind; call it from the
+    main thread then (the signal follows the thread that started it)."""
     log_path = workdir / "broker.log"
     if log_path.exists():
         log_path.replace(workdir / f"broker-{time.monotonic_ns()}.log")
@@ -299,6 +341,7 @@ def _launch(workdir: Path, libs: Path) -> subprocess.Popen[bytes]:
         ["java", *JVM_OPTS, "-cp", f"{libs}/*", "kafka.Kafka", str(workdir / "server.properties")],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,  # stop it as a group by pid, never by name
+        preexec_fn=_die_with_parent if die_with_parent else None,
     )
     log.close()
     (workdir / "broker.pid").write_text(str(proc.pid))
@@ -350,15 +393,15 @@ def restart_in(workdir: Path, timeout: float = 90.0) -> float:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["fetch"]:
+    if argv[:1] == ["fetch"] and len(argv) <= 3:  # fetch [VERSION [ARTIFACT]]
         t0 = time.monotonic()
-        print(ensure_jars(), f"({time.monotonic() - t0:.1f}s)")
+        print(ensure_jars(*argv[1:]), f"({time.monotonic() - t0:.1f}s)")
         return 0
     if argv[:1] == ["restart"] and len(argv) == 2:
         print(f"restarted in {restart_in(Path(argv[1])):.1f}s")
         return 0
     if argv[:1] != ["run"]:
-        print("usage: localkafka.py fetch|run|restart WORKDIR", file=sys.stderr)
+        print("usage: localkafka.py fetch [VERSION [ARTIFACT]] | run | restart WORKDIR", file=sys.stderr)
         return 2
     broker = LocalKafka()
     stop = False

@@ -211,14 +211,15 @@ def test_same_prefix_on_the_same_host_is_refused_at_start(ksup, bootstrap, names
 @pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_same_prefix_on_another_host_halts_the_fenced_side(ksup, bootstrap, names, tmp_path, protocol):
     """Two "hosts" (the local identity claim bypassed) with one prefix: the broker fences one
-    side's static members (classic: the older member; KIP-848: the newcomer). That ksup halts
-    with exit 8 naming the prefix and processes nothing more; the other consumes everything."""
+    side's static members (classic: the older member; KIP-848: the newcomer, refused until
+    --instance-id-wait, 5 s here, has passed). That ksup halts with exit 8 naming the prefix and
+    processes nothing more; the other consumes everything."""
     topic, group = names
     partitions = 2
     create_topic(bootstrap, topic, partitions)
     record = tmp_path / "record.txt"
     env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.002"}
-    extra = ["--instance-id-prefix", "dup", "--group-protocol", protocol]
+    extra = ["--instance-id-prefix", "dup", "--group-protocol", protocol, "--instance-id-wait", "5"]
     load = Load(bootstrap, topic, partitions, rate=200)
     load.start()
     try:

@@ -308,3 +308,30 @@ def test_exit_codes():
     assert policy.halt_code_for_boot_failure(WorkerExit.BOOT_FAILED) == ExitCode.BOOT_FAILED
     assert describe_returncode(-9).describe() == "killed by SIGKILL"
     assert describe_returncode(10).describe() == "exit 10 (HANDLER_FAILED)"
+
+
+def test_an_instance_id_the_broker_still_holds_is_fenced_only_after_the_wait():
+    """KIP-848's UNRELEASED_INSTANCE_ID: a slot refused for less than --instance-id-wait is retried
+    (its own dead predecessor holds the id until its session expires); longer means another
+    consumer uses it: exit 8 with the prefix named."""
+    held = int(WorkerExit.INSTANCE_ID_HELD)
+    assert policy.halt_for_worker_exit(held, 1, "", "h0-1", "g", held_for=0.0, instance_id_wait=60) is None
+    assert policy.halt_for_worker_exit(held, 1, "", "h0-1", "g", held_for=59.0, instance_id_wait=60) is None
+    code, reason = policy.halt_for_worker_exit(held, 1, "", "h0-1", "g", held_for=61.0, instance_id_wait=60)
+    assert code == ExitCode.FENCED and "after 61s" in reason and "'h0'" in reason, reason
+    fenced = policy.halt_for_worker_exit(int(WorkerExit.FENCED), 1, "", "h0-1", "g")
+    assert fenced is not None and fenced[0] == ExitCode.FENCED
+
+
+
+def test_kip848_unreleased_instance_id_is_held_not_fenced():
+    from confluent_kafka import KafkaError
+
+    from supervisor.child.kafka_problems import classify
+
+    unreleased = KafkaError(KafkaError._FATAL, "Fatal error: Broker: The instance ID is still used by another "
+                                               "member in the consumer group: ConsumerGroupHeartbeat fatal error")
+    held = classify(unreleased, "h0-1", "g")
+    assert held is not None and held.code == WorkerExit.INSTANCE_ID_HELD and "'h0-1'" in held.reason, held
+    fenced = classify(KafkaError(KafkaError.FENCED_INSTANCE_ID), "h0-1", "g")
+    assert fenced is not None and fenced.code == WorkerExit.FENCED

@@ -46,17 +46,21 @@ def test_handler_exception_stops_worker_without_storing_and_slot_restarts(ksup, 
     assert committed_offsets(bootstrap, group, topic, 4) == ends
 
 
-def test_sigkilled_worker_is_restarted_and_its_messages_redelivered(ksup, bootstrap, names, tmp_path):
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_sigkilled_worker_is_restarted_and_its_messages_redelivered(ksup, bootstrap, names, tmp_path, protocol):
+    """Both protocols. KIP-848: the restarted static member is refused (UNRELEASED_INSTANCE_ID) until
+    its dead predecessor's session expires (the broker's 10 s here); it retries meanwhile, and
+    that is not mistaken for another consumer using the instance id (exit 8)."""
     topic, group = names
     create_topic(bootstrap, topic, 4)
     produce_sequence(bootstrap, topic, 2000, partitions=4)
     ends = end_offsets(bootstrap, topic, 4)
     record = tmp_path / "record.txt"
     env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLEEP": "0.003"}
-    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env, extra=["--restart-delay", "0.2",
-                                                                        # the dead member holds its partitions
-                                                                        # until the session times out
-                                                                        "-X", "session.timeout.ms=6000"])
+    # The dead member holds its partitions until its session times out (KIP-848: the broker's).
+    session = ["-X", "session.timeout.ms=6000"] if protocol == "classic" else []
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env=env,
+               extra=["--restart-delay", "0.2", "--group-protocol", protocol, *session])
     wait_until(lambda: len({pid for *_, pid in read_record(record)}) >= 2 and len(read_record(record)) > 300,
                90, "both workers busy")
     victim = run.worker_pids()[0]
@@ -64,7 +68,9 @@ def test_sigkilled_worker_is_restarted_and_its_messages_redelivered(ksup, bootst
     # Done when the group has committed everything: the victim's unfinished messages were
     # redelivered to whoever owns its partitions now (all processed once is not enough: the
     # victim processed some it never committed).
-    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 120, "everything committed", 1.0)
+    wait_until(lambda: run.proc.poll() is not None or committed_offsets(bootstrap, group, topic, 4) == ends,
+               120, "everything committed", 1.0)
+    assert run.proc.poll() is None, f"ksup exited {run.proc.returncode}: {run.tail(3)}"
     assert run.stop() == 0, run.tail()
 
     rows = read_record(record)

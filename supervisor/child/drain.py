@@ -149,7 +149,7 @@ REFUSED_CODES = (WorkerExit.AUTH_FAILED,)
 REFUSED_CLOSE_S = 2.0
 # The consumer is unusable (fenced: every later call fails) or can never join (the broker lacks
 # the group protocol): nothing may be stored or committed any more, so nothing is waited for.
-GIVE_UP_CODES = (WorkerExit.FENCED, WorkerExit.BROKER_UNSUPPORTED)
+GIVE_UP_CODES = (WorkerExit.FENCED, WorkerExit.INSTANCE_ID_HELD, WorkerExit.BROKER_UNSUPPORTED)
 
 
 def give_up(loop: ConsumerLoop) -> WorkerExit:

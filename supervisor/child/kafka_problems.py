@@ -1,7 +1,8 @@
 """What the worker makes of Kafka's errors (child side): which ones end the worker, and which
 standing problems it reports to the supervisor (``Report.problems``) for status and health.
 
-Fatal, with their own exit codes (the supervisor halts on each, restarting cannot help):
+Fatal, with their own exit codes (the supervisor halts on each, restarting cannot help; but
+see "instance id held"):
 - the broker refused the credentials (wrong password, unknown user, a SASL mechanism it does not
   offer): librdkafka 2.16 reports ``_AUTHENTICATION`` to ``error_cb`` for every connection
   attempt (about 0.3 s after connecting, against Kafka 4.3) and retries for ever; a metadata
@@ -11,8 +12,12 @@ Fatal, with their own exit codes (the supervisor halts on each, restarting canno
   metadata (main.py).
 - fenced: another consumer joined with this worker's ``group.instance.id``. librdkafka hands
   this out of ``poll()`` as ``_FATAL`` whose text carries the broker's error (FENCED_INSTANCE_ID
-  on the classic protocol, which fences the older member; UNRELEASED_INSTANCE_ID on KIP-848,
-  which fences the newcomer). ``KafkaError.fatal()`` is False on that event, so the text decides.
+  on the classic protocol, which fences the older member). ``KafkaError.fatal()`` is False on
+  that event, so the text decides.
+- instance id held (KIP-848, UNRELEASED_INSTANCE_ID, which refuses the newcomer): another member
+  still has this ``group.instance.id``: a live duplicate, or this slot's predecessor that died
+  without leaving. The supervisor retries the slot for ``--instance-id-wait`` (the predecessor's
+  session expires meanwhile) and halts as fenced only if the id is still held after that.
 - the broker lacks KIP-848 (``--group-protocol consumer`` against Kafka 3.x): librdkafka only
   says so in a ``cgrp`` debug line ("ConsumerGroupHeartbeatRequest not supported by broker")
   and retries for ever, so the worker asks for that debug context and watches its log
@@ -41,9 +46,14 @@ def _text(code: int) -> str:
     return str(KafkaError(code).str()).split(": ", 1)[-1]
 
 
-FENCED_TEXTS = (_text(KafkaError.FENCED_INSTANCE_ID), _text(KafkaError.UNRELEASED_INSTANCE_ID),
-                _text(KafkaError._FENCED))
-FENCED_CODES = (KafkaError.FENCED_INSTANCE_ID, KafkaError.UNRELEASED_INSTANCE_ID, KafkaError._FENCED)
+FENCED_TEXTS = (_text(KafkaError.FENCED_INSTANCE_ID), _text(KafkaError._FENCED))
+FENCED_CODES = (KafkaError.FENCED_INSTANCE_ID, KafkaError._FENCED)
+# KIP-848 refuses a joining static member whose instance id another member still holds. That is
+# a live duplicate, or this slot's own predecessor that died without leaving (SIGKILL, OOM, a
+# crash): the broker keeps it until its session expires, so only time tells the two apart.
+UNRELEASED_TEXT = _text(KafkaError.UNRELEASED_INSTANCE_ID)
+# Both end the consumer (librdkafka makes them fatal: every later call fails).
+IDENTITY_EXITS = (WorkerExit.FENCED, WorkerExit.INSTANCE_ID_HELD)
 UNSUPPORTED_848_TEXT = "ConsumerGroupHeartbeatRequest not supported by broker"
 # KIP-848: a member whose target assignment is empty gets no rebalance callback at all and
 # librdkafka keeps its join state "init"; this cgrp debug line is the broker saying so.
@@ -122,6 +132,16 @@ def _fenced(code: int, text: str, fatal: bool) -> bool:
     return code in FENCED_CODES or any(t in text for t in FENCED_TEXTS)
 
 
+def _unreleased(code: int, text: str, fatal: bool) -> bool:
+    return code == KafkaError.UNRELEASED_INSTANCE_ID or UNRELEASED_TEXT in text
+
+
+def held_reason(instance_id: str, group: str, text: str) -> str:
+    return (f"the broker still holds group.instance.id {instance_id!r} of group {group!r} for another member "
+            f"({text}): a previous worker of this slot that died without leaving (until its session "
+            f"expires), or another consumer using this instance id")
+
+
 def _refused(code: int, text: str, fatal: bool) -> bool:
     return code in AUTH_CODES or (code in TLS_CODES and _tls_refusal(text))
 
@@ -138,6 +158,7 @@ class _Kind(NamedTuple):
 
 # First match wins: fencing comes as _FATAL too, so it goes before the catch-all.
 FATAL_KINDS = (
+    _Kind(_unreleased, WorkerExit.INSTANCE_ID_HELD, lambda iid, group, kafka, text: held_reason(iid, group, text)),
     _Kind(_fenced, WorkerExit.FENCED, lambda iid, group, kafka, text: fenced_reason(iid or "(none)", group, text)),
     _Kind(_refused, WorkerExit.AUTH_FAILED, lambda iid, group, kafka, text: auth_reason(kafka, text)),
     _Kind(_other_fatal, WorkerExit.KAFKA_FATAL, lambda iid, group, kafka, text: f"fatal Kafka error: {text}"),

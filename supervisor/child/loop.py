@@ -19,7 +19,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from supervisor.child.kafka_problems import KafkaProblems, classify
+from supervisor.child.kafka_problems import IDENTITY_EXITS, KafkaProblems, classify
 from supervisor.child.leave_barrier import LeaveBarrier
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
@@ -221,7 +221,7 @@ class ConsumerLoop:
             # the worker gives up at once and processes nothing more (drain.py's give_up).
             log.error("%s", fatal.reason)
             self.request_drain(fatal.reason, timeout_s=0.0, code=fatal.code)
-            if fatal.code == WorkerExit.FENCED and self.exit_code != WorkerExit.FENCED:
+            if fatal.code in IDENTITY_EXITS and self.exit_code not in IDENTITY_EXITS:
                 # Fenced while already draining: the drain's commit can never succeed now.
                 self.stop_reason, self.exit_code = fatal.reason, fatal.code
         elif err.code() == KafkaError._MAX_POLL_EXCEEDED:
@@ -426,7 +426,7 @@ class ConsumerLoop:
         self.commit_results += 1
         self.problems.on_commit(err, partitions)
         fatal = classify(err, self.instance_id, self.group, self.kafka_conf) if err is not None else None
-        if fatal is not None and fatal.code == WorkerExit.FENCED:
+        if fatal is not None and fatal.code in IDENTITY_EXITS:
             self.on_consumer_error(err)
             return
         if err is not None and err.code() != KafkaError._NO_OFFSET:

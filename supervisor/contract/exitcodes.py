@@ -43,6 +43,9 @@ class WorkerExit(IntEnum):
     AUTH_FAILED = 13        # the broker refused the worker's credentials (SASL / TLS)
     HANDLER_CRASHED = 14    # a handler thread died of an exception outside the handler (a policy or ksup bug)
     INCOMPATIBLE_SUPERVISOR = 15  # the supervisor speaks another wire-protocol version (mixed releases)
+    INSTANCE_ID_HELD = 16   # KIP-848: the broker still holds our group.instance.id for another member
+    #                         (UNRELEASED_INSTANCE_ID): a predecessor that died without leaving, until
+    #                         its session expires, or another consumer using it
     CONFIG = 78
 
 

@@ -39,17 +39,27 @@ def halt_code_for_boot_failure(worker_code: int) -> ExitCode:
           ExitCode.BOOT_FAILED)
 
 
+HELD_RETRY_S = 2.0  # a slot whose instance id the broker still holds tries again this often
+
+
 def halt_for_worker_exit(worker_code: int | None, index: int, worker_reason: str,
-                         instance_id: str, group: str) -> tuple[ExitCode, str] | None:
+                         instance_id: str, group: str, held_for: float = 0.0,
+                         instance_id_wait: float = 0.0) -> tuple[ExitCode, str] | None:
     """A worker exit that no restart can cure stops ksup: fenced (another consumer uses this
     slot's group.instance.id), a broker without the chosen group protocol, or one that refused
-    the credentials (a restarted worker gets the same ones: ksup resolves them once)."""
-    if worker_code == WorkerExit.FENCED:
+    the credentials (a restarted worker gets the same ones: ksup resolves them once). An
+    instance id the broker still holds (KIP-848) counts as fenced only once the slot has been
+    refused for ``held_for`` > ``instance_id_wait`` seconds: before that it may be the slot's own
+    predecessor, dead without leaving, whose session has not expired yet."""
+    held = worker_code == WorkerExit.INSTANCE_ID_HELD
+    if worker_code == WorkerExit.FENCED or (held and held_for > instance_id_wait):
         prefix = instance_id.rpartition("-")[0] or instance_id
+        how = (f"the broker still refused its group.instance.id {instance_id!r} after {held_for:.0f}s "
+               f"(--instance-id-wait): another consumer in group {group!r} uses it" if held else
+               f"another consumer in group {group!r} uses group.instance.id {instance_id!r}")
         return ExitCode.FENCED, (
-            f"worker {index} was fenced: another consumer in group {group!r} uses group.instance.id "
-            f"{instance_id!r} (--instance-id-prefix {prefix!r}, on this host or another); give each ksup "
-            f"of the group its own --instance-id-prefix")
+            f"worker {index} was fenced: {how} (--instance-id-prefix {prefix!r}, on this host or another); "
+            f"give each ksup of the group its own --instance-id-prefix")
     if worker_code == WorkerExit.BROKER_UNSUPPORTED:
         return ExitCode.BROKER_UNSUPPORTED, worker_reason or f"worker {index}: the broker lacks a feature"
     if worker_code == WorkerExit.AUTH_FAILED:

@@ -51,6 +51,8 @@ class WorkerSlot:
     boot_failed: m.BootFailed | None = None
     restarts: int = 0
     deaths: list[float] = field(default_factory=list)  # unexpected deaths, for backoff
+    held_since: float | None = None    # KIP-848: since when the broker refuses this slot's instance id
+    #                                    (its workers exited INSTANCE_ID_HELD); None once one got partitions
     # I/O side (never read by the core)
     proc: Any = None
     channel: Any = None

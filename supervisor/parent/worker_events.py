@@ -36,6 +36,8 @@ def on_message(core: SupervisorCore, slot: WorkerSlot, msg: m.Message) -> None:
         slot.report, slot.report_at = msg, now
         if msg.state in ("assigned", "draining") and slot.assigned_at is None:
             slot.assigned_at = now
+        if msg.state == "assigned":  # (a worker that gives up reports "draining" on its way out)
+            slot.held_since = None
         core.receipt.note_report(msg)
     elif isinstance(msg, m.Loaded):
         slot.advance(SlotState.LOADED)
@@ -82,8 +84,13 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
                 last_moments(slot, core.wall), f"; in flight at death: {inflight}" if inflight else "",
                 event.tail)
     kafka = slot.configure.kafka if slot.configure else {}
+    held = report.code == WorkerExit.INSTANCE_ID_HELD
+    if held and slot.held_since is None:
+        slot.held_since = core.now
     fatal = policy.halt_for_worker_exit(report.code, slot.index, slot.exiting.reason if slot.exiting else "",
-                                        kafka.get("group.instance.id", ""), core.settings.group)
+                                        kafka.get("group.instance.id", ""), core.settings.group,
+                                        core.now - slot.held_since if held and slot.held_since is not None else 0.0,
+                                        core.settings.instance_id_wait)
     if fatal is not None:
         raise HaltSupervisor(fatal[1], fatal[0])
     if slot not in core.slots:
@@ -94,10 +101,12 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
         # the worker could say so, already halted with its own code).
         why = slot.stuck_reason or f"{report.describe()} while booting, before it loaded the handler"
         raise HaltSupervisor(f"worker {slot.index} (pid {slot.pid}) {why}{event.tail}", ExitCode.BOOT_FAILED)
-    after_exit(core, slot, clean, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING)
+    after_exit(core, slot, clean, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING,
+               held=held)
 
 
-def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, booting: bool = False) -> None:
+def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, booting: bool = False,
+               held: bool = False) -> None:
     now = core.now
     if core.state is not State.RUNNING or slot.then is After.REPLACED:
         return  # a replaced slot's successor is put in place by the rolling reload
@@ -107,6 +116,15 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
         return
     if slot.then is After.RECYCLE and clean:
         slot.respawn_at = now
+        return
+    if held:
+        # Not a death (no backoff, no crash loop): most likely this slot's own predecessor died
+        # without leaving, and the broker gives its instance id back when that session expires.
+        slot.respawn_at = now + policy.HELD_RETRY_S
+        log.warning("worker %d: the broker still holds its group.instance.id (a previous worker of this slot "
+                    "that died without leaving, until its session expires; or another consumer): trying again "
+                    "in %.0fs (refused for %.0fs; ksup halts after --instance-id-wait %gs)", slot.index,
+                    policy.HELD_RETRY_S, now - (slot.held_since or now), core.settings.instance_id_wait)
         return
     slot.deaths.append(now)
     core.deaths.append(now)
