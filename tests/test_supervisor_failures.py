@@ -441,3 +441,33 @@ def test_a_slot_stopped_while_still_joining_leaves_the_group(ksup, bootstrap, na
     print(f"consumed {time.monotonic() - stopped_at:.1f}s after the stop")
     assert time.monotonic() - stopped_at < 30, "consumed before the departed member's session (45 s) expired"
     assert second.stop() == 0, second.tail()
+
+
+def test_a_stop_makes_the_slots_above_the_configured_workers_leave_the_group(ksup, bootstrap, names, tmp_path):
+    """ksup --workers 1, scaled up by one (SIGTTIN), then SIGTERM: the configured slot's static
+    member stays in the group for a restart to take back, but slot 1 will not come back, so it
+    must leave. Judged by the broker's own member list (AdminClient describe_consumer_groups),
+    and by a new ksup --workers 1 consuming every partition well within the 45 s session
+    (ksup verify showed a 47 s gap: the ghost member of slot 4 still held a partition)."""
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record)}
+    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=["--instance-id-prefix", "stopper"])
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    first.signal(signal.SIGTTIN)
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    assert first.stop(60) == 0, first.tail()
+    stopped_at = time.monotonic()
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    members = admin.describe_consumer_groups([group])[group].result(30).members
+    assert sorted(m.group_instance_id for m in members) == ["stopper-0"], [m.group_instance_id for m in members]
+    second = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=["--instance-id-prefix", "stopper"])
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
+    assert time.monotonic() - stopped_at < 30, "consumed before the departed member's session (45 s) expired"
+    assert second.stop() == 0, second.tail()
