@@ -106,3 +106,22 @@ def test_a_field_added_with_a_default_is_additive():
                 continue
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, \
                 f"{cls.__name__}.{f.name} was added without a default: older peers cannot send it"
+
+
+def test_a_worker_waiting_for_go_keeps_what_came_right_after_it():
+    """The worker's wait for Go (child/main.py _wait_for) reads whatever has arrived: a Drain
+    sent right behind the Go (the supervisor's 'rejoin only to leave' at a stop) must still be
+    read by the consumer loop afterwards, not dropped with the rest of that read."""
+    from supervisor.child.liveness import ParentWatch
+    from supervisor.child.main import _wait_for
+
+    a, b = socket.socketpair()
+    try:
+        chan = Channel(a)
+        b.sendall(codec.encode(m.Go()) + codec.encode(m.Drain(0.0, "leave", 10.0, leave_group=True)))
+        assert _wait_for(chan, (m.Go, m.Drain), 5.0, ParentWatch()) == m.Go()
+        assert chan.read_available() == [m.Drain(0.0, "leave", 10.0, leave_group=True)]
+        assert chan.read_available() == []
+    finally:
+        a.close()
+        b.close()

@@ -59,8 +59,10 @@ def _wait_for(channel: Channel, kinds: tuple[type, ...], timeout: float,
     try:
         while time.monotonic() < deadline and not Flags.term and not watch.orphaned():
             sel.select(0.2)
-            for msg in channel.read_available():
+            got = channel.read_available()
+            for i, msg in enumerate(got):
                 if isinstance(msg, kinds):
+                    channel.unread(got[i + 1:])  # e.g. a Drain right behind the Go: the loop's
                     return msg
             if channel.closed or channel.incompatible is not None:
                 return None

@@ -42,6 +42,7 @@ class Channel:
         self._log_window_start = -_LOG_WINDOW_S
         self._logged_in_window = 0
         self._not_logged = 0
+        self._unread: list[m.Message] = []  # given back by a reader that stopped at one message
 
     @classmethod
     def from_fd(cls, fd: int) -> Channel:
@@ -74,7 +75,7 @@ class Channel:
     def read_available(self) -> list[m.Message]:
         """Every complete message received so far; never blocks. Malformed lines are skipped
         and logged, rate-limited (a worker's bug must not take the supervisor down)."""
-        out: list[m.Message] = []
+        out, self._unread = self._unread, []
         while not self.closed:
             try:
                 chunk = self.sock.recv(65536)
@@ -99,6 +100,11 @@ class Channel:
                 except codec.CodecError as exc:
                     self._decode_error(exc)
         return out
+
+    def unread(self, msgs: list[m.Message]) -> None:
+        """Give back messages read but not handled: the next ``read_available`` returns them
+        first, in order."""
+        self._unread = list(msgs) + self._unread
 
     def _decode_error(self, exc: codec.CodecError) -> None:
         self.decode_errors += 1
