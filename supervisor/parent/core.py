@@ -55,6 +55,7 @@ class SupervisorCore:
         self.deaths: list[float] = []
         self.forced = False
         self.quick = False
+        self.stop_deadline_at: float | None = None  # the stop's drain deadline (monotonic)
         self.roll: rolling.Roll | None = None
         # partition -> (worker index, since, session expiry): held by a member that went without
         # leaving the group (see note_departure)
@@ -140,8 +141,8 @@ class SupervisorCore:
                           f" (in flight: {_coords(inflight)})" if inflight else "")
                 self.kill(slot, signal.SIGKILL, group=True)
                 slot.killed = True
-                if self.state is State.STOPPING:
-                    self.forced = True
+                if self.state is State.STOPPING and not slot.rejoins_to_leave:
+                    self.forced = True  # (one only rejoining held no message: killing it loses nothing)
 
     def boot_overdue(self, slot: WorkerSlot) -> None:
         """A worker that has not loaded the handler within the boot deadline (it hangs at import,
@@ -196,6 +197,16 @@ class SupervisorCore:
         slot.kill_at = min(slot.kill_at or now + deadline_s, now + deadline_s)
         slot.advance(SlotState.DRAINING)
 
+    def rejoin_and_leave(self, slot: WorkerSlot) -> None:
+        """Go, then Drain with LeaveGroup at once, over the pipe only: a SIGTERM could overtake
+        the Go, and a worker drained before it subscribed never joins, so never leaves. The
+        worker finishes its join before it leaves (drain.finish_join) and takes no work."""
+        self.go(slot)
+        self.send(slot, m.Drain(0.0, f"{self.stop_reason or 'stop'}: rejoined only to leave the group",
+                                min(self.settings.graceful_timeout, 10.0), leave_group=True))
+        slot.drain_sent_at = self.now
+        slot.advance(SlotState.DRAINING)
+
     def leaves_for_good(self, slot: WorkerSlot) -> bool:
         """A slot scaled away for good leaves the group even as a static member; so does, at a
         stop, a slot above the configured --workers (added by scaling up): a restart will not
@@ -242,6 +253,7 @@ class SupervisorCore:
         graceful = timeout if timeout is not None else s.graceful_timeout
         wait, deadline = (s.quick_timeout, s.quick_timeout + QUICK_EXTRA_S) if quick else \
             (cfgmod.drain_wait(graceful), graceful)
+        self.stop_deadline_at = self.now + deadline
         if self.roll is not None and self.roll.phase is not RollPhase.DONE:
             incoming = self.roll.incoming
             if incoming is not None and incoming not in self.slots:

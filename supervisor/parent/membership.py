@@ -11,6 +11,9 @@
   broker keeps its partitions and every rebalance waits for it (classic protocol) until its
   session expires. Such a slot is restarted and rejoins first, then leaves for good like any
   joined slot (one boot instead of a whole session timeout without a consumer).
+- At a stop, a dead slot that will not come back (above the configured --workers) but whose
+  static member is still in the group is started once more, only to rejoin and leave: else the
+  member would keep its partitions from the next ksup until its session expires.
 - Everything else that changes the group (a new slot joining, a joined slot leaving, a recycle)
   happens one change at a time, so the group rebalances once per change instead of in a storm.
 """
@@ -30,11 +33,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("ksup.supervisor")
 
 CHANGE_SETTLE_MAX_S = 60.0  # a membership change counts as done after this long regardless
+# A worker started at a stop only to rejoin and leave: boot, join and leave within this, or it is
+# killed (its member then stays until its session expires; it handled nothing, so nothing is lost).
+REJOIN_TO_LEAVE_S = 20.0
 
 
 def manage(core: SupervisorCore) -> None:
     now = core.now
     if core.state is State.STOPPING:
+        rejoin_to_leave(core)
         if not any(s.alive for s in core.processes()):
             core.state = State.STOPPED
         return
@@ -103,6 +110,31 @@ def scale_down_unjoined(core: SupervisorCore) -> None:
         else:
             core.slots.remove(victim)
             log.info("worker slot %d removed (%d workers)", victim.index, len(core.slots))
+
+
+def rejoin_to_leave(core: SupervisorCore) -> None:
+    """During a (graceful) stop: a slot that leaves for good (core.leaves_for_good), dead when
+    the stop began, whose static member is still in the group, is started once more; once loaded
+    it is told Go and at once Drain with LeaveGroup (core.rejoin_and_leave). With its instance id
+    the broker hands it the member's partitions back without a rebalance, and its worker serves
+    the consumer without taking work until the join is answered, then leaves. Without it the
+    member held those partitions from the next ksup until its session expired (ksup verify: a
+    46 s gap after a SIGTERM that found a scaled-up slot waiting for its restart)."""
+    if core.quick:
+        return  # a quick stop waits for no boot
+    for slot in core.slots:
+        if slot.alive:
+            if slot.rejoins_to_leave and slot.state is SlotState.LOADED:
+                core.rejoin_and_leave(slot)
+            continue
+        if slot.rejoins_to_leave or slot.in_final_drain or not must_rejoin(core, slot) \
+                or not core.leaves_for_good(slot):
+            continue
+        log.info("worker %d: its static member is still in the group and the slot will not come back: "
+                 "starting it once more to rejoin and leave", slot.index)
+        core.spawn(slot)
+        slot.rejoins_to_leave = True
+        slot.kill_at = min(core.now + REJOIN_TO_LEAVE_S, core.stop_deadline_at or core.now + REJOIN_TO_LEAVE_S)
 
 
 def must_rejoin(core: SupervisorCore, slot: WorkerSlot) -> bool:

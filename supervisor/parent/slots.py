@@ -38,6 +38,7 @@ class WorkerSlot:
     leave_sent: bool = False
     handler_version: str = ""          # as the worker reported it when it loaded
     in_final_drain: bool = False       # drained by the supervisor's stop (counts for its exit code)
+    rejoins_to_leave: bool = False     # started during a stop only to rejoin and leave (membership.py)
     stuck_reason: str | None = None    # why we are stopping it (handler timeout, silent, boot deadline)
     stacks_asked: bool = False         # we sent SIGUSR1 (worker dumps its threads' stacks)
     respawn_at: float | None = None

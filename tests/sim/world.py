@@ -77,6 +77,7 @@ class SimWorker:
     leave_group: bool = False
     got_assignment: bool = False  # a rebalance callback came (possibly with no partitions)
     stop_reason: str = ""
+    exited_at: float | None = None
 
     def __post_init__(self) -> None:
         self.instance = f"ksup-{self.slot.index}"
@@ -149,6 +150,9 @@ class SimWorker:
             self.phase = Phase.MEMBER
             self.world.group.join(self, now)
         elif isinstance(msg, m.Drain):
+            # As the real worker (loop.check_supervisor): a Drain for good leaves the group even
+            # if the supervisor's Leave never comes (its wait for the others times out).
+            self.leave_group = self.leave_group or msg.leave_group
             self.drain(now, msg.reason, msg.timeout_s)
         elif isinstance(msg, m.Leave):
             self.leave, self.leave_group = True, msg.leave_group
@@ -182,7 +186,7 @@ class SimWorker:
             return
         if not closed and self.phase in (Phase.MEMBER, Phase.DRAINING, Phase.READY):
             self.world.group.died(self, now)
-        self.phase, self.exit_code = Phase.EXITED, code
+        self.phase, self.exit_code, self.exited_at = Phase.EXITED, code, now
         self.world.exited.append(self)
 
     def _commit(self, partitions: list[int]) -> None:
@@ -215,6 +219,7 @@ class World:
         self.next_pid = 100
         self.workers: dict[WorkerSlot, SimWorker] = {}
         self.exited: list[SimWorker] = []
+        self.all_workers: list[SimWorker] = []
         self.inbox: list[tuple[SimWorker, m.Message]] = []
         self.truth: dict[int, int] = {}       # partition -> last offset any handler finished
         self.committed: dict[int, int] = {}   # partition -> committed offset (next to read)
@@ -250,6 +255,7 @@ class World:
                     self.last_fault = self.now  # the planned fault happens now, with this worker
                 action.slot.pid = self.next_pid
                 self.workers[action.slot] = SimWorker(self, action.slot, self.next_pid, plan, self.now)
+                self.all_workers.append(self.workers[action.slot])
                 self.next_pid += 1
             elif isinstance(action, ev.Send):
                 if isinstance(action.msg, m.Go):
@@ -344,6 +350,26 @@ class World:
         if core.state is State.STOPPED:
             self.check_end()
 
+    def check_no_ghosts_above_the_configured_workers(self) -> None:
+        """After a graceful stop, no static member of a slot above the configured --workers is
+        left in the group (nothing brings it back; it would hold its partitions from the next
+        ksup until its session expires), unless a worker of that slot failed or was killed
+        during the stop (then the session is all that is left)."""
+        if not self.settings.static_membership or self.core.quick or self.stopping_since is None:
+            return
+        since = self.stopping_since
+        for instance in self.group.members:
+            index = int(instance.rsplit("-", 1)[1])
+            if index < self.settings.workers:
+                continue
+            during = [w for w in self.all_workers if w.slot.index == index
+                      and (w.exited_at is None or w.exited_at >= since)]
+            if any(w.killed or w.exit_code not in (0, None) for w in during):
+                continue
+            why = "its worker exited 0 without leaving" if during else "nobody rejoined to leave"
+            raise Violation(f"{instance} (above the {self.settings.workers} configured workers) is still a member "
+                            f"after the stop ({why})")
+
     def removed_instances(self) -> set[str]:
         kept = {f"ksup-{s.index}" for s in self.core.slots if s.then is not After.REMOVE}
         return {i for i in self.group.members if i not in kept}
@@ -352,6 +378,7 @@ class World:
         left = [w.pid for w in self.workers.values() if w.alive]
         if left:
             raise Violation(f"processes left behind at exit: {left}")
+        self.check_no_ghosts_above_the_configured_workers()
         code = self.core.final_code()
         receipt = self.core.receipt_body(code)["partitions"]
         for p, last in self.truth.items():
