@@ -322,7 +322,7 @@ def health(socket_path: str | None, group: str | None, readiness: bool) -> None:
 @click.option("--rate", type=int, default=2_000, show_default=True, help="Messages produced per second.")
 @click.option("--faults", default=None,
               help="Faults to inject, comma-separated (empty for none): sigterm, kill, supervisor-kill, reload, "
-                   "scale, scale-flap, exception, hang (the default), and broker-restart / broker-pause (the "
+                   "scale, scale-flap, exception, hang, poison (the default), and broker-restart / broker-pause (the "
                    "default too when their commands are given).")
 @click.option("--broker-restart-command", default=None, metavar="CMD",
               help="Shell command that restarts a broker and returns once it serves again (the broker-restart fault).")

@@ -26,7 +26,8 @@ def test_ksup_verify_short_run_with_every_fault(bootstrap):
     assert result["ok"] and result["lost"] == 0 and result["committed_ok"]
     assert result["produced"] == 24000 and result["processed"] == 24000
     kinds = {kind for kind, row in result["by_fault"].items() if row["count"]}
-    assert kinds >= {"sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang"}, \
+    assert kinds >= {"sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang",
+                     "poison"}, \
         result["by_fault"]
     assert sum(row["duplicates"] for row in result["by_fault"].values()) == result["duplicates"]
 

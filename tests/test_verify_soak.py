@@ -16,7 +16,7 @@ from tests.harness import REPO
 
 pytestmark = [pytest.mark.kafka, pytest.mark.soak]
 
-KINDS = {"sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang"}
+KINDS = {"sigterm", "kill", "supervisor-kill", "reload", "scale", "scale-flap", "exception", "hang", "poison"}
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])

@@ -21,7 +21,15 @@ from typing import Any
 
 from supervisor.procfs import alive
 from supervisor.verify.ksup_process import Ksup
-from supervisor.verify.plan import BROKER_PAUSE_S, COMMAND_TIMEOUT_S, Cancel, CouldNotRun, Fault, Plan
+from supervisor.verify.plan import (
+    BROKER_PAUSE_S,
+    COMMAND_TIMEOUT_S,
+    MESSAGE_FAULT_KINDS,
+    Cancel,
+    CouldNotRun,
+    Fault,
+    Plan,
+)
 
 ORPHANS_EXIT_S = 60.0  # a killed supervisor's workers must be gone within this
 
@@ -71,7 +79,7 @@ def _kill(ctx: FaultContext) -> None:
 def _reload(ctx: FaultContext) -> None:
     began = time.time()
     result = _call(lambda: ctx.ksup.ask({"cmd": "reload", "wait": True}, timeout=300), ctx.cancel)
-    # A message fault (a raise, a hang) that a freshly rolled worker met is that fault's
+    # A message fault (a raise, a hang, a poison) that a freshly rolled worker met is that fault's
     # expected outcome, not a failed release; anything else is a real reload failure.
     if not result.get("ok") and not message_fault_since(ctx.work, began):
         raise RuntimeError(f"rolling reload failed: {result.get('error')}")
@@ -127,7 +135,7 @@ INJECT: dict[Fault, Callable[[FaultContext], None]] = {
 def message_fault_since(work: Path, since: float) -> bool:
     """Whether a handler met an injected failure or hang since ``since`` (the recording
     handler leaves a marker file for each, see recorder.py)."""
-    for marker in [*work.glob("record.txt.failed-*"), *work.glob("record.txt.hung-*")]:
+    for marker in [m for pattern in MARKERS.values() for m in work.glob(pattern)]:
         try:
             if marker.stat().st_mtime >= since - 1.0:
                 return True
@@ -136,7 +144,7 @@ def message_fault_since(work: Path, since: float) -> bool:
     return False
 
 
-MARKERS = {Fault.EXCEPTION: "record.txt.failed-*", Fault.HANG: "record.txt.hung-*"}
+MARKERS = {kind: f"record.txt.{how.marker}-*" for kind, how in MESSAGE_FAULT_KINDS.items()}
 
 
 def message_faults_seen(work: Path) -> dict[Fault, int]:

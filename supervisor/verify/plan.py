@@ -3,8 +3,8 @@
 Faults come in two sorts. Scheduled ones are injected by verify, one at a time: after each, the
 run waits until its ksup is ready again (``ready`` on the control socket, the readiness of the
 README), so every gap and duplicate is the outcome of one fault, never of two on top of each
-other. Message faults ride on messages (the recording handler raises on, or hangs on, the ones
-verify marked), spread evenly over the sequence numbers and, when handled, at least
+other. Message faults ride on messages (the recording handler raises on, hangs on or dies on the ones
+verify marked; one kind kills its worker), spread evenly over the sequence numbers and, when handled, at least
 MESSAGE_FAULT_SPACING_S apart per kind (a marked message that comes sooner is handled without
 its fault; the report counts the faults that happened).
 """
@@ -26,11 +26,34 @@ class Fault(str, Enum):
     SCALE_FLAP = "scale-flap"            # up by two and straight back down
     EXCEPTION = "exception"              # messages whose handler raises once
     HANG = "hang"                        # messages whose handler hangs once (--handler-timeout ends it)
+    POISON = "poison"                    # messages that kill their worker once (SIGKILL mid-handler)
     BROKER_RESTART = "broker-restart"    # the user's --broker-restart-command
     BROKER_PAUSE = "broker-pause"        # the user's --broker-pause-command, 5 s, --broker-resume-command
 
 
-MESSAGE_FAULTS = (Fault.EXCEPTION, Fault.HANG)
+
+
+@dataclass(frozen=True)
+class MessageFault:
+    """How a message fault rides on its messages: the value's suffix the producer adds, the
+    marker the recording handler leaves when it happened (``record.txt.<marker>-P-O``), one
+    marked message per ``every`` messages, placed at ``shift`` (0..1) of its share of the
+    sequence so that kinds do not fall on the same messages."""
+
+    suffix: str
+    marker: str
+    every: int
+    shift: float
+
+
+MESSAGE_FAULT_KINDS = {
+    Fault.EXCEPTION: MessageFault(":fail", "failed", 5_000, 0.0),
+    # fewer: each costs a --handler-timeout and a worker restart
+    Fault.HANG: MessageFault(":hang", "hung", 20_000, 0.5),
+    # a worker killed by its own message: no drain, in flight at death (the supervisor notes it)
+    Fault.POISON: MessageFault(":poison", "poisoned", 20_000, 0.75),
+}
+MESSAGE_FAULTS = tuple(MESSAGE_FAULT_KINDS)
 NEEDS_COMMAND = (Fault.BROKER_RESTART, Fault.BROKER_PAUSE)
 DEFAULT_FAULTS = tuple(f for f in Fault if f not in NEEDS_COMMAND)
 
@@ -39,8 +62,6 @@ HANDLER_TIMEOUT_S = 3.0   # verify's ksup stops a hung handler after this long
 BROKER_PAUSE_S = 5.0      # how long a broker-pause fault keeps the broker paused
 COMMAND_TIMEOUT_S = 300.0  # a broker command must return within this
 READY_WAIT_S = 90.0       # after a fault, its ksup must be ready again within this
-MESSAGES_PER_EXCEPTION = 5_000
-MESSAGES_PER_HANG = 20_000  # fewer: each costs a --handler-timeout and a worker restart
 MESSAGE_FAULT_SPACING_S = 2.0  # message faults of one kind at least this far apart (recorder.py)
 
 

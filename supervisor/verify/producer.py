@@ -1,5 +1,6 @@
 """The producer thread of a ``ksup verify`` run: sequence-numbered messages at the plan's rate,
-some marked to make the recording handler raise (``:fail``) or hang (``:hang``) once."""
+some marked to make the recording handler raise (``:fail``), hang (``:hang``) or kill its worker
+(``:poison``) once (plan.MESSAGE_FAULT_KINDS)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ from typing import Any
 from supervisor.verify.plan import Plan
 
 
-def produce(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], progress: dict[str, Any],
+def produce(plan: Plan, topic: str, marks: dict[int, str], progress: dict[str, Any],
             stop: threading.Event) -> None:
     """The thread's body: never dies on timing; any error is kept in progress["error"] for the
     run's loop, which stops the run with it."""
     try:
-        _produce_all(plan, topic, fail_at, hang_at, progress, stop)
+        _produce_all(plan, topic, marks, progress, stop)
     except BaseException as exc:  # noqa: BLE001 - reported by the run's loop
         progress["error"] = f"the producer failed: {type(exc).__name__}: {exc}"
 
 
-def _produce_all(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], progress: dict[str, Any],
+def _produce_all(plan: Plan, topic: str, marks: dict[int, str], progress: dict[str, Any],
                  stop: threading.Event) -> None:
     from confluent_kafka import Producer
 
@@ -35,7 +36,7 @@ def _produce_all(plan: Plan, topic: str, fail_at: set[int], hang_at: set[int], p
         wait = started + n / plan.rate - time.monotonic()
         if wait > 0:
             time.sleep(wait)  # one reading of the clock: never a negative sleep
-        value = f"seq-{n}" + (":fail" if n in fail_at else ":hang" if n in hang_at else "")
+        value = f"seq-{n}" + marks.get(n, "")
         while True:
             try:
                 producer.produce(topic, value.encode(), key=str(n).encode())
@@ -58,3 +59,15 @@ def spread(count: int, messages: int, rng: Any, shift: float = 0.0) -> set[int]:
     share = messages / count
     return {min(messages - 1, int(share * (i + 0.25 + 0.5 * ((shift + rng.random() * 0.5) % 1.0))))
             for i in range(count)}
+
+
+def marked(plan: Plan, rng: Any) -> dict[int, str]:
+    """Sequence number -> the suffix of the message fault it carries (at most one each)."""
+    from supervisor.verify.plan import MESSAGE_FAULT_KINDS
+
+    marks: dict[int, str] = {}
+    for kind, how in MESSAGE_FAULT_KINDS.items():
+        if kind in plan.faults:
+            for n in spread(max(1, plan.messages // how.every), plan.messages, rng, shift=how.shift):
+                marks.setdefault(n, how.suffix)
+    return marks

@@ -4,7 +4,9 @@ Writes one line per finished message, ``partition offset pid create_ms done_ns``
 named by KSUP_VERIFY_RECORD (appended whole with O_APPEND, so a line survives SIGKILL or is
 absent). A message whose value ends in ``:fail`` raises the first time it is handled (a marker
 file remembers), to exercise the handler-exception path; one ending in ``:hang`` hangs the first
-time (until ksup's --handler-timeout stops the worker), to exercise the stuck-handler path.
+time (until ksup's --handler-timeout stops the worker), to exercise the stuck-handler path; one
+ending in ``:poison`` kills its worker (SIGKILL of itself, mid-handler) the first time: a
+message that kills its worker, with no drain and the message in flight.
 
 Message faults of one kind are at least KSUP_VERIFY_FAULT_SPACING seconds apart (a marked
 message that comes sooner is handled normally, and its fault does not happen): after a worker
@@ -16,6 +18,7 @@ the plan's making. Each fault that happened leaves its marker; verify counts tho
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from supervisor.record import Record
@@ -23,7 +26,8 @@ from supervisor.record import Record
 _RECORD = os.environ.get("KSUP_VERIFY_RECORD", "")
 _SLEEP = float(os.environ.get("KSUP_VERIFY_SLEEP", "0"))
 _SPACING = {"failed": float(os.environ.get("KSUP_VERIFY_FAULT_SPACING", "0")),
-            "hung": float(os.environ.get("KSUP_VERIFY_HANG_SPACING", "0"))}
+            "hung": float(os.environ.get("KSUP_VERIFY_HANG_SPACING", "0")),
+            "poisoned": float(os.environ.get("KSUP_VERIFY_FAULT_SPACING", "0"))}
 _fd = os.open(_RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _RECORD else -1
 
 
@@ -57,6 +61,8 @@ def process(record: Record) -> None:
         time.sleep(_SLEEP)
     if record.value is not None and record.value.endswith(b":hang") and _fault_now("hung", record):
         time.sleep(3600)  # ksup's --handler-timeout ends this worker; the next one handles it
+    if record.value is not None and record.value.endswith(b":poison") and _fault_now("poisoned", record):
+        os.kill(os.getpid(), signal.SIGKILL)  # the next worker handles it (the marker says it happened)
     if record.value is not None and record.value.endswith(b":fail") and _fault_now("failed", record):
         raise RuntimeError(f"ksup verify: injected handler failure at {record.coordinates}")
     line = f"{record.partition} {record.offset} {os.getpid()} {record.timestamp[1]} {time.time_ns()}\n"

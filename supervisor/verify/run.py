@@ -34,8 +34,6 @@ from supervisor.verify.plan import (
     DEFAULT_FAULTS,
     HANDLER_TIMEOUT_S,
     MESSAGE_FAULT_SPACING_S,
-    MESSAGES_PER_EXCEPTION,
-    MESSAGES_PER_HANG,
     PROGRESS_EVERY_S,
     READY_WAIT_S,
     Cancel,
@@ -44,7 +42,7 @@ from supervisor.verify.plan import (
     Interrupted,
     Plan,
 )
-from supervisor.verify.producer import produce, spread
+from supervisor.verify.producer import marked, produce
 from supervisor.verify.report import Outcome, as_json, report
 from supervisor.verify.tally import Tally
 
@@ -73,7 +71,7 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
     record = work / "record.txt"
     env = {**os.environ, "KSUP_VERIFY_RECORD": str(record), "KSUP_VERIFY_SLEEP": str(plan.handler_sleep),
            # One message fault of a kind at a time (recorder.py): a raise costs a worker restart,
-           # a hang the --handler-timeout and a restart.
+           # a hang the --handler-timeout and a restart, a poison a restart.
            "KSUP_VERIFY_FAULT_SPACING": str(max(MESSAGE_FAULT_SPACING_S, plan.fault_interval)),
            "KSUP_VERIFY_HANG_SPACING": str(max(HANDLER_TIMEOUT_S + MESSAGE_FAULT_SPACING_S, plan.fault_interval))}
     admin, probe = _admin_and_probe(plan)
@@ -106,14 +104,11 @@ def run(plan: Plan, show_progress: bool = True) -> Outcome:
 def _run(plan: Plan, rng: random.Random, topic: str, work: Path, env: dict[str, str], admin: Any,
          probe: Any, outcome: Outcome, cancel: Cancel, show_progress: bool) -> None:
     t0 = time.monotonic()
-    fail_at = spread(max(1, plan.messages // MESSAGES_PER_EXCEPTION), plan.messages, rng) \
-        if Fault.EXCEPTION in plan.faults else set()
-    hang_at = spread(max(1, plan.messages // MESSAGES_PER_HANG), plan.messages, rng, shift=0.5) - fail_at \
-        if Fault.HANG in plan.faults else set()
+    marks = marked(plan, rng)
     tally = Tally(work / "record.txt")
     progress: dict[str, Any] = {"produced": 0}
     stop_producing = threading.Event()
-    producer = threading.Thread(target=produce, args=(plan, topic, fail_at, hang_at, progress, stop_producing),
+    producer = threading.Thread(target=produce, args=(plan, topic, marks, progress, stop_producing),
                                 name="ksup-verify-producer", daemon=True)
     ctx: FaultContext | None = None
     ends: dict[int, int] = {}
