@@ -90,8 +90,11 @@ def test_metrics_match_what_was_produced_and_processed(ksup, bootstrap, names, t
     status = subprocess.run([sys.executable, "-m", "supervisor", "status", "-g", group], capture_output=True,
                             text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=30)
     assert "lag 0" in status.stdout and "LAG" in status.stdout, status.stdout
+    # Ctrl+C as at a terminal: a suite started in the background of a script inherits SIGINT
+    # ignored (POSIX shells do that to background jobs), and Python then installs no handler.
     watch = subprocess.Popen([sys.executable, "-m", "supervisor", "status", "--watch", "-g", group],
-                             stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                             stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Read until two redraws arrived (bounded), then stop it with Ctrl+C.
     seen = b""
     deadline = time.monotonic() + 30
