@@ -46,11 +46,26 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
         c.close()
 
 
+_COORDINATOR_MOVING = ("NOT_COORDINATOR", "COORDINATOR_LOAD_IN_PROGRESS", "COORDINATOR_NOT_AVAILABLE")
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offsets, as the broker has them. A broker that just started (or a
+    coordinator that moved) answers NOT_COORDINATOR or COORDINATOR_LOAD_IN_PROGRESS for a
+    while (seen in full runs on a fresh broker): asked again, for up to 30 s."""
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + 30
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
-        return {tp.partition: tp.offset for tp in tps}
+        while True:
+            try:
+                tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
+                return {tp.partition: tp.offset for tp in tps}
+            except KafkaException as exc:
+                if exc.args[0].name() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # paces the retries only
     finally:
         c.close()
 
