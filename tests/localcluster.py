@@ -40,6 +40,7 @@ from tests.localkafka import (  # noqa: E402
     ensure_jars,
     free_port,
     node_properties,
+    serve_until_signal,
     write_properties,
 )
 
@@ -278,25 +279,12 @@ def main(argv: list[str]) -> int:
         print("usage: localcluster.py run", file=sys.stderr)
         return 2
     cluster = LocalKafkaCluster()
-    stop = False
 
-    def _stop(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def started() -> str:
+        return f"started in {cluster.start_seconds:.1f}s, rss " + \
+            ", ".join(f"node {i} {b >> 20} MiB" for i, b in cluster.rss_bytes().items())
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        cluster.start()
-        print(cluster.bootstrap, flush=True)
-        rss = cluster.rss_bytes()
-        print(f"started in {cluster.start_seconds:.1f}s, rss " +
-              ", ".join(f"node {i} {b >> 20} MiB" for i, b in rss.items()), file=sys.stderr, flush=True)
-        while not stop:
-            time.sleep(0.2)
-    finally:
-        cluster.cleanup()
-    return 0
+    return serve_until_signal(cluster, started, lambda: True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 KAFKA_VERSION = os.environ.get("KSUP_KAFKA_VERSION", "4.3.1")
 CACHE_ROOT = Path(os.environ.get("KSUP_CACHE_DIR", Path.home() / ".cache" / "ksup"))
@@ -404,6 +406,17 @@ def main(argv: list[str]) -> int:
         print("usage: localkafka.py fetch [VERSION [ARTIFACT]] | run | restart WORKDIR", file=sys.stderr)
         return 2
     broker = LocalKafka()
+
+    def started() -> str:
+        return f"started in {broker.start_seconds:.1f}s, rss {broker.rss_bytes() >> 20} MiB"
+
+    return serve_until_signal(broker, started, lambda: broker.proc is not None and broker.proc.poll() is None)
+
+
+def serve_until_signal(kafka: Any, started: Callable[[], str], running: Callable[[], bool]) -> int:
+    """``run`` of localkafka.py and localcluster.py: start ``kafka`` (its ``start()``), print its
+    bootstrap on stdout and ``started()`` on stderr, serve until SIGTERM/SIGINT or until
+    ``running()`` is false, then ``cleanup()`` (also on a failed start)."""
     stop = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -413,14 +426,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        broker.start()
-        print(broker.bootstrap, flush=True)
-        print(f"started in {broker.start_seconds:.1f}s, rss {broker.rss_bytes() >> 20} MiB",
-              file=sys.stderr, flush=True)
-        while not stop and broker.proc is not None and broker.proc.poll() is None:
-            time.sleep(0.2)
+        kafka.start()
+        print(kafka.bootstrap, flush=True)
+        print(started(), file=sys.stderr, flush=True)
+        while not stop and running():
+            time.sleep(0.2)  # waits for a signal (the handler only records it)
     finally:
-        broker.cleanup()
+        kafka.cleanup()
     return 0
 
 

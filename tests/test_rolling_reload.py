@@ -15,6 +15,7 @@ import pytest
 
 from tests.harness import REPO, ksup_cli, wait_until
 from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
+from tests.wheels import write_wheel
 
 pytestmark = pytest.mark.kafka
 
@@ -124,18 +125,8 @@ def test_reload_with_broken_new_code_stops_and_keeps_consuming(ksup, bootstrap, 
 
 def _wheel(folder: Path, version: str) -> None:
     """A minimal wheel of package ksup_example_handler (no build step, no index needed)."""
-    import zipfile
-
-    name, dist = "ksup_example_handler", f"ksup_example_handler-{version}"
-    files = {
-        f"{name}/__init__.py": HANDLER_CODE.format(version=version) + f"__version__ = {version!r}\n",
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: ksup-example-handler\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}.dist-info/RECORD,,\n"
-    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as zf:
-        for path, text in files.items():
-            zf.writestr(path, text)
+    write_wheel(folder, "ksup_example_handler", "ksup-example-handler", version,
+                HANDLER_CODE.format(version=version) + f"__version__ = {version!r}\n")
 
 
 def test_rolling_upgrade_script_installs_rolls_and_checks_the_version(ksup, bootstrap, names, tmp_path):

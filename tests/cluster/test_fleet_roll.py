@@ -13,13 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import REPO
+from tests.wheels import write_wheel
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kafka, pytest.mark.timeout(900)]
 
@@ -38,16 +38,7 @@ class Handler(Witness):
 
 def _wheel(folder: Path, version: str) -> None:
     """A minimal wheel of the package (no build step, no index needed)."""
-    dist = f"{MODULE}-{version}"
-    files = {
-        f"{MODULE}/__init__.py": CODE.format(version=version),
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{dist}.dist-info/RECORD,,\n"
-    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as zf:
-        for path, text in files.items():
-            zf.writestr(path, text)
+    write_wheel(folder, MODULE, PACKAGE, version, CODE.format(version=version))
 
 
 @pytest.fixture
