@@ -7,11 +7,15 @@ reader the supervisor after the worker has exited.
 
 from __future__ import annotations
 
-import functools
 import mmap
 import os
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from supervisor.record import Record
 
 RECORD = 256
 _HEAD = struct.Struct("<BiqH")  # in use, partition, offset, topic length
@@ -35,6 +39,7 @@ class BoardWriter:
         # The topic name each thread's record holds (and its encoded length): called for every
         # message, so the name is written only when it changes.
         self._names: list[tuple[str, int] | None] = [None] * max(threads, 1)
+        self._cells: list[OffsetCell | None] = [None] * max(threads, 1)
 
     def set(self, thread: int, topic: str, partition: int, offset: int) -> None:
         base = thread * RECORD
@@ -45,14 +50,44 @@ class BoardWriter:
             written = self._names[thread] = (topic, len(name))
         _HEAD.pack_into(self._map, base, 1, partition, offset, written[1])
 
-    def offset_writer(self, thread: int, topic: str, partition: int, offset: int) -> Callable[[int], None]:
-        """``set`` once, then a callable that writes only the offset (for a run of messages of
-        one partition: called for every message, so it does nothing else)."""
+    def offset_cell(self, thread: int, topic: str, partition: int, offset: int) -> OffsetCell:
+        """``set`` once, then a cell whose ``[0] = offset`` writes only the offset (for a run of
+        messages of one partition: written for every message, so it does nothing else)."""
         self.set(thread, topic, partition, offset)
-        return functools.partial(_OFFSET.pack_into, self._map, thread * RECORD + _OFFSET_AT)
+        cell = self._cells[thread]
+        if cell is None:
+            at = thread * RECORD + _OFFSET_AT
+            # A memoryview item store is the cheapest write Python has (no call); it writes native
+            # byte order, so only where that is the board's little-endian one.
+            cell = self._cells[thread] = memoryview(self._map)[at: at + _OFFSET.size].cast("q") \
+                if sys.byteorder == "little" else _PackedCell(self._map, at)
+        return cell
+
+    def set_many(self, records: Sequence[Record]) -> None:
+        """A batch: record ``i`` in board record ``i``."""
+        for i, r in enumerate(records):
+            self.set(i, r.topic, r.partition, r.offset)
 
     def clear(self, thread: int) -> None:
         self._map[thread * RECORD] = 0
+
+    def clear_many(self, count: int) -> None:
+        """Board records 0 .. count-1 (a batch's) no longer in use."""
+        self._map[0: count * RECORD: RECORD] = bytes(count)
+
+
+class OffsetCell(Protocol):
+    def __setitem__(self, index: int, offset: int, /) -> None: ...
+
+
+class _PackedCell:
+    """The offset cell on a big-endian machine: packs explicitly."""
+
+    def __init__(self, buf: mmap.mmap, at: int) -> None:
+        self._buf, self._at = buf, at
+
+    def __setitem__(self, index: int, offset: int) -> None:
+        _OFFSET.pack_into(self._buf, self._at, offset)
 
 
 def read(path: str) -> list[tuple[str, int, int]]:
