@@ -260,6 +260,24 @@ def test_runner_drop_removes_only_queued_work_of_those_partitions():
     assert runner.backlog_size() == 3
 
 
+def test_the_board_names_every_record_of_a_batch(tmp_path):
+    """A batch's run of consecutive offsets takes one board record (a range), offsets with gaps one
+    each; the reader gives back every (topic, partition, offset), and a cleared batch none."""
+    from supervisor.contract import inflight_board
+
+    path = str(tmp_path / "board")
+    inflight_board.create(path, 500)
+    board = inflight_board.BoardWriter(path, 500)
+    runs = [[_rec(3, o) for o in range(100, 400)], [_rec(1, 5)], [_rec(4, 7), _rec(4, 9)]]
+    used = board.set_batch(runs)
+    assert used == 4
+    assert inflight_board.read(path) == [("t", r.partition, r.offset) for run in runs for r in run]
+    board.clear_many(used)
+    assert inflight_board.read(path) == []
+    board.offset_cell(0, "t", 2, 10)[0] = 11  # the per-message path: the offset alone
+    assert inflight_board.read(path) == [("t", 2, 11)]
+
+
 def _settings(**kw):
     base = dict(handler="h:p", topics=("t",), group="g", bootstrap_servers="127.0.0.1:1")
     return config.build({**base, **kw})
@@ -281,6 +299,9 @@ def test_kafka_config_forces_the_offset_contract():
     assert conf["auto.offset.reset"] == "latest"
     assert conf["partition.assignment.strategy"] == "cooperative-sticky"
     assert conf["client.id"].endswith("-g-2")
+    assert conf["fetch.queue.backoff.ms"] == "50", "librdkafka's 1 s refill backoff lifted"
+    user = config.kafka_config(_settings(kafka={"fetch.queue.backoff.ms": "1000"}), 0)
+    assert user["fetch.queue.backoff.ms"] == "1000", "the user's setting wins"
 
 
 def test_config_file_unknown_key(tmp_path):

@@ -64,11 +64,6 @@ def to_records(msgs: list[Any], topics: list[str], partitions: list[int]) -> lis
                                      map(_value, msgs), headers, map(_timestamp, msgs), strict=True)))
 
 
-def to_record(msg: Any) -> Record:
-    """One Record from a confluent-kafka Message without an error."""
-    return to_records([msg], [msg.topic()], [msg.partition()])[0]
-
-
 class ConsumerLoop:
     def __init__(self, consumer: Consumer, runner: HandlerRunner, channel: Channel,
                  topics: list[str], options: dict[str, Any],

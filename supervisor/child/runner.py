@@ -494,21 +494,24 @@ class HandlerRunner:
         counted = 0  # handler calls whose latency went into a bucket already
         calls = 0    # handler calls that did not advance done (a retry)
         try:
-            for i, record in enumerate(records):  # for every message: kept lean
+            # ``done`` counts from 1: it is what gets published after the message (no addition).
+            for done, record in enumerate(records, 1):  # for every message: kept lean
                 if self._changes != seen:  # a drop, stop or hold happened: does it concern this lane?
                     if self._stopping or self._lanes.get(lane) is not queue:
                         break
                     if self._held:
-                        self._put_back(lane, queue, Chunk(records[i:], epoch, attempts if i == 0 else 0))
+                        self._put_back(lane, queue, Chunk(records[done - 1:], epoch, attempts if done == 1 else 0))
                         break
                     seen = self._changes
-                board[0] = record.offset  # before the handler runs: a crash names this message
+                # Before the handler runs, so a crash names this message. record[2] is its offset
+                # (indexing a tuple is cheaper than the named field's descriptor).
+                board[0] = record[2]
                 try:
                     result = one(record)
                     if result is not None:
                         check_returned(result)  # handler.py decides shapes, also on this path
                 except BaseException as exc:  # noqa: BLE001 - the policy decides
-                    tried = attempts if i == 0 else 0
+                    tried = attempts if done == 1 else 0
                     outcome = self._execute.on_failure([record], tried, exc)
                     t1 = clock()
                     latency[bisect_left(LATENCY_BUCKETS, t1 - t)] += 1
@@ -517,14 +520,14 @@ class HandlerRunner:
                         calls = 1
                         with self._cond:
                             self.retries += 1
-                        self._put_back(lane, queue, Chunk(records[i:], epoch, tried + 1,
+                        self._put_back(lane, queue, Chunk(records[done - 1:], epoch, tried + 1,
                                                           time.monotonic() + outcome.retry_in))
                         t = t1
                         break
                     # copy, then publish by one assignment (the consumer thread may be reading the old one)
-                    progress.special = {**(progress.special or {}), i: outcome}
+                    progress.special = {**(progress.special or {}), done - 1: outcome}
                     t = progress.since = t1
-                    progress.done = i + 1
+                    progress.done = done
                     if outcome.stop:
                         with self._cond:
                             self._fail(record, outcome)
@@ -535,16 +538,16 @@ class HandlerRunner:
                     latency[bisect_left(LATENCY_BUCKETS, t1 - t)] += 1
                     counted += 1
                 t = progress.since = t1
-                progress.done = i + 1
+                progress.done = done
                 if t1 >= check_at:
                     check_at = t1 + PUBLISH_AFTER_S
                     with self._cond:
                         self._progress.notify_all()
                     # Fair under a backlog: a slow handler does not keep one partition for a whole
                     # run while another waits; the rest of the run goes back to the head of its lane.
-                    if t1 >= slice_ends and i + 1 < len(records):
+                    if t1 >= slice_ends and done < len(records):
                         if self._others_waiting(lane):
-                            self._put_back(lane, queue, Chunk(records[i + 1:], epoch))
+                            self._put_back(lane, queue, Chunk(records[done:], epoch))
                             break
                         slice_ends = t1 + RUN_SLICE_S
         finally:
@@ -573,8 +576,9 @@ class HandlerRunner:
     def _run_batch(self, number: int, progress: Progress, attempts: int) -> None:
         """One batch (records taken from the heads of lanes) through the handler."""
         records = progress.records
-        if self._board is not None:  # every record of the batch, one board record each
-            self._board.set_many(records)
+        board = self._board
+        # Every record of the batch is on the board (a run of consecutive offsets as one range).
+        on_board = board.set_batch([piece.records for _, _, piece in self._batch_origin]) if board else 0
         t0 = progress.since
         try:
             outcome = self._execute.batch(records, attempts)
@@ -582,8 +586,8 @@ class HandlerRunner:
             seconds = time.perf_counter() - t0
             self._latency[number][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # per handler call
             self._latency_sum[number] += seconds
-            if self._board is not None:
-                self._board.clear_many(len(records))
+            if board is not None:
+                board.clear_many(on_board)
         with self._cond:
             if outcome.retry_in is not None and not outcome.stop:
                 self.retries += 1
