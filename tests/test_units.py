@@ -260,6 +260,26 @@ def test_runner_drop_removes_only_queued_work_of_those_partitions():
     assert runner.backlog_size() == 3
 
 
+def test_records_from_a_fetch_keep_every_field():
+    """to_records (the worker's conversion of a whole fetch) gives Records, field for field, and
+    each record its own headers list (a handler may change its own), also when none has headers."""
+    from confluent_kafka import Message
+
+    from supervisor.child.loop import to_records
+
+    def msg(o, headers=None):
+        return Message(topic="t", partition=3, offset=o, key=b"k%d" % o, value=b"v", headers=headers,
+                       timestamp=(1, 1000 + o))
+
+    for msgs in ([msg(5), msg(6)], [msg(5, [("h", b"1")]), msg(6)]):
+        records = to_records(msgs, ["t", "t"], [3, 3])
+        assert all(type(r) is Record for r in records)
+        assert [r[:5] + (r.timestamp,) for r in records] == [("t", 3, 5, b"k5", b"v", (1, 1005)),
+                                                              ("t", 3, 6, b"k6", b"v", (1, 1006))]
+        assert records[1].headers == [] and records[0].headers is not records[1].headers
+    assert records[0].headers == [("h", b"1")]
+
+
 def test_the_board_names_every_record_of_a_batch(tmp_path):
     """A batch's run of consecutive offsets takes one board record (a range), offsets with gaps one
     each; the reader gives back every (topic, partition, offset), and a cleared batch none."""

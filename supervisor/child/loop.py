@@ -10,7 +10,6 @@ handler runs, so ``max.poll.interval.ms`` never expires because of ksup.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -47,8 +46,10 @@ MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks ar
 _error, _topic, _partition, _offset, _key, _value, _headers, _timestamp = (
     Message.error, Message.topic, Message.partition, Message.offset, Message.key, Message.value,
     Message.headers, Message.timestamp)
-# tuple.__new__: NamedTuple's own __new__ is a Python function, a frame per record.
-_new_record = functools.partial(tuple.__new__, Record)
+# tuple.__new__: NamedTuple's own __new__ is a Python function, a frame per record. Mapped with
+# repeat(Record) rather than through a functools.partial: 0.1 us a record less (0.87 -> 0.77 us
+# for the whole conversion, 500-message fetches, /tmp microbenchmark on this machine).
+_new_tuple = tuple.__new__
 _record_offset = itemgetter(2)
 
 
@@ -60,8 +61,9 @@ def to_records(msgs: list[Any], topics: list[str], partitions: list[int]) -> lis
     headers: Any = list(map(_headers, msgs))
     # No headers (None): a new empty list each, made in C (a handler may change its own).
     headers = map(list, repeat((), n)) if headers.count(None) == n else [h if h is not None else [] for h in headers]
-    return list(map(_new_record, zip(topics, partitions, map(_offset, msgs), map(_key, msgs),
-                                     map(_value, msgs), headers, map(_timestamp, msgs), strict=True)))
+    return list(map(_new_tuple, repeat(Record, n),
+                    zip(topics, partitions, map(_offset, msgs), map(_key, msgs), map(_value, msgs), headers,
+                        map(_timestamp, msgs), strict=True)))
 
 
 class ConsumerLoop:

@@ -131,6 +131,7 @@ def one_round(b: str, n: int, work: Path, runs: list[KsupRun]) -> dict[str, Any]
         res[f"ratio_{mode}"] = round(res[f"ksup_{mode}"] / res[f"plain_{mode}"], 3)
         res[f"ratio_{mode}_fetch_tuned"] = round(res[f"ksup_{mode}"] / res[f"plain_{mode}_fetch_tuned"], 3)
         res[f"cpu_ratio_{mode}"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}"], 2)
+        res[f"cpu_ratio_{mode}_fetch_tuned"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}_fetch_tuned"], 2)
     return res
 
 
