@@ -198,7 +198,10 @@ class ConsumerLoop:
             if self.runner.backlog_size() < MAX_BACKLOG:
                 msgs += consumer.consume(num_messages=FETCH_BATCH - 1, timeout=0)
         else:
-            msgs = consumer.consume(num_messages=FETCH_BATCH, timeout=0)
+            # A full backlog: only serving the consumer (max.poll.interval.ms), so one message
+            # at most, or every serve would add a whole fetch to what a stuck handler holds.
+            room = self.runner.backlog_size() < MAX_BACKLOG
+            msgs = consumer.consume(num_messages=FETCH_BATCH if room else 1, timeout=0)
             self._last_poll = time.monotonic()
             if not msgs:
                 return
