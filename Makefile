@@ -82,7 +82,7 @@ bench: setup $(PEERS)/arroyo/bin/python $(PEERS)/quix/bin/python
 	$(PY) -m tests.bench.fairness --json bench-results/fairness.json
 	$(PY) -m tests.bench.peers --json bench-results/peers.json \
 	  --arroyo-python $(PEERS)/arroyo/bin/python --quix-python $(PEERS)/quix/bin/python
-	$(PY) -m tests.bench.throughput --json bench-results/throughput.json
+	$(PY) -m tests.bench.throughput --rounds 2 --json bench-results/throughput.json
 	$(PY) -m tests.bench.drain --json bench-results/drain.json
 	$(PY) -m tests.bench.reload --json bench-results/reload.json
 	$(PY) -m tests.bench.plot --results bench-results

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from supervisor.child.runner import STORED, HandlerRunner, Job, Outcome
+from supervisor.child.runner import STORED, HandlerRunner, Outcome
 from supervisor.record import Record
 
 SKIPPED = "skipped"
@@ -18,14 +18,10 @@ SKIPPED = "skipped"
 class Execute:
     """Every third message raises; the policy then answers a special (non-STORED) outcome."""
 
-    def __call__(self, jobs: list[Job]) -> Outcome:
-        try:
-            self._plain(jobs[0].record)
-            return STORED
-        except ValueError as exc:
-            return self.on_failure(jobs, exc)
+    def batch(self, records: list[Record], attempts: int) -> Outcome:
+        raise AssertionError("not a batch handler")
 
-    def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
+    def on_failure(self, records: list[Record], attempts: int, exc: BaseException) -> Outcome:
         return Outcome(store=True, error=exc, note=SKIPPED)
 
     @staticmethod
@@ -36,7 +32,7 @@ class Execute:
             raise ValueError(record.offset)
 
     @property
-    def plain(self):  # type: ignore[no-untyped-def]
+    def one(self):  # type: ignore[no-untyped-def]
         return self._plain
 
 
@@ -60,8 +56,8 @@ def one_round() -> None:
     try:
         def feed() -> None:
             for start in range(0, per_partition, 50):
-                runner.submit([Job(Record("t", p, o, None, None, [], (0, 0)), epoch=0)
-                               for p in range(partitions) for o in range(start, start + 50)])
+                runner.submit([Record("t", p, o, None, None, [], (0, 0))
+                               for p in range(partitions) for o in range(start, start + 50)], epoch=0)
                 time.sleep(0.0005)
 
         feeder = threading.Thread(target=feed)
@@ -70,9 +66,9 @@ def one_round() -> None:
         total = partitions * per_partition
         while sum(len(v) for v in got.values()) < total and time.monotonic() < deadline:
             try:
-                for jobs, outcome in runner.take_done():
-                    for job in jobs:
-                        got[job.record.partition].append((job.record.offset, outcome is not STORED))
+                for records, _epoch, outcome in runner.take_done():
+                    for r in records:
+                        got[r.partition].append((r.offset, outcome is not STORED))
                 runner.busy()
                 runner.oldest_running()
             except BaseException as exc:  # noqa: BLE001 - the test reports it
@@ -101,12 +97,12 @@ def test_a_slow_lane_yields_to_a_waiting_one():
             time.sleep(0.01)
 
     runner = HandlerRunner(Slow(), concurrency=1)  # type: ignore[arg-type]
-    runner.submit([Job(Record("t", p, o, None, None, [], (0, 0)), epoch=0) for p in (0, 1) for o in range(20)])
+    runner.submit([Record("t", p, o, None, None, [], (0, 0)) for p in (0, 1) for o in range(20)], epoch=0)
     runner.start()
     deadline = time.monotonic() + 10
     done = 0
     while done < 40 and time.monotonic() < deadline:
-        done += sum(len(jobs) for jobs, _ in runner.take_done())
+        done += sum(len(records) for records, _, _ in runner.take_done())
         time.sleep(0.01)
     runner.stop()
     assert done == 40

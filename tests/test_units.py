@@ -8,7 +8,7 @@ import pytest
 
 from supervisor import config
 from supervisor.child.offsets import OffsetBook
-from supervisor.child.runner import HandlerRunner, Job
+from supervisor.child.runner import HandlerRunner
 from supervisor.contract import codec
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
@@ -96,7 +96,7 @@ def _run_until(runner, predicate, timeout=5.0):
     done = []
     while time.monotonic() < deadline:
         runner.wait_progress(0.05)
-        done += [(job, outcome) for jobs, outcome in runner.take_done() for job in jobs]
+        done += [(rec, outcome) for records, _epoch, outcome in runner.take_done() for rec in records]
         if predicate(done):
             break
     return done
@@ -112,9 +112,9 @@ def test_runner_stops_after_a_failure_and_keeps_order():
 
     runner = HandlerRunner(_executor(handler))
     runner.start()
-    runner.submit([Job(_rec(0, o), 1) for o in range(5)])
+    runner.submit([_rec(0, o) for o in range(5)], 1)
     done = _run_until(runner, lambda d: runner.failure is not None)
-    assert [j.record.offset for j, _ in done] == [0, 1, 2]
+    assert [j.offset for j, _ in done] == [0, 1, 2]
     assert done[-1][1].stop and isinstance(done[-1][1].error, ValueError)
     assert seen == [0, 1]
     assert not runner.busy()
@@ -133,13 +133,13 @@ def test_work_finished_before_a_hanging_message_is_handed_over_while_it_hangs():
 
     runner = HandlerRunner(_executor(handler))
     runner.start()
-    runner.submit([Job(_rec(0, o), 1) for o in range(10)])
+    runner.submit([_rec(0, o) for o in range(10)], 1)
     done = _run_until(runner, lambda d: len(d) >= 5, timeout=3)
-    assert [j.record.offset for j, _ in done] == [0, 1, 2, 3, 4]
-    assert runner.oldest_running() is not None and runner.oldest_running()[0].record.offset == 5
+    assert [j.offset for j, _ in done] == [0, 1, 2, 3, 4]
+    assert runner.oldest_running() is not None and runner.oldest_running()[0].offset == 5
     gate.set()
     done = _run_until(runner, lambda d: len(d) >= 5, timeout=3)
-    assert [j.record.offset for j, _ in done] == [5, 6, 7, 8, 9]
+    assert [j.offset for j, _ in done] == [5, 6, 7, 8, 9]
 
 
 def test_a_skipped_message_inside_a_run_keeps_its_place_and_its_outcome():
@@ -149,9 +149,9 @@ def test_a_skipped_message_inside_a_run_keeps_its_place_and_its_outcome():
 
     runner = HandlerRunner(_executor(handler, chain=("skip",)))
     runner.start()
-    runner.submit([Job(_rec(0, o), 1) for o in range(5)])
+    runner.submit([_rec(0, o) for o in range(5)], 1)
     done = _run_until(runner, lambda d: len(d) == 5)
-    assert [(j.record.offset, o.note) for j, o in done] == [(0, ""), (1, ""), (2, "skipped"), (3, ""), (4, "")]
+    assert [(j.offset, o.note) for j, o in done] == [(0, ""), (1, ""), (2, "skipped"), (3, ""), (4, "")]
     counts, total = runner.latency()
     assert sum(counts) == 5 and total >= 0
 
@@ -166,11 +166,11 @@ def test_retry_waits_only_for_its_own_partition_then_skips():
 
     runner = HandlerRunner(_executor(handler, chain=("retry", "skip"), attempts=2, backoff=0.2))
     runner.start()
-    runner.submit([Job(_rec(0, 0), 1)] + [Job(_rec(1, o), 1) for o in range(3)])
+    runner.submit([_rec(0, 0)] + [_rec(1, o) for o in range(3)], 1)
     done = _run_until(runner, lambda d: len(d) == 4)
     assert calls[:4] == [(0, 0), (1, 0), (1, 1), (1, 2)], "partition 1 runs while partition 0 backs off"
     assert calls.count((0, 0)) == 3, "first try and two retries"
-    skipped = [o for j, o in done if j.record.partition == 0]
+    skipped = [o for j, o in done if j.partition == 0]
     assert skipped[0].store and skipped[0].note == "skipped"
 
 
@@ -189,14 +189,14 @@ def test_concurrency_by_key_completes_out_of_order_but_stores_the_contiguous_pre
     tp = ("t", 0)
     book.acquire([tp])
     epoch = book.epoch_of(tp)
-    jobs = [Job(Record("t", 0, o, b"slow" if o == 1 else b"k%d" % o, None, [], (0, 0)), epoch) for o in range(4)]
-    for j in jobs:
-        book.track(tp, j.record.offset)
-    runner.submit(jobs)
+    records = [Record("t", 0, o, b"slow" if o == 1 else b"k%d" % o, None, [], (0, 0)) for o in range(4)]
+    for r in records:
+        book.track(tp, r.offset)
+    runner.submit(records, epoch)
     done = _run_until(runner, lambda d: len(d) == 3)
     for j, _ in done:
-        book.mark_done(tp, j.record.offset, epoch)
-    assert sorted(j.record.offset for j, _ in done) == [0, 2, 3]
+        book.mark_done(tp, j.offset, epoch)
+    assert sorted(j.offset for j, _ in done) == [0, 2, 3]
     assert book.take_dirty() == {tp: 1}, "offset 1 is unfinished: store 1, not 4"
     gate.set()
     done = _run_until(runner, lambda d: len(d) == 1)
@@ -212,7 +212,7 @@ def test_batch_handler_gets_lists_and_async_handlers_run():
 
     runner = HandlerRunner(_executor(batch_handler, batch=True), batch_size=4, batch_timeout_s=0.2)
     runner.start()
-    runner.submit([Job(_rec(0, o), 1) for o in range(6)])
+    runner.submit([_rec(0, o) for o in range(6)], 1)
     _run_until(runner, lambda d: len(d) == 6)
     assert batches == [[0, 1, 2, 3], [4, 5]]
 
@@ -226,7 +226,7 @@ def test_batch_handler_gets_lists_and_async_handlers_run():
 
     runner = HandlerRunner(_executor(async_handler))
     runner.start()
-    runner.submit([Job(_rec(0, o), 1) for o in range(3)])
+    runner.submit([_rec(0, o) for o in range(3)], 1)
     _run_until(runner, lambda d: len(d) == 3)
     assert seen == [0, 1, 2]
 
@@ -239,22 +239,63 @@ def test_a_retried_batch_goes_back_in_order_and_runs_again():
         if len(batches) == 1:
             raise RuntimeError("flaky")
 
-    runner = HandlerRunner(_executor(batch_handler, chain=("retry",), batch=True, backoff=0.05),
-                           batch_size=3, batch_timeout_s=0.05)
+    execute = _executor(batch_handler, chain=("retry",), batch=True, backoff=0.05)
+    calls: list[tuple[int, int]] = []  # (records, failed attempts before) of each batch call
+    policy_batch = execute.batch
+    execute.batch = lambda records, attempts: calls.append((len(records), attempts)) or policy_batch(records, attempts)
+    runner = HandlerRunner(execute, batch_size=3, batch_timeout_s=0.05)
     runner.start()
-    runner.submit([Job(_rec(p, o), 1) for p in (0, 1) for o in range(2)])
+    runner.submit([_rec(p, o) for p in (0, 1) for o in range(2)], 1)
     done = _run_until(runner, lambda d: len(d) == 4)
     assert batches[0] == batches[1] and len(batches[0]) == 3, "the same batch again, in the same order"
-    assert sorted(j.attempts for j, _ in done) == [0, 1, 1, 1], "the retried three count an attempt"
-    offsets = {p: [j.record.offset for j, _ in done if j.record.partition == p] for p in (0, 1)}
+    assert calls == [(3, 0), (3, 1), (1, 0)], "the retried three count an attempt, the fourth none"
+    offsets = {p: [j.offset for j, _ in done if j.partition == p] for p in (0, 1)}
     assert offsets == {0: [0, 1], 1: [0, 1]}, "each partition in order"
 
 
 def test_runner_drop_removes_only_queued_work_of_those_partitions():
     runner = HandlerRunner(_executor(lambda r: None))  # not started: everything stays queued
-    runner.submit([Job(_rec(p, o), 1) for p in (0, 1) for o in range(3)])
+    runner.submit([_rec(p, o) for p in (0, 1) for o in range(3)], 1)
     assert runner.drop({("t", 0)}) == 3
     assert runner.backlog_size() == 3
+
+
+def test_records_from_a_fetch_keep_every_field():
+    """to_records (the worker's conversion of a whole fetch) gives Records, field for field, and
+    each record its own headers list (a handler may change its own), also when none has headers."""
+    from confluent_kafka import Message
+
+    from supervisor.child.loop import to_records
+
+    def msg(o, headers=None):
+        return Message(topic="t", partition=3, offset=o, key=b"k%d" % o, value=b"v", headers=headers,
+                       timestamp=(1, 1000 + o))
+
+    for msgs in ([msg(5), msg(6)], [msg(5, [("h", b"1")]), msg(6)]):
+        records = to_records(msgs, ["t", "t"], [3, 3])
+        assert all(type(r) is Record for r in records)
+        assert [r[:5] + (r.timestamp,) for r in records] == [("t", 3, 5, b"k5", b"v", (1, 1005)),
+                                                              ("t", 3, 6, b"k6", b"v", (1, 1006))]
+        assert records[1].headers == [] and records[0].headers is not records[1].headers
+    assert records[0].headers == [("h", b"1")]
+
+
+def test_the_board_names_every_record_of_a_batch(tmp_path):
+    """A batch's run of consecutive offsets takes one board record (a range), offsets with gaps one
+    each; the reader gives back every (topic, partition, offset), and a cleared batch none."""
+    from supervisor.contract import inflight_board
+
+    path = str(tmp_path / "board")
+    inflight_board.create(path, 500)
+    board = inflight_board.BoardWriter(path, 500)
+    runs = [[_rec(3, o) for o in range(100, 400)], [_rec(1, 5)], [_rec(4, 7), _rec(4, 9)]]
+    used = board.set_batch(runs)
+    assert used == 4
+    assert inflight_board.read(path) == [("t", r.partition, r.offset) for run in runs for r in run]
+    board.clear_many(used)
+    assert inflight_board.read(path) == []
+    board.offset_cell(0, "t", 2, 10)[0] = 11  # the per-message path: the offset alone
+    assert inflight_board.read(path) == [("t", 2, 11)]
 
 
 def _settings(**kw):
@@ -278,6 +319,9 @@ def test_kafka_config_forces_the_offset_contract():
     assert conf["auto.offset.reset"] == "latest"
     assert conf["partition.assignment.strategy"] == "cooperative-sticky"
     assert conf["client.id"].endswith("-g-2")
+    assert conf["fetch.queue.backoff.ms"] == "50", "librdkafka's 1 s refill backoff lifted"
+    user = config.kafka_config(_settings(kafka={"fetch.queue.backoff.ms": "1000"}), 0)
+    assert user["fetch.queue.backoff.ms"] == "1000", "the user's setting wins"
 
 
 def test_config_file_unknown_key(tmp_path):

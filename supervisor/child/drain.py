@@ -38,7 +38,7 @@ from supervisor.contract.exitcodes import WorkerExit
 
 if TYPE_CHECKING:
     from supervisor.child.loop import ConsumerLoop
-    from supervisor.child.runner import Job
+    from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
 
@@ -70,7 +70,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     code = loop.exit_code
     if abandoned is not None:
         log.error("drain timeout: handler still running %s after %.1fs; not stored, will be redelivered",
-                  abandoned.record.coordinates, loop.drain_timeout_s)
+                  abandoned.coordinates, loop.drain_timeout_s)
         if code == WorkerExit.OK:
             code = WorkerExit.DRAIN_TIMEOUT
     t_commit = time.monotonic()
@@ -96,7 +96,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         leave_group_for_good(loop, min(LEAVE_GROUP_S, budget_left(loop)))
     inflight = None
     if abandoned is not None:
-        r = abandoned.record
+        r = abandoned
         oldest = loop.runner.oldest_running()
         inflight = m.InFlight(r.topic, r.partition, r.offset, oldest[1] if oldest else 0.0)
     # Said before close(), which the watchdog may cut short: the supervisor has the receipt either way.
@@ -194,8 +194,8 @@ def close_within(loop: ConsumerLoop, timeout_s: float, code: WorkerExit) -> None
         watchdog.cancel()
 
 
-def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
-    """Steps 1-3. Returns the job still running at the deadline (abandoned), if any."""
+def finish_in_flight(loop: ConsumerLoop, t0: float) -> Record | None:
+    """Steps 1-3. Returns the record still in the handler at the deadline (abandoned), if any."""
     try:
         loop.consumer.pause(loop.consumer.assignment())
     except KafkaException as exc:
@@ -213,7 +213,7 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Job | None:
         oldest = loop.runner.oldest_running()
         if loop.handler_timeout_s and oldest is not None and time.time() - oldest[1] > loop.handler_timeout_s:
             log.error("drain: the handler on %s ran past --handler-timeout (%.0fs); not waiting for it",
-                      oldest[0].record.coordinates, loop.handler_timeout_s)
+                      oldest[0].coordinates, loop.handler_timeout_s)
             break
     loop.collect()
     oldest = loop.runner.oldest_running()

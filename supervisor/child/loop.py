@@ -15,15 +15,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from itertools import groupby, repeat
+from operator import itemgetter
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from supervisor.child.kafka_problems import IDENTITY_EXITS, KafkaProblems, classify
 from supervisor.child.leave_barrier import LeaveBarrier
 from supervisor.child.offsets import TP, OffsetBook, tp_name
 from supervisor.child.reporter import Reporter
-from supervisor.child.runner import STORED, HandlerRunner, Job, Outcome
+from supervisor.child.runner import STORED, HandlerRunner, Outcome
 from supervisor.contract import messages as m
 from supervisor.contract.channel import Channel
 from supervisor.contract.exitcodes import WorkerExit
@@ -40,14 +42,28 @@ FETCH_BATCH = 500        # messages taken from librdkafka's queue per call
 MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served
 
 
+# Message accessors as plain functions, to map over a whole fetch (the loops then run in C).
+_error, _topic, _partition, _offset, _key, _value, _headers, _timestamp = (
+    Message.error, Message.topic, Message.partition, Message.offset, Message.key, Message.value,
+    Message.headers, Message.timestamp)
+# tuple.__new__: NamedTuple's own __new__ is a Python function, a frame per record. Mapped with
+# repeat(Record) rather than through a functools.partial: 0.1 us a record less (0.87 -> 0.77 us
+# for the whole conversion, 500-message fetches, /tmp microbenchmark on this machine).
 _new_tuple = tuple.__new__
+_record_offset = itemgetter(2)
 
 
-def to_record(msg: Any) -> Record:
-    """A Record from a confluent-kafka Message without an error (so no field is None). Built
-    with tuple.__new__: this runs for every message, and NamedTuple's own __new__ costs more."""
-    return _new_tuple(Record, (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
-                               msg.headers() or [], msg.timestamp()))
+def to_records(msgs: list[Any], topics: list[str], partitions: list[int]) -> list[Record]:
+    """Records from confluent-kafka Messages without an error (so no field is None but the
+    headers, which become a list of their own), with the messages' topics and partitions already
+    read. Built field by field over the whole fetch: this runs for every message."""
+    n = len(msgs)
+    headers: Any = list(map(_headers, msgs))
+    # No headers (None): a new empty list each, made in C (a handler may change its own).
+    headers = map(list, repeat((), n)) if headers.count(None) == n else [h if h is not None else [] for h in headers]
+    return list(map(_new_tuple, repeat(Record, n),
+                    zip(topics, partitions, map(_offset, msgs), map(_key, msgs), map(_value, msgs), headers,
+                        map(_timestamp, msgs), strict=True)))
 
 
 class ConsumerLoop:
@@ -169,35 +185,65 @@ class ConsumerLoop:
         self.send_report()
 
     def fetch(self, timeout: float) -> None:
-        first = self.consumer.poll(timeout)
-        self._last_poll = time.monotonic()
-        if first is None:
-            return
-        msgs = [first]
-        if self.runner.backlog_size() < MAX_BACKLOG:
-            msgs += self.consumer.consume(num_messages=FETCH_BATCH, timeout=0)
-        runs: list[tuple[TP, list[Job]]] = []  # jobs fetched in a row from one partition
+        """Take what librdkafka holds (FETCH_BATCH at most) into the runner. With a ``timeout``
+        (an idle worker) it first waits for one message in poll(), which returns as soon as one
+        arrives and notices signals; consume() would wait its whole timeout for a full batch."""
+        consumer = self.consumer
+        if timeout > 0:
+            first = consumer.poll(timeout)
+            self._last_poll = time.monotonic()
+            if first is None:
+                return
+            msgs = [first]
+            if self.runner.backlog_size() < MAX_BACKLOG:
+                msgs += consumer.consume(num_messages=FETCH_BATCH - 1, timeout=0)
+        else:
+            # A full backlog: only serving the consumer (max.poll.interval.ms), so one message
+            # at most, or every serve would add a whole fetch to what a stuck handler holds.
+            room = self.runner.backlog_size() < MAX_BACKLOG
+            msgs = consumer.consume(num_messages=FETCH_BATCH if room else 1, timeout=0)
+            self._last_poll = time.monotonic()
+            if not msgs:
+                return
+        if any(map(_error, msgs)):
+            msgs = self.without_errors(msgs)
+            if not msgs:
+                return
+        # Everything below runs over the whole fetch at once (no Python loop per message).
+        n = len(msgs)
+        topics: list[Any] = list(map(_topic, msgs))  # never None: these messages have no error
+        partitions: list[Any] = list(map(_partition, msgs))
+        records = to_records(msgs, topics, partitions)
+        if partitions.count(partitions[0]) == n and topics.count(topics[0]) == n:
+            runs = [((topics[0], partitions[0]), records)]  # the common case: one partition
+        else:
+            runs, start = [], 0
+            for tp, same in groupby(zip(topics, partitions, strict=True)):
+                count = len(list(same))
+                runs.append((tp, records[start:start + count]))
+                start += count
         owned, track = self.book.owned, not self.book.in_order
-        topic, partition = "", -1
-        part = None
-        jobs: list[Job] = []
-        for msg in msgs:  # runs for every message: kept lean (no calls it can do without)
-            if msg.error():
-                self.on_consumer_error(msg.error())
-                continue
-            record = to_record(msg)
-            if record.partition != partition or record.topic != topic:
-                topic, partition, jobs = record.topic, record.partition, []
-                part = owned.get((topic, partition))
-                if part is not None:
-                    runs.append(((topic, partition), jobs))
+        queued: list[tuple[TP, int, list[Record]]] = []
+        for tp, run in runs:
+            part = owned.get(tp)
             if part is None:
                 continue  # not ours (any more): never handled, never stored
             if track:
-                part.pending.append(record.offset)  # fetched, not finished: the book's "track"
-            jobs.append(Job(record, part.epoch))
-        if runs:
-            self.runner.submit_runs(runs)
+                part.pending.extend(map(_record_offset, run))  # fetched, not finished: the book's "track"
+            queued.append((tp, part.epoch, run))
+        if queued:
+            self.runner.submit_runs(queued)
+
+    def without_errors(self, msgs: list[Any]) -> list[Any]:
+        """The messages without an error; each error goes to on_consumer_error, in order."""
+        good = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            else:
+                self.on_consumer_error(err)
+        return good
 
     def serve(self, seconds: float) -> None:
         """Keep the consumer served (callbacks, heartbeats) without taking new work: during a
@@ -233,32 +279,20 @@ class ConsumerLoop:
 
     def collect(self) -> None:
         """Move finished work into the OffsetBook and store what may be stored."""
-        for jobs, outcome in self.runner.take_done():
+        in_order = self.book.in_order
+        for records, epoch, outcome in self.runner.take_done():  # segments: one partition each
             if outcome is not STORED:
                 if not outcome.store:
-                    for job in jobs:
-                        rec = job.record
+                    for rec in records:
                         self.tally((rec.topic, rec.partition))[1] += 1
                         self.on_handler_failed(rec, outcome)
                     continue
-                self.skipped += len(jobs) * (outcome.note == "skipped")
-                self.dead_lettered += len(jobs) * (outcome.note == "dead-lettered")
-            first, last = jobs[0], jobs[-1]
-            if first.epoch == last.epoch and first.record[:2] == last.record[:2]:
-                # The common case, a lane's run: one partition, one assignment (epochs only grow).
-                # In order, the book only needs the last offset.
-                offsets = [last.record.offset] if self.book.in_order else [j.record.offset for j in jobs]
-                self.mark_done((*first.record[:2], first.epoch), offsets, len(jobs))
-                continue
-            group: list[int] = []  # a batch across partitions: offsets in a row per partition
-            group_key: tuple[str, int, int] | None = None  # (topic, partition, epoch)
-            for job in jobs:
-                key = (*job.record[:2], job.epoch)
-                if key != group_key:
-                    self.mark_done(group_key, group)
-                    group_key, group = key, []
-                group.append(job.record.offset)
-            self.mark_done(group_key, group)
+                self.skipped += len(records) * (outcome.note == "skipped")
+                self.dead_lettered += len(records) * (outcome.note == "dead-lettered")
+            first = records[0]
+            # In order, the book only needs the last offset.
+            offsets = [records[-1].offset] if in_order else list(map(_record_offset, records))
+            self.mark_done((first.topic, first.partition, epoch), offsets, len(records))
         self.store_dirty()
         self.pause_backing_off()
 
@@ -467,10 +501,9 @@ class ConsumerLoop:
             wait_s = 0.0 if self.gave_up_in_flight else self.revoke_timeout_s
             if not self.runner.wait_not_running(gone, time.monotonic() + wait_s):
                 oldest = self.runner.oldest_running()
-                job = oldest[0] if oldest else None
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "
                             "stored (the next owner handles it again)",
-                            job.record.coordinates if job else "?", wait_s)
+                            oldest[0].coordinates if oldest else "?", wait_s)
             self.collect()
             if self.commit_on_revoke:
                 self.commit_partitions(tps)

@@ -32,7 +32,7 @@ class Reporter:
         oldest = loop.runner.oldest_running()
         in_flight = None
         if oldest is not None:
-            r = oldest[0].record
+            r = oldest[0]
             in_flight = m.InFlight(r.topic, r.partition, r.offset, oldest[1])
         book = loop.book
         latency, latency_sum = loop.runner.latency()

@@ -11,15 +11,21 @@ Ordering: work is queued in *lanes*, one per partition (or per partition and key
 parallel on ``concurrency`` threads. A message whose handler failed and is to be retried stays
 at the head of its lane until its backoff passed, so only that lane waits.
 
+What is queued: records as fetched, in ``Chunk``s (the records of one lane fetched in a row in one
+assignment of their partition, its ``epoch``), never an object per message: at hundreds of
+thousands of messages a second every per-message object and bytecode shows (the plain
+confluent-kafka loop ksup is measured against builds none). Retry state (attempts, backoff)
+belongs to a chunk's first record, since only the head of a lane is ever retried.
+
 How finished work travels back without a lock or a thread switch per message: a handler thread
-takes a run of a lane's messages and publishes a ``Progress`` for it; it advances
-``Progress.done`` after each message (a single writer), and the consumer thread takes the jobs
+takes a run of a lane's records and publishes a ``Progress`` for it; it advances
+``Progress.done`` after each message (a single writer), and the consumer thread takes the records
 up to it (a single reader). A batch's result is one entry of a deque. Handler latency is counted
 on the handler threads.
 
 Contract with the consumer thread:
-- ``submit_runs`` appends work; ``take_done`` returns finished work as segments (jobs, Outcome):
-  jobs of one lane (or one batch) finished in order with that outcome;
+- ``submit_runs`` appends work; ``take_done`` returns finished work as segments (records, epoch,
+  Outcome): records of one partition (one assignment) finished in order with that outcome;
 - after an outcome with ``stop`` the runner takes no more work (``failure`` is set);
 - ``drop`` forgets queued work of partitions; ``wait_not_running`` waits for their running work;
 - ``backing_off`` names the partitions waiting out a retry backoff (their fetching is paused).
@@ -46,21 +52,9 @@ Lane = tuple[str, int] | tuple[str, int, bytes | None]
 
 
 @dataclass(slots=True)
-class Job:
-    record: Record
-    epoch: int  # OffsetBook epoch of the partition when the message was fetched
-    attempts: int = 0
-    not_before: float = 0.0  # monotonic; a retry waits until then
-
-    @property
-    def tp(self) -> TP:
-        return (self.record.topic, self.record.partition)
-
-
-@dataclass(slots=True)
 class Outcome:
-    """How a job ended. ``store``: its offset may be stored. ``stop``: the worker must drain.
-    ``retry_in``: run it again after that many seconds (the job keeps its lane)."""
+    """How a message (or a batch) ended. ``store``: its offset may be stored. ``stop``: the
+    worker must drain. ``retry_in``: run it again after that many seconds (it keeps its lane)."""
 
     store: bool
     stop: bool = False
@@ -72,61 +66,92 @@ class Outcome:
 # The outcome of every message whose handler simply returned (one object, not one per message).
 STORED = Outcome(store=True)
 
-Segment = tuple[list[Job], Outcome]
+# Records of one partition, fetched in one assignment (the epoch), finished in a row with one outcome.
+Segment = tuple[list[Record], int, Outcome]
+
+
+@dataclass(slots=True, eq=False)
+class Chunk:
+    """Queued records of one lane, in order, fetched in the partition's assignment ``epoch``.
+    ``attempts`` (failed handler calls so far) and ``not_before`` (monotonic; a retry waits until
+    then) are those of ``records[0]``: only a lane's head is ever retried."""
+
+    records: list[Record]
+    epoch: int
+    attempts: int = 0
+    not_before: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
 class Progress:
-    """A lane run a handler thread works on. The handler thread publishes ``special`` (outcomes
-    other than STORED, by index), then ``done`` (how many jobs finished), then ``over`` (it left
-    the run); the consumer thread reads ``over`` before ``done``, ``done`` before ``special``, and
-    owns ``taken``. Correct by construction: every field has one writer, each write is a single
-    reference assignment, and ``special`` is never changed once published (the handler thread
-    publishes a new dict), so the consumer thread never iterates something being changed."""
+    """What a handler thread works on: a lane's run or a batch (``tps``: their partitions).
+    For a run, the handler thread publishes ``special`` (outcomes other than STORED, by index),
+    then ``since`` (when the next message went in: the end of the last one), then ``done`` (how
+    many finished), then ``over`` (it left the run); the consumer thread reads ``over`` before
+    ``done``, ``done`` before ``special`` and ``since``, and owns ``taken``. Correct by
+    construction: every field has one writer, each write is a single reference assignment, and
+    ``special`` is never changed once published (the handler thread publishes a new dict), so the
+    consumer thread never iterates something being changed. A batch advances none of them: its
+    result goes through the runner's ``_done``."""
 
-    jobs: list[Job]
+    records: list[Record]
+    epoch: int
+    tps: frozenset[TP]
+    since: float = 0.0  # time.perf_counter() when records[done] went into the handler
     done: int = 0
     taken: int = 0
     special: dict[int, Outcome] | None = None
     over: bool = False
 
     def take(self) -> list[Segment]:
-        """Consumer thread: the jobs finished since the last call, split at special outcomes."""
+        """Consumer thread: the records finished since the last call, split at special outcomes."""
         done, start = self.done, self.taken
         if done <= start:
             return []
         self.taken = done
         special = self.special  # a snapshot: published whole, never changed afterwards
+        records, epoch = self.records, self.epoch
         if not special or not any(start <= i < done for i in special):
-            return [(self.jobs[start:done], STORED)]
+            return [(records[start:done], epoch, STORED)]
         out: list[Segment] = []
         for i in sorted(i for i in special if start <= i < done):
             if i > start:
-                out.append((self.jobs[start:i], STORED))
-            out.append(([self.jobs[i]], special[i]))
+                out.append((records[start:i], epoch, STORED))
+            out.append(([records[i]], epoch, special[i]))
             start = i + 1
         if start < done:
-            out.append((self.jobs[start:done], STORED))
+            out.append((records[start:done], epoch, STORED))
         return out
 
-RUN_MAX = 500            # messages a handler thread takes from a lane at once
+    def current(self) -> tuple[Record, float] | None:
+        """The record in the handler and since when (perf_counter), if any. ``done`` is read
+        before ``since``: ``since`` is written before ``done``, so it is at least as new."""
+        done = self.done
+        if self.over or done >= len(self.records):
+            return None
+        return self.records[done], self.since
+
+
+RUN_MAX = 500            # records a handler thread takes from a lane at once
 RUN_SLICE_S = 0.05       # ... but after this long in one lane it yields to a lane that waits (fairness)
-PUBLISH_EVERY = 256      # the consumer thread is woken after this many finished messages ...
-PUBLISH_AFTER_S = 0.002  # ... or after this long, whichever comes first
+PUBLISH_AFTER_S = 0.002  # the consumer thread is woken this often while a run goes on
+LOW_WATER = 500          # a handler thread wakes the consumer thread when the backlog falls below this
 
 
 class Execute(Protocol):
     """Runs the handler plus the error policy (the worker gives a ``policies.Executor``)."""
 
-    def __call__(self, jobs: list[Job]) -> Outcome:
-        """A batch (or one job) through the handler and the policy."""
-
-    def on_failure(self, jobs: list[Job], exc: BaseException) -> Outcome:
-        """The policy's decision after the handler raised ``exc`` on ``jobs``."""
-
     @property
-    def plain(self) -> Callable[[Record], object] | None:
-        """The handler, when calling it is all the executor does on success; else None."""
+    def one(self) -> Callable[[Record], object]:
+        """Calls the handler on one record; raises what the handler raised (or a marker the
+        policy knows, such as a poison message's); returns what the handler returned."""
+
+    def batch(self, records: list[Record], attempts: int) -> Outcome:
+        """A batch through the handler and the policy (``attempts``: failed calls so far)."""
+
+    def on_failure(self, records: list[Record], attempts: int, exc: BaseException) -> Outcome:
+        """The policy's decision after ``one`` raised ``exc`` on ``records`` (failed ``attempts``
+        times before)."""
 
 
 class HandlerRunner:
@@ -136,8 +161,11 @@ class HandlerRunner:
                  isolate: set[tuple[str, int, int]] | None = None) -> None:
         self._execute = execute
         self.concurrency = concurrency
-        self._cond = threading.Condition()
-        self._lanes: OrderedDict[Lane, deque[Job]] = OrderedDict()
+        lock = threading.Lock()
+        # One lock, two conditions: handler threads wait for work, the consumer thread for progress.
+        self._cond = threading.Condition(lock)
+        self._progress = threading.Condition(lock)
+        self._lanes: OrderedDict[Lane, deque[Chunk]] = OrderedDict()
         self._active: set[Lane] = set()
         # Finished work goes back without the lock (deque appends and pops are atomic), so a
         # message finished just before a long one is visible at once: lane runs as Progress
@@ -149,21 +177,21 @@ class HandlerRunner:
         self._latency = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in range(concurrency)]
         self._latency_sum = [0.0] * concurrency
         self.retries = 0  # handler attempts that failed and were retried (under the lock)
-        self._changes = 0  # bumped by drop/stop/fail: a handler thread then re-checks its lane
+        self._changes = 0  # bumped by drop/stop/fail/hold: a handler thread then re-checks its lane
         self._queued = 0
-        # thread number -> (the job it runs, since: time.perf_counter()); see oldest_running
-        self.running: dict[int, tuple[Job, float]] = {}
-        self.failure: tuple[Job, Outcome] | None = None
+        # thread number -> what it works on (under the lock); see oldest_running
+        self.running: dict[int, Progress] = {}
+        self.failure: tuple[Record, Outcome] | None = None
         self.crashed: tuple[str, BaseException, str] | None = None  # (thread, exception, traceback)
         self._stopping = False
         self._held = False  # see hold()
         self._order_by = order_by
         self._batch_size, self._batch_timeout_s = batch_size, batch_timeout_s
-        self._batch_origin: list[tuple[Lane, deque[Job], list[Job]]] = []  # batch mode: see _batch_heads
+        # Batch mode: where the running batch's records came from, for a retry (see _batch_heads)
+        self._batch_origin: list[tuple[Lane, deque[Chunk], Chunk]] = []
         self._board = board  # each thread writes there what it works on, before the handler runs
         # Batch mode: messages that run alone, in a batch of one (poison and suspects of a death)
         self._isolate = isolate or set()
-        self._batch_tps: set[TP] = set()  # partitions of the batch in the handler (under the lock)
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"ksup-handler-{i}", daemon=True)
                          for i in range(concurrency)]
 
@@ -173,21 +201,31 @@ class HandlerRunner:
 
     # ---- consumer-thread API ----------------------------------------------------------------
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue ``jobs`` (of any partitions) in their lanes."""
-        self.submit_runs([(job.tp, [job]) for job in jobs])
+    def submit(self, records: list[Record], epoch: int) -> None:
+        """Queue ``records`` (of any partitions, fetched in assignment ``epoch``) in their lanes."""
+        runs: dict[TP, list[Record]] = {}
+        for r in records:
+            runs.setdefault((r.topic, r.partition), []).append(r)
+        self.submit_runs([(tp, epoch, rs) for tp, rs in runs.items()])
 
-    def submit_runs(self, runs: list[tuple[TP, list[Job]]]) -> None:
-        """Queue runs of jobs, each run fetched in a row from one partition."""
+    def submit_runs(self, runs: list[tuple[TP, int, list[Record]]]) -> None:
+        """Queue runs of records, each fetched in a row from one partition in assignment ``epoch``.
+        The runner owns the lists from here on."""
         lanes = self._lanes
         with self._cond:
-            for tp, jobs in runs:
+            for tp, epoch, records in runs:
                 if self._order_by == "key":
-                    for job in jobs:
-                        lanes.setdefault((*tp, job.record.key), deque()).append(job)
+                    by_key: dict[bytes | None, list[Record]] = {}
+                    for r in records:
+                        by_key.setdefault(r.key, []).append(r)
+                    for key, rs in by_key.items():
+                        lanes.setdefault((*tp, key), deque()).append(Chunk(rs, epoch))
                 else:
-                    lanes.setdefault(tp, deque()).extend(jobs)
-                self._queued += len(jobs)
+                    queue = lanes.get(tp)
+                    if queue is None:
+                        queue = lanes[tp] = deque()
+                    queue.append(Chunk(records, epoch))
+                self._queued += len(records)
             self._cond.notify_all()
 
     def backlog_size(self) -> int:
@@ -196,18 +234,18 @@ class HandlerRunner:
         return self._queued
 
     def busy(self) -> bool:
-        """Work queued or running. Under the lock: a handler thread moves a job from queued to
-        running in two steps, both under the lock, so only a locked read sees one or the other."""
+        """Work queued or running. Under the lock: a handler thread moves work from queued to
+        running in one step under the lock, so only a locked read sees one or the other."""
         with self._cond:
             return bool(self.running) or self._queued > 0
 
-    def oldest_running(self) -> tuple[Job, float] | None:
-        """The job in a handler for the longest, and since when (wall clock, time.time())."""
-        running = list(self.running.values())
+    def oldest_running(self) -> tuple[Record, float] | None:
+        """The record in a handler for the longest, and since when (wall clock, time.time())."""
+        running = [c for c in (p.current() for p in list(self.running.values())) if c is not None]
         if not running:
             return None
-        job, since = min(running, key=lambda r: r[1])
-        return job, time.time() - (time.perf_counter() - since)
+        record, since = min(running, key=lambda r: r[1])
+        return record, time.time() - (time.perf_counter() - since)
 
     def take_done(self) -> list[Segment]:
         """Finished work since the last call, in order within each lane."""
@@ -226,10 +264,11 @@ class HandlerRunner:
         return bool(self._done) or bool(self._new_runs) or any(r.done > r.taken for r in self._open_runs)
 
     def wait_progress(self, timeout: float) -> None:
-        """Block up to ``timeout`` until something finished (or return at once if it has)."""
-        with self._cond:
-            if not self.has_done() and self.busy():
-                self._cond.wait(timeout)
+        """Block up to ``timeout`` until something finished or a handler thread took work while
+        the backlog is low (or return at once if something finished)."""
+        with self._progress:
+            if not self.has_done() and (self.running or self._queued):
+                self._progress.wait(timeout)
 
     def latency(self) -> tuple[list[int], float]:
         """Handler latency so far: per-bucket counts (LATENCY_BUCKETS, then +Inf) and the sum."""
@@ -238,15 +277,14 @@ class HandlerRunner:
     def backing_off(self) -> set[TP]:
         now = time.monotonic()
         with self._cond:
-            return {lane_jobs[0].tp for lane_jobs in self._lanes.values()
-                    if lane_jobs and lane_jobs[0].not_before > now}
+            return {lane[:2] for lane, queue in self._lanes.items() if queue and queue[0].not_before > now}
 
     def drop(self, tps: set[TP]) -> int:
         """Forget queued work of these partitions; returns how many messages were dropped."""
         with self._cond:
             dropped = 0
             for lane in [lane for lane in self._lanes if lane[:2] in tps]:
-                dropped += len(self._lanes.pop(lane))
+                dropped += sum(len(c.records) for c in self._lanes.pop(lane))
             self._queued -= dropped
             self._changes += 1
         return dropped
@@ -254,15 +292,14 @@ class HandlerRunner:
     def wait_not_running(self, tps: set[TP] | None, deadline: float) -> bool:
         """Wait until no message of ``tps`` (None: of any partition) is in a handler, or the
         monotonic ``deadline`` passed. True when nothing of theirs is running."""
-        with self._cond:
+        with self._progress:
             while True:
-                if not any(tps is None or job.tp in tps for job, _ in self.running.values()) \
-                        and not (self._batch_tps and (tps is None or self._batch_tps & tps)):
+                if not any(tps is None or p.tps & tps for p in self.running.values()):
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(min(left, 0.1))
+                self._progress.wait(min(left, 0.1))
 
     def stop(self) -> None:
         """Take no more work: clear the backlog; messages in flight still finish."""
@@ -285,52 +322,92 @@ class HandlerRunner:
                 self._changes += 1
                 self._cond.notify_all()
 
-    def _take(self) -> tuple[Lane, list[Job]] | None:
-        """Under the lock: the next ready lane's run of queued messages (``RUN_MAX`` at most), or
-        in batch mode one batch from the heads of all lanes; either way taken off the lanes."""
+    def _take(self) -> tuple[Lane, deque[Chunk], Chunk] | None:
+        """Under the lock: the next ready lane's run of queued records (``RUN_MAX`` at most, one
+        assignment), or in batch mode one batch from the heads of all lanes; either way taken off
+        the lanes. The run comes as a Chunk (its head's retry state with it)."""
         if self._held:
             return None
         now = time.monotonic()
-        for lane, jobs in self._lanes.items():
-            if lane in self._active or not jobs or jobs[0].not_before > now:
+        for lane, queue in self._lanes.items():
+            if lane in self._active or not queue or queue[0].not_before > now:
                 continue
             self._lanes.move_to_end(lane)  # round robin: every partition gets its turn
             if self._batch_size > 1:
-                return lane, self._batch_heads(now)
-            run = [jobs.popleft() for _ in range(min(RUN_MAX, len(jobs)))]
-            self._queued -= len(run)
-            return lane, run
+                batch = self._batch_heads(now)
+                return lane, queue, batch
+            run = self._run_from(queue)
+            self._queued -= len(run.records)
+            if self._queued < LOW_WATER:
+                self._progress.notify_all()  # the consumer thread may fetch more
+            return lane, queue, run
         return None
 
-    def _batch_heads(self, now: float) -> list[Job]:
-        """Batch mode (one handler thread): up to batch_size messages in order from all lanes,
-        taken off them (``_batch_origin`` remembers from where, for a retry)."""
-        batch: list[Job] = []
+    @staticmethod
+    def _run_from(queue: deque[Chunk]) -> Chunk:
+        """Off the head of a lane: up to RUN_MAX records of one assignment, as one Chunk (whole
+        chunks when they fit; records are copied only when chunks are joined or split)."""
+        head = queue.popleft()
+        records = head.records
+        if len(records) > RUN_MAX:
+            queue.appendleft(Chunk(records[RUN_MAX:], head.epoch))  # its head was never tried
+            return Chunk(records[:RUN_MAX], head.epoch, head.attempts, head.not_before)
+        joined = False
+        while queue and len(records) < RUN_MAX and queue[0].epoch == head.epoch and not queue[0].attempts:
+            nxt = queue.popleft()
+            room = RUN_MAX - len(records)
+            if not joined:
+                records, joined = list(records), True
+            if len(nxt.records) > room:
+                records += nxt.records[:room]
+                queue.appendleft(Chunk(nxt.records[room:], nxt.epoch))
+                break
+            records += nxt.records
+        if joined:
+            return Chunk(records, head.epoch, head.attempts, head.not_before)
+        return head
+
+    def _batch_heads(self, now: float) -> Chunk:
+        """Batch mode (one handler thread): up to batch_size records in order from all lanes,
+        taken off them (``_batch_origin`` remembers from where, for a retry). The returned
+        Chunk's epoch is unused: each origin piece has its own."""
+        batch: list[Record] = []
         self._batch_origin = []
-        for lane, jobs in self._lanes.items():
+        isolate = self._isolate
+        for lane, queue in self._lanes.items():
             room = self._batch_size - len(batch)
             if room <= 0:
                 break
-            if not jobs or jobs[0].not_before > now:
-                continue
-            part: list[Job] = []
-            while jobs and len(part) < room:
-                alone = self._isolate and (*jobs[0].tp, jobs[0].record.offset) in self._isolate
-                if alone and (part or batch):
-                    room = 0  # it runs in a batch of its own, next time
-                    break
-                part.append(jobs.popleft())
-                if alone:
-                    room = 0
-                    break
-            if part:
-                self._batch_origin.append((lane, jobs, part))
-                batch += part
+            while queue and room > 0 and queue[0].not_before <= now:
+                head = queue[0]
+                records = head.records
+                take = min(room, len(records))
+                if isolate:  # a poison message or a suspect runs in a batch of its own
+                    for i in range(take):
+                        r = records[i]
+                        if (r.topic, r.partition, r.offset) in isolate:
+                            take = i if i or batch else 1
+                            room = take  # nothing after it
+                            break
+                    if take == 0:
+                        room = 0
+                        break
+                queue.popleft()
+                if take < len(records):
+                    queue.appendleft(Chunk(records[take:], head.epoch))
+                    piece = Chunk(records[:take], head.epoch, head.attempts, head.not_before)
+                else:
+                    piece = head
+                self._batch_origin.append((lane, queue, piece))
+                batch += piece.records
+                room -= take
+            if room <= 0:
+                break
         self._queued -= len(batch)
-        return batch
+        return Chunk(batch, -1, self._batch_origin[0][2].attempts if self._batch_origin else 0)
 
     def _next_wait(self) -> float | None:
-        waits = [jobs[0].not_before - time.monotonic() for jobs in self._lanes.values() if jobs]
+        waits = [queue[0].not_before - time.monotonic() for queue in self._lanes.values() if queue]
         return max(min(waits), 0.001) if waits else None
 
     def _run(self, number: int) -> None:
@@ -345,6 +422,7 @@ class HandlerRunner:
                 self._stopping = True
                 self._changes += 1
                 self._cond.notify_all()
+                self._progress.notify_all()
 
     def threads_alive(self) -> int:
         """Handler threads that are running or ended normally (after a stop, threads return:
@@ -367,97 +445,115 @@ class HandlerRunner:
                     cond.wait(self._next_wait())
                 if taken is None:
                     return
-                lane, jobs = taken
+                lane, queue, run = taken
                 self._active.add(lane)
-                queue = self._lanes[lane]
-                self.running[number] = (jobs[0], time.perf_counter())  # busy from here on
+                if self._batch_size > 1:
+                    tps = frozenset((p.records[0].topic, p.records[0].partition) for _, _, p in self._batch_origin)
+                else:
+                    first = run.records[0]
+                    tps = frozenset(((first.topic, first.partition),))
+                progress = Progress(run.records, run.epoch, tps, time.perf_counter())
+                self.running[number] = progress  # busy from here on; a revoke of tps waits for it
             try:
                 if self._batch_size > 1:
-                    self._run_batch(number, jobs)
+                    self._run_batch(number, progress, run.attempts)
                 else:
-                    self._run_lane(number, lane, queue, jobs)
+                    self._run_lane(number, lane, queue, progress, run.attempts)
             finally:
                 with cond:
                     self._active.discard(lane)
                     self.running.pop(number, None)
                     cond.notify_all()
+                    self._progress.notify_all()
 
-    def _run_lane(self, number: int, lane: Lane, queue: deque[Job], jobs: list[Job]) -> None:
-        """Run a lane's messages (taken off ``queue``) one by one, in order, without the lock,
-        advancing a Progress the consumer thread reads; it is woken every ``PUBLISH_EVERY``
-        messages or ``PUBLISH_AFTER_S`` (it also looks on its own every few milliseconds).
-        Stops early when the runner stops or the lane was dropped (revoked): the rest of the run
-        is dropped with it. A retry puts the message and the rest of the run back at the head of
-        the lane."""
-        execute, running = self._execute, self.running
-        progress = Progress(jobs)
+    def _run_lane(self, number: int, lane: Lane, queue: deque[Chunk], progress: Progress,
+                  attempts: int) -> None:
+        """Run a lane's records (taken off ``queue``) one by one, in order, without the lock,
+        advancing ``progress`` for the consumer thread, which is woken every ``PUBLISH_AFTER_S``
+        (it also looks on its own every few milliseconds). Stops early when the runner stops or
+        the lane was dropped (revoked): the rest of the run is dropped with it. A retry puts the
+        record and the rest of the run back at the head of the lane. ``attempts``: failed calls
+        so far of the run's first record.
+
+        This loop runs for every message, so it does only what it must: the board write (a
+        crash names this message), the handler call, one clock read (a message's latency runs
+        from the end of the one before: the loop's own overhead, well under a microsecond, is
+        counted with it), the latency bucket (the fastest is counted at the end), and the two
+        published fields."""
         self._new_runs.append(progress)
-        # The handler itself when the executor says a plain call is all it takes (sync, not
-        # batch, no poison): one call less per message; a raise still goes to the policy.
-        plain = execute.plain
-        first = jobs[0].record
-        board = self._board.offset_writer(number, first.topic, first.partition, first.offset) \
-            if self._board is not None else None
+        one = self._execute.one
+        records, epoch = progress.records, progress.epoch
+        first = records[0]
+        board = self._board.offset_cell(number, first.topic, first.partition, first.offset) \
+            if self._board is not None else [0]
         latency, fastest = self._latency[number], LATENCY_BUCKETS[0]
         clock = time.perf_counter
-        published, unannounced, spent = clock(), 0, 0.0
-        slice_ends = published + RUN_SLICE_S
+        t = started = progress.since
+        check_at, slice_ends = t + PUBLISH_AFTER_S, t + RUN_SLICE_S
         seen = self._changes
+        counted = 0  # handler calls whose latency went into a bucket already
+        calls = 0    # handler calls that did not advance done (a retry)
         try:
-            for i, job in enumerate(jobs):  # for every message: kept lean
+            # ``done`` counts from 1: it is what gets published after the message (no addition).
+            for done, record in enumerate(records, 1):  # for every message: kept lean
                 if self._changes != seen:  # a drop, stop or hold happened: does it concern this lane?
                     if self._stopping or self._lanes.get(lane) is not queue:
                         break
                     if self._held:
-                        self._retry_later(lane, queue, jobs[i:], 0.0, count=False)
+                        self._put_back(lane, queue, Chunk(records[done - 1:], epoch, attempts if done == 1 else 0))
                         break
                     seen = self._changes
-                if board is not None:
-                    board(job.record.offset)  # before the handler runs: a crash names this message
-                t0 = clock()
-                running[number] = (job, t0)
-                if plain is None:
-                    outcome = execute([job])
-                else:
-                    try:
-                        result = plain(job.record)
-                        if result is not None:
-                            check_returned(result)  # handler.py decides shapes, also on this path
-                        outcome = STORED
-                    except BaseException as exc:  # noqa: BLE001 - the policy decides
-                        outcome = execute.on_failure([job], exc)
-                t1 = clock()
-                seconds = t1 - t0
-                latency[0 if seconds <= fastest else bisect_left(LATENCY_BUCKETS, seconds)] += 1
-                spent += seconds
-                if outcome is not STORED:
+                # Before the handler runs, so a crash names this message. record[2] is its offset
+                # (indexing a tuple is cheaper than the named field's descriptor).
+                board[0] = record[2]
+                try:
+                    result = one(record)
+                    if result is not None:
+                        check_returned(result)  # handler.py decides shapes, also on this path
+                except BaseException as exc:  # noqa: BLE001 - the policy decides
+                    tried = attempts if done == 1 else 0
+                    outcome = self._execute.on_failure([record], tried, exc)
+                    t1 = clock()
+                    latency[bisect_left(LATENCY_BUCKETS, t1 - t)] += 1
+                    counted += 1
                     if outcome.retry_in is not None and not outcome.stop:
-                        self._retry_later(lane, queue, jobs[i:], outcome.retry_in)
+                        calls = 1
+                        with self._cond:
+                            self.retries += 1
+                        self._put_back(lane, queue, Chunk(records[done - 1:], epoch, tried + 1,
+                                                          time.monotonic() + outcome.retry_in))
+                        t = t1
                         break
                     # copy, then publish by one assignment (the consumer thread may be reading the old one)
-                    progress.special = {**(progress.special or {}), i: outcome}
-                    progress.done = i + 1
+                    progress.special = {**(progress.special or {}), done - 1: outcome}
+                    t = progress.since = t1
+                    progress.done = done
                     if outcome.stop:
                         with self._cond:
-                            self._fail(job, outcome)
+                            self._fail(record, outcome)
                         break
                     continue
-                progress.done = i + 1
-                unannounced += 1
-                if unannounced >= PUBLISH_EVERY or t1 - published >= PUBLISH_AFTER_S:
+                t1 = clock()
+                if t1 - t > fastest:
+                    latency[bisect_left(LATENCY_BUCKETS, t1 - t)] += 1
+                    counted += 1
+                t = progress.since = t1
+                progress.done = done
+                if t1 >= check_at:
+                    check_at = t1 + PUBLISH_AFTER_S
                     with self._cond:
-                        self._cond.notify_all()
-                    published, unannounced = t1, 0
+                        self._progress.notify_all()
                     # Fair under a backlog: a slow handler does not keep one partition for a whole
                     # run while another waits; the rest of the run goes back to the head of its lane.
-                    if t1 >= slice_ends and i + 1 < len(jobs):
+                    if t1 >= slice_ends and done < len(records):
                         if self._others_waiting(lane):
-                            self._retry_later(lane, queue, jobs[i + 1:], 0.0, count=False)
+                            self._put_back(lane, queue, Chunk(records[done:], epoch))
                             break
                         slice_ends = t1 + RUN_SLICE_S
         finally:
             progress.over = True
-            self._latency_sum[number] += spent
+            latency[0] += progress.done + calls - counted
+            self._latency_sum[number] += t - started
             if self._board is not None:
                 self._board.clear(number)
 
@@ -465,60 +561,46 @@ class HandlerRunner:
         """Another lane has work ready and no thread on it."""
         now = time.monotonic()
         with self._cond:
-            return any(other != lane and jobs and other not in self._active and jobs[0].not_before <= now
-                       for other, jobs in self._lanes.items())
+            return any(other != lane and queue and other not in self._active and queue[0].not_before <= now
+                       for other, queue in self._lanes.items())
 
-    def _retry_later(self, lane: Lane, queue: deque[Job], jobs: list[Job], delay: float,
-                     count: bool = True) -> None:
-        """The head job failed and is to be retried (``count``), or the run was held: it and the
-        rest of the run go back to the head of the lane (if it still exists), to run again after
-        ``delay``."""
+    def _put_back(self, lane: Lane, queue: deque[Chunk], chunk: Chunk) -> None:
+        """Records of a run not done (a retry, a hold, a fair yield) go back to the head of their
+        lane, if it still exists, in order."""
         with self._cond:
-            if count:
-                self.retries += 1
-                jobs[0].attempts += 1
-            jobs[0].not_before = time.monotonic() + delay
             if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
-                queue.extendleft(reversed(jobs))
-                self._queued += len(jobs)
+                queue.appendleft(chunk)
+                self._queued += len(chunk.records)
             self._cond.notify_all()
 
-    def _run_batch(self, number: int, jobs: list[Job]) -> None:
-        """One batch (jobs taken from the heads of lanes) through the handler."""
-        if self._board is not None:  # every record of the batch, one board record each
-            for i, job in enumerate(jobs):
-                self._board.set(i, job.record.topic, job.record.partition, job.record.offset)
-        t0 = time.perf_counter()
-        with self._cond:
-            self._batch_tps = {job.tp for job in jobs}  # a revoke of any of them waits for the batch
-        self.running[number] = (jobs[0], t0)
+    def _run_batch(self, number: int, progress: Progress, attempts: int) -> None:
+        """One batch (records taken from the heads of lanes) through the handler."""
+        records = progress.records
+        board = self._board
+        # Every record of the batch is on the board (a run of consecutive offsets as one range).
+        on_board = board.set_batch([piece.records for _, _, piece in self._batch_origin]) if board else 0
+        t0 = progress.since
         try:
-            outcome = self._execute(jobs)
+            outcome = self._execute.batch(records, attempts)
         finally:
-            with self._cond:
-                self._batch_tps = set()
-                self._cond.notify_all()
-        seconds = time.perf_counter() - t0
-        self._latency[number][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # per handler call
-        self._latency_sum[number] += seconds
-        if self._board is not None:
-            for i in range(len(jobs)):
-                self._board.clear(i)
+            seconds = time.perf_counter() - t0
+            self._latency[number][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # per handler call
+            self._latency_sum[number] += seconds
+            if board is not None:
+                board.clear_many(on_board)
         with self._cond:
             if outcome.retry_in is not None and not outcome.stop:
                 self.retries += 1
                 not_before = time.monotonic() + outcome.retry_in
-                for lane, queue, part in self._batch_origin:
-                    for job in part:
-                        job.attempts += 1
-                        job.not_before = not_before
+                for lane, queue, piece in reversed(self._batch_origin):
                     if self._lanes.get(lane) is queue:  # still ours: back to the head, in order
-                        queue.extendleft(reversed(part))
-                        self._queued += len(part)
+                        queue.appendleft(Chunk(piece.records, piece.epoch, piece.attempts + 1, not_before))
+                        self._queued += len(piece.records)
                 return
-            self._done.append((jobs, outcome))
+            for _, _, piece in self._batch_origin:
+                self._done.append((piece.records, piece.epoch, outcome))
             if outcome.stop:
-                self._fail(jobs[-1], outcome)
+                self._fail(records[-1], outcome)
 
     def _fill_wait(self) -> None:
         """Batch mode: give a partial batch up to batch_timeout to fill (lock held, released while waiting)."""
@@ -529,10 +611,11 @@ class HandlerRunner:
                 return
             self._cond.wait(left)
 
-    def _fail(self, job: Job, outcome: Outcome) -> None:
+    def _fail(self, record: Record, outcome: Outcome) -> None:
         """Under the lock: the policy said stop. Take no more work."""
-        self.failure = (job, outcome)
+        self.failure = (record, outcome)
         self._stopping = True
         self._lanes.clear()
         self._queued = 0
         self._changes += 1
+        self._progress.notify_all()

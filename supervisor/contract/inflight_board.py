@@ -2,22 +2,32 @@
 message it is working on *before* calling the handler, so that when a worker dies (segfault,
 OOM kill, os._exit) the supervisor knows exactly which messages were in flight, without a pipe
 message per message. One fixed-size record per handler thread; the writer is the worker, the
-reader the supervisor after the worker has exited.
+reader the supervisor after the worker has exited. A batch (one handler thread) uses as many
+records as it needs: one per run of consecutive offsets of a partition, marked as a range
+(``RANGE``, with the count in the record's last four bytes), so writing it costs nothing per
+message; the reader expands a range into its offsets.
 """
 
 from __future__ import annotations
 
-import functools
 import mmap
 import os
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from supervisor.record import Record
 
 RECORD = 256
 _HEAD = struct.Struct("<BiqH")  # in use, partition, offset, topic length
 _OFFSET = struct.Struct("<q")   # the offset field alone, at byte 5 of a record
 _OFFSET_AT = 5
-_TOPIC_MAX = RECORD - _HEAD.size
+_COUNT = struct.Struct("<I")    # a range's number of offsets, in the record's last bytes
+_COUNT_AT = RECORD - _COUNT.size
+_TOPIC_MAX = _COUNT_AT - _HEAD.size
+ONE, RANGE = 1, 2               # the "in use" byte: one offset, or a range from it
 
 
 def create(path: str, threads: int) -> None:
@@ -35,6 +45,7 @@ class BoardWriter:
         # The topic name each thread's record holds (and its encoded length): called for every
         # message, so the name is written only when it changes.
         self._names: list[tuple[str, int] | None] = [None] * max(threads, 1)
+        self._cells: list[OffsetCell | None] = [None] * max(threads, 1)
 
     def set(self, thread: int, topic: str, partition: int, offset: int) -> None:
         base = thread * RECORD
@@ -43,16 +54,60 @@ class BoardWriter:
             name = topic.encode()[:_TOPIC_MAX]
             self._map[base + _HEAD.size: base + _HEAD.size + len(name)] = name
             written = self._names[thread] = (topic, len(name))
-        _HEAD.pack_into(self._map, base, 1, partition, offset, written[1])
+        _HEAD.pack_into(self._map, base, ONE, partition, offset, written[1])
 
-    def offset_writer(self, thread: int, topic: str, partition: int, offset: int) -> Callable[[int], None]:
-        """``set`` once, then a callable that writes only the offset (for a run of messages of
-        one partition: called for every message, so it does nothing else)."""
+    def offset_cell(self, thread: int, topic: str, partition: int, offset: int) -> OffsetCell:
+        """``set`` once, then a cell whose ``[0] = offset`` writes only the offset (for a run of
+        messages of one partition: written for every message, so it does nothing else)."""
         self.set(thread, topic, partition, offset)
-        return functools.partial(_OFFSET.pack_into, self._map, thread * RECORD + _OFFSET_AT)
+        cell = self._cells[thread]
+        if cell is None:
+            at = thread * RECORD + _OFFSET_AT
+            # A memoryview item store is the cheapest write Python has (no call); it writes native
+            # byte order, so only where that is the board's little-endian one.
+            cell = self._cells[thread] = memoryview(self._map)[at: at + _OFFSET.size].cast("q") \
+                if sys.byteorder == "little" else _PackedCell(self._map, at)
+        return cell
+
+    def set_batch(self, runs: Sequence[Sequence[Record]]) -> int:
+        """A batch, given as runs of records of one partition each, from board record 0 on: a
+        run of consecutive offsets takes one record (a range), any other record one of its own.
+        Returns how many board records it took (for ``clear_many``)."""
+        used = 0
+        for run in runs:
+            first, last = run[0], run[-1]
+            if last.offset - first.offset + 1 == len(run):
+                self.set(used, first.topic, first.partition, first.offset)
+                if len(run) > 1:
+                    self._map[used * RECORD] = RANGE
+                    _COUNT.pack_into(self._map, used * RECORD + _COUNT_AT, len(run))
+                used += 1
+            else:  # offsets with gaps (a compacted topic, transaction markers): one record each
+                for r in run:
+                    self.set(used, r.topic, r.partition, r.offset)
+                    used += 1
+        return used
 
     def clear(self, thread: int) -> None:
         self._map[thread * RECORD] = 0
+
+    def clear_many(self, count: int) -> None:
+        """Board records 0 .. count-1 (a batch's) no longer in use (one write)."""
+        self._map[0: count * RECORD: RECORD] = bytes(count)
+
+
+class OffsetCell(Protocol):
+    def __setitem__(self, index: int, offset: int, /) -> None: ...
+
+
+class _PackedCell:
+    """The offset cell on a big-endian machine: packs explicitly."""
+
+    def __init__(self, buf: mmap.mmap, at: int) -> None:
+        self._buf, self._at = buf, at
+
+    def __setitem__(self, index: int, offset: int) -> None:
+        _OFFSET.pack_into(self._buf, self._at, offset)
 
 
 def read(path: str) -> list[tuple[str, int, int]]:
@@ -66,5 +121,7 @@ def read(path: str) -> list[tuple[str, int, int]]:
     for base in range(0, len(data) - RECORD + 1, RECORD):
         used, partition, offset, n = _HEAD.unpack_from(data, base)
         if used:
-            out.append((data[base + _HEAD.size: base + _HEAD.size + n].decode(errors="replace"), partition, offset))
+            topic = data[base + _HEAD.size: base + _HEAD.size + n].decode(errors="replace")
+            count = _COUNT.unpack_from(data, base + _COUNT_AT)[0] if used == RANGE else 1
+            out += [(topic, partition, o) for o in range(offset, offset + count)]
     return out

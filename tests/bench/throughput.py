@@ -2,11 +2,14 @@
 
 1. One worker, no-op handler, 1,000,000 small messages on one partition: ksup vs the plainest
    correct confluent-kafka loop (poll, store_offsets); ksup's batch handler vs a
-   consume(num_messages=500) loop.
+   consume(num_messages=500) loop. Each plain loop runs twice: with librdkafka's defaults (what
+   one writes), and with the fetch settings ksup gives its workers (config.FETCH_DEFAULTS), so
+   the Python side is also compared like for like. ``--rounds`` repeats this part, alternating
+   the contenders, so a slow phase of the machine hits all of them; ratios are per round.
 2. Scaling: 1, 2, 4 workers on an 8-partition topic, handler sleeping 1 ms (I/O-bound).
 3. Footprint: the supervisor's RSS and CPU while idle and while 4 workers process.
 
-    python -m tests.bench.throughput [--messages N] [--json FILE]
+    python -m tests.bench.throughput [--messages N] [--rounds R] [--throughput-only] [--json FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -26,6 +30,7 @@ from typing import Any
 import psutil
 from confluent_kafka import Consumer, Producer
 
+from supervisor.config import FETCH_DEFAULTS
 from tests.harness import KsupRun, wait_until
 from tests.kafkautil import create_topic
 from tests.localkafka import LocalKafka
@@ -46,11 +51,13 @@ def produce(bootstrap: str, topic: str, count: int, partitions: int) -> None:
     assert p.flush(120) == 0
 
 
-def plain_loop(bootstrap: str, topic: str, count: int, batch: bool) -> tuple[float, float]:
+def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
+               kafka: dict[str, str] | None = None) -> tuple[float, float]:
     """The plainest correct explicit-store loop: messages per second from first to last, and
-    this process's CPU seconds (all threads, librdkafka's too) per message over the same span."""
+    this process's CPU seconds (all threads, librdkafka's too) per message over the same span.
+    ``kafka``: librdkafka properties besides the loop's own (none: librdkafka's defaults)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plain-{batch}-{time.monotonic_ns()}",
-                  "auto.offset.reset": "earliest", "enable.auto.offset.store": False})
+                  "auto.offset.reset": "earliest", "enable.auto.offset.store": False, **(kafka or {})})
     c.subscribe([topic])
     seen, first, first_cpu = 0, 0.0, 0.0
     while seen < count:
@@ -103,16 +110,43 @@ def footprint(run: KsupRun, seconds: float = 5.0) -> dict[str, float]:
     return {"rss_mib": round(proc.memory_info().rss / 2**20, 1), "cpu_percent": round(proc.cpu_percent(None), 1)}
 
 
+BATCH_FLAGS = ["--batch-size", "500", "--batch-timeout", "0.05"]
+
+
+def one_round(b: str, n: int, work: Path, runs: list[KsupRun]) -> dict[str, Any]:
+    """Part 1 once: each plain loop with librdkafka's defaults and with ksup's fetch settings,
+    then ksup; per message, then batch. Rates in msg/s, CPU in microseconds per message."""
+    res: dict[str, Any] = {}
+    for mode, batch, extra, handler in (("per_message", False, [], "tests.bench.noop:process"),
+                                        ("batch", True, BATCH_FLAGS, "tests.bench.noop:process_batch")):
+        rate, cpu = plain_loop(b, "one", n, batch=batch)
+        res[f"plain_{mode}"], res[f"cpu_plain_{mode}"] = round(rate), round(cpu * 1e6, 2)
+        rate, cpu = plain_loop(b, "one", n, batch=batch, kafka=FETCH_DEFAULTS)
+        res[f"plain_{mode}_fetch_tuned"], res[f"cpu_plain_{mode}_fetch_tuned"] = round(rate), round(cpu * 1e6, 2)
+        rate, run, cpu = ksup_rate(b, "one", n, work, extra=extra, handler=handler)
+        runs.append(run)
+        res[f"ksup_{mode}"], res[f"cpu_ksup_{mode}"] = round(rate), round(cpu * 1e6, 2)
+        run.signal(signal.SIGTERM)
+        run.wait(60)
+        res[f"ratio_{mode}"] = round(res[f"ksup_{mode}"] / res[f"plain_{mode}"], 3)
+        res[f"ratio_{mode}_fetch_tuned"] = round(res[f"ksup_{mode}"] / res[f"plain_{mode}_fetch_tuned"], 3)
+        res[f"cpu_ratio_{mode}"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}"], 2)
+        res[f"cpu_ratio_{mode}_fetch_tuned"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}_fetch_tuned"], 2)
+    return res
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--throughput-only", action="store_true", help="part 1 only (no scaling, no footprint)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="ksup-bench-"))
     broker = LocalKafka()
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
-                               "messages": n}
+                               "messages": n, "fetch_tuned": FETCH_DEFAULTS}
     runs: list[KsupRun] = []
     try:
         broker.start()
@@ -121,23 +155,16 @@ def main() -> int:
         t0 = time.monotonic()
         produce(b, "one", n, 1)
         results["produce_s"] = round(time.monotonic() - t0, 1)
-        rate, plain_cpu = plain_loop(b, "one", n, batch=False)
-        results["plain_per_message"] = round(rate)
-        rate, run, ksup_cpu = ksup_rate(b, "one", n, work)
-        runs.append(run)
-        results["ksup_per_message"] = round(rate)
-        results["cpu_us_per_message"] = {"plain": round(plain_cpu * 1e6, 2), "ksup": round(ksup_cpu * 1e6, 2)}
-        run.signal(signal.SIGTERM)
-        run.wait(60)
-        rate, plain_cpu = plain_loop(b, "one", n, batch=True)
-        results["plain_batch"] = round(rate)
-        rate, run, ksup_cpu = ksup_rate(b, "one", n, work, extra=["--batch-size", "500", "--batch-timeout", "0.05"],
-                              handler="tests.bench.noop:process_batch")
-        runs.append(run)
-        results["ksup_batch"] = round(rate)
-        results["cpu_us_per_message_batch"] = {"plain": round(plain_cpu * 1e6, 2), "ksup": round(ksup_cpu * 1e6, 2)}
-        run.signal(signal.SIGTERM)
-        run.wait(60)
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append(one_round(b, n, work, runs))
+            print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
+        results["rounds"] = rounds
+        # The figures of the whole run: medians over the rounds (the keys plot.py reads).
+        for key in rounds[0]:
+            results[key] = statistics.median(rd[key] for rd in rounds)
+        if args.throughput_only:
+            return finish(results, args.json)
 
         create_topic(b, "eight", 8)
         scaled = 40_000
@@ -172,11 +199,13 @@ def main() -> int:
         for r in runs:
             r.kill_everything()
         broker.cleanup()
-    results["ratio_per_message"] = round(results["ksup_per_message"] / results["plain_per_message"], 3)
-    results["ratio_batch"] = round(results["ksup_batch"] / results["plain_batch"], 3)
+    return finish(results, args.json)
+
+
+def finish(results: dict[str, Any], json_path: str | None) -> int:
     print(json.dumps(results, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
     return 0
 
 
