@@ -454,11 +454,14 @@ class HandlerRunner:
                     tps = frozenset(((first.topic, first.partition),))
                 progress = Progress(run.records, run.epoch, tps, time.perf_counter())
                 self.running[number] = progress  # busy from here on; a revoke of tps waits for it
+                # Read with the run taken, under the lock: a drop between here and the lane's
+                # first check must count as a change, or the whole run of a revoked partition runs.
+                seen = self._changes
             try:
                 if self._batch_size > 1:
                     self._run_batch(number, progress, run.attempts)
                 else:
-                    self._run_lane(number, lane, queue, progress, run.attempts)
+                    self._run_lane(number, lane, queue, progress, run.attempts, seen)
             finally:
                 with cond:
                     self._active.discard(lane)
@@ -467,13 +470,13 @@ class HandlerRunner:
                     self._progress.notify_all()
 
     def _run_lane(self, number: int, lane: Lane, queue: deque[Chunk], progress: Progress,
-                  attempts: int) -> None:
+                  attempts: int, seen: int) -> None:
         """Run a lane's records (taken off ``queue``) one by one, in order, without the lock,
         advancing ``progress`` for the consumer thread, which is woken every ``PUBLISH_AFTER_S``
         (it also looks on its own every few milliseconds). Stops early when the runner stops or
         the lane was dropped (revoked): the rest of the run is dropped with it. A retry puts the
         record and the rest of the run back at the head of the lane. ``attempts``: failed calls
-        so far of the run's first record.
+        so far of the run's first record; ``seen``: the change count when the run was taken.
 
         This loop runs for every message, so it does only what it must: the board write (a
         crash names this message), the handler call, one clock read (a message's latency runs
@@ -490,7 +493,6 @@ class HandlerRunner:
         clock = time.perf_counter
         t = started = progress.since
         check_at, slice_ends = t + PUBLISH_AFTER_S, t + RUN_SLICE_S
-        seen = self._changes
         counted = 0  # handler calls whose latency went into a bucket already
         calls = 0    # handler calls that did not advance done (a retry)
         try:
