@@ -355,6 +355,47 @@ def test_orphans_above_the_configured_workers_leave_the_group(ksup, bootstrap, n
     assert second.stop() == 0, second.tail()
 
 
+def test_a_new_ksup_makes_a_dead_scaled_up_slot_of_a_killed_one_leave(ksup, bootstrap, names, tmp_path):
+    """A ksup scaled up by one (SIGTTIN) is SIGKILLed while slot 1's worker is dead and waiting
+    for its restart (SIGKILLed, --restart-delay 30): nobody is left to send slot 1's LeaveGroup,
+    and its static member holds its partitions until its session expires (ksup verify's soak:
+    a 46 s gap after a supervisor kill). The next ksup --workers 1 finds that member in the
+    broker's list at start, starts slot 1 once to rejoin and leave: the broker's member list
+    ends with stopper-0 only, and every partition is consumed well within the 45 s session."""
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record)}
+    extra = ["--instance-id-prefix", "stopper", "--restart-delay", "30"]
+    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    first.signal(signal.SIGTTIN)
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
+    orphan = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 0)
+    os.kill(victim, signal.SIGKILL)
+    first.wait_for_log("worker 1 restarts in", 30)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    wait_until(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE,
+               30, "the orphan exited")
+    killed_at = time.monotonic()
+    second = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
+    produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
+    print(f"consumed {time.monotonic() - killed_at:.1f}s after the kill")
+    assert time.monotonic() - killed_at < 30, "consumed before the dead member's session (45 s) expired"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    wait_until(lambda: sorted(m.group_instance_id for m in
+                              admin.describe_consumer_groups([group])[group].result(30).members) == ["stopper-0"],
+               30, "only stopper-0 left in the group")
+    assert "rejoins once, then leaves" in second.log_text()
+    assert second.stop() == 0, second.tail()
+
+
 def test_orphans_killed_mid_rebalance_commit_what_they_finished(ksup, bootstrap, names, tmp_path):
     """The supervisor dies in the middle of a cooperative rebalance (classic protocol, static
     members): a member that joined got its first-round assignment, and the old member, having

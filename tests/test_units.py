@@ -379,3 +379,14 @@ def test_kip848_unreleased_instance_id_is_held_not_fenced():
     assert held is not None and held.code == WorkerExit.INSTANCE_ID_HELD and "'h0-1'" in held.reason, held
     fenced = classify(KafkaError(KafkaError.FENCED_INSTANCE_ID), "h0-1", "g")
     assert fenced is not None and fenced.code == WorkerExit.FENCED
+
+
+def test_leftover_slots_are_this_prefix_above_the_configured_workers():
+    """adapters/leftovers.py: which instance ids of the broker's member list are slots a previous
+    ksup scaled up and left behind (other prefixes, a prefix that only starts the same, and the
+    configured slots are not)."""
+    from supervisor.adapters.leftovers import leftover_slots
+
+    ids = ["h-g-0", "h-g-1", "h-g-4", "h-g-12", "h-g-x", "h-g2-5", "other-3", "", "h-g-4"]
+    assert leftover_slots(ids, "h-g", 2) == [4, 12]
+    assert leftover_slots(ids, "h-g", 13) == []

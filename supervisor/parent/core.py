@@ -73,6 +73,7 @@ class SupervisorCore:
             ev.Scale: lambda e: self.scale(e.workers),
             ev.Reload: lambda e: self.reload(),
             ev.Stop: lambda e: self.stop(e.reason, e.quick, e.timeout),
+            ev.LeftoverMembers: lambda e: self.add_leftovers(e.slots),
         }
 
     # ---- the one entry point ------------------------------------------------------------------
@@ -99,6 +100,26 @@ class SupervisorCore:
             self.spawn(slot)
         out, self.actions = self.actions, []
         return out
+
+    def add_leftovers(self, slots: tuple[int, ...]) -> None:
+        """Slots above --workers whose static member a previous ksup left in the group (it was
+        killed while they were dead): each is started once; it rejoins with its instance id, and
+        the membership rule then lets it leave for good like any slot scaled away whose member
+        is still in the group (membership.must_rejoin). Only while starting or running."""
+        if self.state not in (State.STARTING, State.RUNNING):
+            return
+        for index in slots:
+            if index < self.target_workers or any(s.index == index for s in self.slots):
+                continue
+            slot = WorkerSlot(index)
+            slot.member = True  # its instance id is in the group: it must rejoin before it leaves
+            self.slots.append(slot)
+            self.slots.sort(key=lambda s: s.index)
+            log.warning("worker slot %d: a previous ksup left its static member in the group (a slot scaled up "
+                        "that died without leaving): it rejoins once, then leaves", index)
+            self.spawn(slot)
+        if self.state is State.STARTING:
+            membership.manage(self)
 
     # ---- duties on every tick -----------------------------------------------------------------
 

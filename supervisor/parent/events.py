@@ -60,7 +60,15 @@ class Stop:
     timeout: float | None = None
 
 
-Event = WorkerMessage | WorkerExited | SignalReceived | Tick | Scale | Reload | Stop
+@dataclass(frozen=True)
+class LeftoverMembers:
+    """The broker's answer at start (adapters/leftovers.py): slots above --workers whose static
+    member a previous ksup left in the group."""
+
+    slots: tuple[int, ...]
+
+
+Event = WorkerMessage | WorkerExited | SignalReceived | Tick | Scale | Reload | Stop | LeftoverMembers
 
 
 # ---- actions (out) --------------------------------------------------------------------------
