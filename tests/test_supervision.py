@@ -83,6 +83,39 @@ def test_stuck_handler_is_stopped_and_its_message_redelivered(ksup, bootstrap, n
     assert (1, 10) in {(p, o) for p, o, _ in read_record(record)}, "the stuck message was redelivered"
 
 
+def test_a_rebalance_does_not_wait_for_a_handler_past_its_timeout(ksup, bootstrap, names, tmp_path):
+    """A handler hangs (past --handler-timeout 4) just as the group rebalances (a scale-up): the
+    revoke must not hold the group for --revoke-timeout (10 s) on top of the stuck handler, which
+    the supervisor stops anyway (ksup verify: a hang during a scale-flap held two partitions
+    14 s). Judged by the broker: the group is stable with both members well before the 10 s."""
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    loaded_topic(bootstrap, topic, 2, 100)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_HANG_AT": "1:10"}
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env,
+               # eager (range): a rebalance revokes every partition, the hung one included
+               extra=["--handler-timeout", "4", "--restart-delay", "0.2", "--no-static-membership",
+                      "-X", "partition.assignment.strategy=range"])
+    wait_until(lambda: (1, 9) in {(p, o) for p, o, _ in read_record(record)}, 60, "the message before the hang")
+    hung_at = time.monotonic()
+    run.signal(signal.SIGTTIN)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    def stable_with_two() -> bool:
+        g = admin.describe_consumer_groups([group])[group].result(10)
+        return str(g.state).endswith("STABLE") and len(g.members) == 2 and \
+            all(m.assignment.topic_partitions for m in g.members)
+
+    wait_until(stable_with_two, 60, "the group stable with both workers", 0.2)
+    took = time.monotonic() - hung_at
+    print(f"stable with both {took:.1f}s after the hang began")
+    assert took < 8.5, f"the rebalance waited {took:.1f}s (--revoke-timeout is 10 s, --handler-timeout 4 s)"
+    wait_until(lambda: (1, 10) in {(p, o) for p, o, _ in read_record(record)}, 60, "the hung message redelivered")
+    assert run.stop() == 0, run.tail()
+
+
 def test_silent_worker_is_killed_and_replaced(ksup, bootstrap, names, tmp_path):
     topic, group = names
     ends = loaded_topic(bootstrap, topic, 2, 400)

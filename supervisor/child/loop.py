@@ -499,6 +499,12 @@ class ConsumerLoop:
             dropped = self.runner.drop(gone)
             # After the drain gave up on the message in flight, close() must not wait for it again.
             wait_s = 0.0 if self.gave_up_in_flight else self.revoke_timeout_s
+            stuck = self.runner.oldest_running(gone) if self.handler_timeout_s else None
+            if stuck is not None:
+                # A handler past --handler-timeout is stuck (the supervisor stops this worker for
+                # it): the whole group's rebalance must not wait --revoke-timeout on top of that
+                # (ksup verify: a hang during a scale-flap held two partitions 14 s).
+                wait_s = min(wait_s, max(0.0, stuck[1] + self.handler_timeout_s - time.time()))
             if not self.runner.wait_not_running(gone, time.monotonic() + wait_s):
                 oldest = self.runner.oldest_running()
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "

@@ -239,9 +239,11 @@ class HandlerRunner:
         with self._cond:
             return bool(self.running) or self._queued > 0
 
-    def oldest_running(self) -> tuple[Record, float] | None:
-        """The record in a handler for the longest, and since when (wall clock, time.time())."""
-        running = [c for c in (p.current() for p in list(self.running.values())) if c is not None]
+    def oldest_running(self, tps: set[tuple[str, int]] | None = None) -> tuple[Record, float] | None:
+        """The record in a handler for the longest (of partitions ``tps``, or any), and since when
+        (wall clock, time.time())."""
+        running = [c for c in (p.current() for p in list(self.running.values())) if c is not None
+                   and (tps is None or (c[0].topic, c[0].partition) in tps)]
         if not running:
             return None
         record, since = min(running, key=lambda r: r[1])
