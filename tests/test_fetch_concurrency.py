@@ -18,16 +18,7 @@ from supervisor.child.loop import ConsumerLoop
 from supervisor.child.policies import ErrorPolicy, Executor
 from supervisor.child.runner import HandlerRunner
 from tests.kafkautil import committed_offsets, create_topic, produce_sequence
-
-
-class _QuietChannel:
-    closed = False
-
-    def read_available(self) -> list[object]:
-        return []
-
-    def send(self, msg: object) -> None:
-        pass
+from tests.test_fetch_path import _QuietChannel
 
 
 def _conf(bootstrap: str, group: str) -> dict[str, Any]:
@@ -202,6 +193,24 @@ def test_a_revoke_while_a_chunk_is_half_handled(bootstrap, names):
         assert not missing, f"partition {p}: committed {committed[p]} but never handled {missing[:10]}"
 
 
+def _drain_with_a_fetch_queued(runner: HandlerRunner, consumer: Any, loop: ConsumerLoop,
+                               started: Any) -> tuple[float, float]:
+    """Consume until a full fetch is queued behind the handler (and ``started()``), then drain as
+    the worker does: when the drain was requested and when the message in flight was done."""
+    try:
+        _step_until(loop, lambda: runner.backlog_size() >= 400 and started(), 60, "a queued fetch")
+        loop.request_drain("test")
+        t_req = time.perf_counter()
+        finish_in_flight(loop, time.monotonic())
+        t_done = time.perf_counter()
+        loop.collect()
+        consumer.commit(asynchronous=False)
+    finally:
+        runner.stop()
+        consumer.close()
+    return t_req, t_done
+
+
 def test_a_drain_with_a_full_fetch_queued_finishes_only_the_message_in_flight(bootstrap, names):
     topic, group = names
     create_topic(bootstrap, topic, 1)
@@ -213,17 +222,7 @@ def test_a_drain_with_a_full_fetch_queued_finishes_only_the_message_in_flight(bo
         time.sleep(0.005)
 
     runner, consumer, loop = _make(bootstrap, group, topic, _stop_on_error(one))
-    try:
-        _step_until(loop, lambda: runner.backlog_size() >= 400 and len(starts) >= 20, 60, "a queued fetch")
-        loop.request_drain("test")
-        t_req = time.perf_counter()
-        finish_in_flight(loop, time.monotonic())
-        t_done = time.perf_counter()
-        loop.collect()
-        consumer.commit(asynchronous=False)
-    finally:
-        runner.stop()
-        consumer.close()
+    t_req, t_done = _drain_with_a_fetch_queued(runner, consumer, loop, lambda: len(starts) >= 20)
     after = [off for when, off in starts if when > t_req]
     assert len(after) <= 1, f"started after the drain was requested: {after[:10]} ({len(after)})"
     assert t_done - t_req < 0.5
@@ -405,17 +404,7 @@ def test_batch_mode_a_drain_with_a_full_fetch_queued_finishes_only_the_batch_in_
 
     runner, consumer, loop = _make(bootstrap, group, topic, _stop_on_error(many, batch=True),
                                    batch_size=100, batch_timeout_s=0.05)
-    try:
-        _step_until(loop, lambda: runner.backlog_size() >= 400 and len(batches) >= 3, 60, "a queued fetch")
-        loop.request_drain("test")
-        t_req = time.perf_counter()
-        finish_in_flight(loop, time.monotonic())
-        t_done = time.perf_counter()
-        loop.collect()
-        consumer.commit(asynchronous=False)
-    finally:
-        runner.stop()
-        consumer.close()
+    t_req, t_done = _drain_with_a_fetch_queued(runner, consumer, loop, lambda: len(batches) >= 3)
     after = [b[0] for when, b in batches if when > t_req]
     assert len(after) <= 1, f"batches started after the drain was requested: {after}"
     assert t_done - t_req < 0.5
