@@ -118,10 +118,19 @@ def read_record(path: Path) -> list[tuple[int, int, int]]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in whole_lines(path):
         p, o, pid = line.split()
         out.append((int(p), int(o), int(pid)))
     return out
+
+
+def whole_lines(path: Path) -> list[str]:
+    """The complete lines of a file a running handler appends to: a line still being written
+    (seen by a read racing the write) is left for the next read. [] when there is no file."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return text[:text.rfind("\n") + 1].splitlines()
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> None:

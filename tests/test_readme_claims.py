@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import REPO, ksup_cli, wait_until
+from tests.harness import REPO, ksup_cli, wait_until, whole_lines
 from tests.kafkautil import committed_offsets, create_topic, end_offsets, free_port_unused, produce_sequence
 from tests.test_systemd import NotifyListener
 
@@ -73,7 +73,7 @@ def process(record):
 def _rows(path: Path) -> list[tuple[int, int, int]]:
     if not path.exists():
         return []
-    return [(int(p), int(o), int(pid)) for p, o, pid in (line.split() for line in path.read_text().splitlines())]
+    return [(int(p), int(o), int(pid)) for p, o, pid in (line.split() for line in whole_lines(path))]
 
 
 def _metrics(port: int) -> dict[str, float]:

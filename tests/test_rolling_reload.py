@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, ksup_cli, wait_until
+from tests.harness import REPO, ksup_cli, wait_until, whole_lines
 from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
 from tests.wheels import write_wheel
 
@@ -33,7 +33,7 @@ def process(record):
 
 def rows(path: Path) -> list[tuple[int, int, int, str]]:
     out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for line in whole_lines(path):
         p, o, pid, version = line.split()
         out.append((int(p), int(o), int(pid), version))
     return out

@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from supervisor.adapters.control import request
 from tests import grouptool
 from tests.cluster.brokerview import BrokerView
-from tests.harness import KsupRun, ksup_cli, read_record, wait_until
+from tests.harness import KsupRun, ksup_cli, read_record, wait_until, whole_lines
 from tests.kafkautil import committed_offsets, end_offsets
 from tests.localcluster import LocalKafkaCluster
 
@@ -229,7 +229,7 @@ class Fleet:
     def events(self) -> list[Event]:
         path = Path(f"{self.record}.rebalances")
         out = []
-        for line in path.read_text().splitlines() if path.exists() else []:
+        for line in whole_lines(path):
             pid, kind, *parts = line.split()
             out.append(Event(int(pid), kind, tuple(int(p) for p in parts[0].split(",")) if parts else ()))
         return out
@@ -251,7 +251,7 @@ class Fleet:
         """The longest time between two messages handled on one partition (producer running)."""
         path = Path(f"{self.record}.times")
         times: dict[int, list[float]] = {}
-        for line in path.read_text().splitlines() if path.exists() else []:
+        for line in whole_lines(path):
             p, _, t = line.split()
             times.setdefault(int(p), []).append(float(t))
         gaps = [b - a for ts in map(sorted, times.values()) for a, b in zip(ts, ts[1:], strict=False)]
