@@ -113,6 +113,7 @@ def test_a_rebalance_does_not_wait_for_a_handler_past_its_timeout(ksup, bootstra
     print(f"stable with both {took:.1f}s after the hang began")
     assert took < 8.5, f"the rebalance waited {took:.1f}s (--revoke-timeout is 10 s, --handler-timeout 4 s)"
     wait_until(lambda: (1, 10) in {(p, o) for p, o, _ in read_record(record)}, 60, "the hung message redelivered")
+    run.wait_for_log("exit 11 (DRAIN_TIMEOUT)", 30)  # the stuck worker is gone: a stop now finds none stuck
     assert run.stop() == 0, run.tail()
 
 
