@@ -142,6 +142,29 @@ def test_work_finished_before_a_hanging_message_is_handed_over_while_it_hangs():
     assert [j.offset for j, _ in done] == [5, 6, 7, 8, 9]
 
 
+def test_a_hanging_batch_is_in_flight_for_every_partition_it_holds():
+    """A batch of two partitions hangs in the handler: a revoke of either partition, also the one
+    that is not the batch's first record's, must see it in flight (the revoke's --handler-timeout cut, loop.on_revoke),
+    and a revoke of a partition the batch does not hold must not."""
+    import threading
+
+    gate = threading.Event()
+    runner = HandlerRunner(_executor(lambda records: gate.wait(10), batch=True), batch_size=4, batch_timeout_s=0.05)
+    runner.start()
+    try:
+        runner.submit([_rec(0, 0), _rec(0, 1), _rec(1, 0), _rec(1, 1)], 1)
+        deadline = time.monotonic() + 5
+        while runner.oldest_running() is None:
+            assert time.monotonic() < deadline, "the batch never started"
+            time.sleep(0.01)
+        for p in (0, 1):  # one of them is the batch's first record's, the other is not
+            assert runner.oldest_running({("t", p)}) is not None, f"partition {p}: not in flight"
+        assert runner.oldest_running({("t", 2)}) is None
+    finally:
+        gate.set()
+        runner.stop()
+
+
 def test_a_skipped_message_inside_a_run_keeps_its_place_and_its_outcome():
     def handler(r: Record) -> None:
         if r.offset == 2:

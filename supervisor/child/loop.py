@@ -506,7 +506,7 @@ class ConsumerLoop:
                 # (ksup verify: a hang during a scale-flap held two partitions 14 s).
                 wait_s = min(wait_s, max(0.0, stuck[1] + self.handler_timeout_s - time.time()))
             if not self.runner.wait_not_running(gone, time.monotonic() + wait_s):
-                oldest = self.runner.oldest_running()
+                oldest = self.runner.oldest_running(gone)
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "
                             "stored (the next owner handles it again)",
                             oldest[0].coordinates if oldest else "?", wait_s)

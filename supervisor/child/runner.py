@@ -240,10 +240,12 @@ class HandlerRunner:
             return bool(self.running) or self._queued > 0
 
     def oldest_running(self, tps: set[tuple[str, int]] | None = None) -> tuple[Record, float] | None:
-        """The record in a handler for the longest (of partitions ``tps``, or any), and since when
-        (wall clock, time.time())."""
-        running = [c for c in (p.current() for p in list(self.running.values())) if c is not None
-                   and (tps is None or (c[0].topic, c[0].partition) in tps)]
+        """The record in a handler for the longest, and since when (wall clock, time.time()),
+        among the runs and batches that hold any of partitions ``tps`` (or all). A batch is in
+        flight for every partition it holds, not only its first record's: a revoke of any of them
+        waits for the whole batch."""
+        running = [c for p in list(self.running.values())
+                   if (tps is None or not p.tps.isdisjoint(tps)) and (c := p.current()) is not None]
         if not running:
             return None
         record, since = min(running, key=lambda r: r[1])
