@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from supervisor.parent import events as ev
 from supervisor.parent.state import State
 from tests.sim import old_rules
-from tests.sim.group import GroupProtocol
+from tests.sim.group import GroupProtocol, Member
 from tests.sim.world import Boot, Plan, World
 
 EXAMPLES = int(os.environ.get("KSUP_SIM_EXAMPLES", "3000"))
@@ -251,6 +251,28 @@ def test_story_scale_down_while_a_static_member_is_dead() -> None:
     _kill(world, 1)
     world.advance(40.0)
     assert len(world.core.slots) == 1
+    world.post(ev.Stop("end of the story"))
+    world.advance(50.0)
+    assert world.core.state is State.STOPPED
+
+
+def test_leftover_members_found_while_starting_wait_for_the_start() -> None:
+    """The start-time answer of adapters/leftovers.py usually comes while ksup is still starting.
+    A leftover slot must not join the start barrier (the configured workers' Go waited for its
+    boot, and a failed boot of it halted ksup with exit 3): it starts once they were told Go,
+    rejoins and leaves."""
+    world = World(GroupProtocol.CLASSIC, 2, 4)
+    assert world.core.state is State.STARTING
+    # The previous ksup's slot 2: dead without leaving, its session still running.
+    world.group.members["ksup-2"] = Member("ksup-2", None, expires_at=world.now + 60.0)
+    world.post(ev.LeftoverMembers((2,)))
+    assert [s.index for s in world.core.slots] == [0, 1], "a leftover slot was added while starting"
+    world.advance(3.0)
+    assert world.core.state is State.RUNNING
+    assert any(w.slot.index == 2 for w in world.all_workers), "the leftover slot was never started"
+    world.advance(30.0)
+    assert [s.index for s in world.core.slots] == [0, 1]
+    assert "ksup-2" not in world.group.members
     world.post(ev.Stop("end of the story"))
     world.advance(50.0)
     assert world.core.state is State.STOPPED

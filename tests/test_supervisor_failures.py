@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -394,6 +395,44 @@ def test_a_new_ksup_makes_a_dead_scaled_up_slot_of_a_killed_one_leave(ksup, boot
                30, "only stopper-0 left in the group")
     assert "rejoins once, then leaves" in second.log_text()
     assert second.stop() == 0, second.tail()
+
+
+def test_with_kip848_a_new_ksup_leaves_a_dead_member_to_its_session(ksup, bootstrap, names, tmp_path):
+    """The same leftover as above with --group-protocol consumer: KIP-848 refuses a static member
+    whose instance id a member that died without leaving still holds (UNRELEASED_INSTANCE_ID)
+    until that member's session expires, so a rejoin cannot free its partitions any sooner. The
+    next ksup must not start slot 1 at all: starting it only gave a worker refused every 2 s
+    (exit 16) that held up every scale and recycle ("bring the dead back first") and, past
+    --instance-id-wait, stopped ksup as fenced. Its worker 0 takes its partitions at once."""
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record)}
+    extra = ["--instance-id-prefix", "kip848", "--restart-delay", "30", "--group-protocol", "consumer"]
+    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    first.signal(signal.SIGTTIN)
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
+    orphan = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 0)
+    os.kill(victim, signal.SIGKILL)
+    first.wait_for_log("worker 1 restarts in", 30)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    wait_until(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE,
+               30, "the orphan exited")
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    members = sorted(m.group_instance_id for m in admin.describe_consumer_groups([group])[group].result(30).members)
+    assert "kip848-1" in members, f"the dead member is still in the group: {members}"
+    second = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
+    wait_until(lambda: any(w["partitions"] for w in status(group)["workers"]), 60, "worker 0 assigned")
+    slots = sorted(w["slot"] for w in status(group)["workers"])
+    assert second.stop() == 0, second.tail()
+    assert "rejoins once, then leaves" not in second.log_text(), second.tail()
+    assert not re.search(r"worker 1\b", second.log_text()), second.tail()
+    assert slots == [0], slots
 
 
 def test_orphans_killed_mid_rebalance_commit_what_they_finished(ksup, bootstrap, names, tmp_path):

@@ -34,8 +34,9 @@ _CONNECTION_KEYS = ("security.", "sasl.", "ssl.", "socket.", "client.", "broker.
 
 def request(s: Settings) -> dict[str, Any] | None:
     """What the helper needs (its stdin: secrets never go in argv), or None when static
-    membership is off (no instance ids to look for)."""
-    if not s.static_membership:
+    membership is off (no instance ids to look for) or the group uses KIP-848, which refuses
+    the rejoin until the dead member's session expires (membership.must_rejoin)."""
+    if not s.static_membership or s.group_protocol != "classic":
         return None
     return {"conf": {"bootstrap.servers": s.bootstrap_servers,
                      **{k: v for k, v in s.kafka.items() if k.startswith(_CONNECTION_KEYS)}},

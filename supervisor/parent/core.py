@@ -56,6 +56,7 @@ class SupervisorCore:
         self.forced = False
         self.quick = False
         self.stop_deadline_at: float | None = None  # the stop's drain deadline (monotonic)
+        self.leftovers_waiting: tuple[int, ...] = ()  # leftover members found while starting (add_leftovers)
         self.roll: rolling.Roll | None = None
         # partition -> (worker index, since, session expiry): held by a member that went without
         # leaving the group (see note_departure)
@@ -102,24 +103,13 @@ class SupervisorCore:
         return out
 
     def add_leftovers(self, slots: tuple[int, ...]) -> None:
-        """Slots above --workers whose static member a previous ksup left in the group (it was
-        killed while they were dead): each is started once; it rejoins with its instance id, and
-        the membership rule then lets it leave for good like any slot scaled away whose member
-        is still in the group (membership.must_rejoin). Only while starting or running."""
-        if self.state not in (State.STARTING, State.RUNNING):
-            return
-        for index in slots:
-            if index < self.target_workers or any(s.index == index for s in self.slots):
-                continue
-            slot = WorkerSlot(index)
-            slot.member = True  # its instance id is in the group: it must rejoin before it leaves
-            self.slots.append(slot)
-            self.slots.sort(key=lambda s: s.index)
-            log.warning("worker slot %d: a previous ksup left its static member in the group (a slot scaled up "
-                        "that died without leaving): it rejoins once, then leaves", index)
-            self.spawn(slot)
+        """The leftover members a previous ksup left (ev.LeftoverMembers): see
+        membership.add_leftovers. While starting they wait until the configured workers were told
+        Go: a best-effort cleanup must neither delay nor fail the start."""
         if self.state is State.STARTING:
-            membership.manage(self)
+            self.leftovers_waiting = slots
+        elif self.state is State.RUNNING:
+            membership.add_leftovers(self, slots)
 
     # ---- duties on every tick -----------------------------------------------------------------
 

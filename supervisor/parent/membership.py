@@ -51,6 +51,7 @@ def manage(core: SupervisorCore) -> None:
             log.info("all %d workers loaded: joining group %s", len(core.slots), core.settings.group)
             for slot in core.slots:
                 core.go(slot)
+            add_leftovers(core, core.leftovers_waiting)
         return
     if core.state is not State.RUNNING:
         return
@@ -70,10 +71,7 @@ def manage(core: SupervisorCore) -> None:
         return  # bring the dead back before anything else changes the group
     if len(core.slots) < core.target_workers:
         used = {s.index for s in core.slots}
-        slot = WorkerSlot(min(i for i in range(len(core.slots) + 1) if i not in used))
-        core.slots.append(slot)
-        core.slots.sort(key=lambda s: s.index)
-        core.spawn(slot)
+        add_slot(core, min(i for i in range(len(core.slots) + 1) if i not in used))
         return
     live = [s for s in core.slots if s.then is not After.REMOVE]
     if len(live) > core.target_workers:
@@ -92,6 +90,29 @@ def manage(core: SupervisorCore) -> None:
             core.drain_slot(slot, f"recycle: {why}", core.settings.worker_drain_timeout,
                             core.settings.graceful_timeout)
             return
+
+
+def add_slot(core: SupervisorCore, index: int) -> WorkerSlot:
+    """A new slot, started: the slots stay in index order."""
+    slot = WorkerSlot(index)
+    core.slots.append(slot)
+    core.slots.sort(key=lambda s: s.index)
+    core.spawn(slot)
+    return slot
+
+
+def add_leftovers(core: SupervisorCore, slots: tuple[int, ...]) -> None:
+    """Slots above --workers whose static member a previous ksup left in the group (it was
+    killed while they were dead; adapters/leftovers.py): each is started once; it rejoins with
+    its instance id, and the rule above then lets it leave for good like any slot scaled away
+    whose member is still in the group (must_rejoin)."""
+    for index in slots:
+        if index < core.target_workers or any(s.index == index for s in core.slots):
+            continue
+        log.warning("worker slot %d: a previous ksup left its static member in the group (a slot scaled up "
+                    "that died without leaving): it rejoins once, then leaves", index)
+        slot = add_slot(core, index)
+        slot.member = True  # its instance id is in the group: it must rejoin before it leaves
 
 
 def scale_down_unjoined(core: SupervisorCore) -> None:
@@ -140,8 +161,11 @@ def rejoin_to_leave(core: SupervisorCore) -> None:
 def must_rejoin(core: SupervisorCore, slot: WorkerSlot) -> bool:
     """The slot's static member is in the group (a process of it joined and none left for good):
     removing it without a rejoin would leave its partitions, and every rebalance of a classic
-    group, waiting for its session to expire."""
-    return slot.member and core.settings.static_membership
+    group, waiting for its session to expire. Classic only: KIP-848 refuses the rejoin of an
+    instance id whose member died without leaving until that member's session expires
+    (UNRELEASED_INSTANCE_ID, worker exit 16), so a rejoin can never free its partitions sooner,
+    and its rebalances do not wait for it."""
+    return slot.member and core.settings.static_membership and core.settings.group_protocol == "classic"
 
 
 def above_target(core: SupervisorCore, slot: WorkerSlot) -> bool:

@@ -354,8 +354,10 @@ class World:
         """After a graceful stop, no static member of a slot above the configured --workers is
         left in the group (nothing brings it back; it would hold its partitions from the next
         ksup until its session expires), unless a worker of that slot failed or was killed
-        during the stop (then the session is all that is left)."""
-        if not self.settings.static_membership or self.core.quick or self.stopping_since is None:
+        during the stop (then the session is all that is left). Classic only: KIP-848 refuses the
+        rejoin of a dead member's instance id until its session expires (membership.must_rejoin)."""
+        if not self.settings.static_membership or self.core.quick or self.stopping_since is None \
+                or self.group.protocol is not GroupProtocol.CLASSIC:
             return
         since = self.stopping_since
         for instance in self.group.members:
