@@ -177,17 +177,20 @@ class ConsumerLoop:
             return
         busy = self.runner.busy()
         if self.runner.backlog_size() < MAX_BACKLOG:
-            self.fetch(0.0 if busy else POLL_TIMEOUT_S)
+            self.fetch(0.0 if busy else POLL_TIMEOUT_S, FETCH_BATCH)
         elif now - self._last_poll >= SERVE_INTERVAL_S:
-            self.fetch(0.0)
+            # A full backlog: only serving the consumer (max.poll.interval.ms), so one message at
+            # most, or every serve would add a whole fetch to what a stuck handler holds.
+            self.fetch(0.0, 1)
         if busy:
             self.runner.wait_progress(0.02)
         self.send_report()
 
-    def fetch(self, timeout: float) -> None:
-        """Take what librdkafka holds (FETCH_BATCH at most) into the runner. With a ``timeout``
-        (an idle worker) it first waits for one message in poll(), which returns as soon as one
-        arrives and notices signals; consume() would wait its whole timeout for a full batch."""
+    def fetch(self, timeout: float, limit: int) -> None:
+        """Take what librdkafka holds (``limit`` messages at most) into the runner. With a
+        ``timeout`` (an idle worker) it first waits for one message in poll(), which returns as
+        soon as one arrives and notices signals; consume() would wait its whole timeout for a
+        full batch."""
         consumer = self.consumer
         if timeout > 0:
             first = consumer.poll(timeout)
@@ -195,13 +198,10 @@ class ConsumerLoop:
             if first is None:
                 return
             msgs = [first]
-            if self.runner.backlog_size() < MAX_BACKLOG:
-                msgs += consumer.consume(num_messages=FETCH_BATCH - 1, timeout=0)
+            if limit > 1:
+                msgs += consumer.consume(num_messages=limit - 1, timeout=0)
         else:
-            # A full backlog: only serving the consumer (max.poll.interval.ms), so one message
-            # at most, or every serve would add a whole fetch to what a stuck handler holds.
-            room = self.runner.backlog_size() < MAX_BACKLOG
-            msgs = consumer.consume(num_messages=FETCH_BATCH if room else 1, timeout=0)
+            msgs = consumer.consume(num_messages=limit, timeout=0)
             self._last_poll = time.monotonic()
             if not msgs:
                 return
