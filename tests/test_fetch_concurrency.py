@@ -39,7 +39,7 @@ def _make(bootstrap: str, group: str, topic: str, executor: Executor, **runner_k
 
 
 def _stop_on_error(process: Any, batch: bool = False) -> Executor:
-    return Executor(process, [ErrorPolicy.STOP], 0, 0.0, None, set(), batch)
+    return Executor(process, [ErrorPolicy.STOP], 0, 0.0, None, set())
 
 
 def _commit_what_is_stored(consumer: Consumer) -> None:
@@ -84,7 +84,7 @@ def test_a_retry_in_the_middle_of_a_chunk_resumes_at_the_failed_offset(bootstrap
             failed.set()
             raise RuntimeError("flaky")
 
-    executor = Executor(many if batch else one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 2, 0.05, None, set(), batch)
+    executor = Executor(many if batch else one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 2, 0.05, None, set())
     kw = {"batch_size": 100, "batch_timeout_s": 0.05} if batch else {}
     runner, consumer, loop = _make(bootstrap, group, topic, executor, **kw)
     try:
@@ -257,7 +257,7 @@ def test_by_key_a_retry_mid_chunk_holds_the_stored_offset_below_it(bootstrap, na
             raise RuntimeError("flaky")
         done.add(record.offset)
 
-    executor = Executor(one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 2, 5.0, None, set(), False)
+    executor = Executor(one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 2, 5.0, None, set())
     runner = HandlerRunner(executor, concurrency=4, order_by="key")
     consumer = Consumer(_conf(bootstrap, group))
     loop = ConsumerLoop(consumer, runner, _QuietChannel(), [topic], {"order_by": "key"})  # type: ignore[arg-type]
@@ -366,7 +366,7 @@ def test_a_failure_mid_chunk_then_a_revoke(bootstrap, names):
             failed.add(record.partition)
             raise RuntimeError("flaky")
 
-    executor = Executor(one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 3, 30.0, None, set(), False)
+    executor = Executor(one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 3, 30.0, None, set())
     runner, consumer, loop = _make(bootstrap, group, topic, executor, concurrency=2)
     real_revoke = loop.on_revoke
 
@@ -440,7 +440,7 @@ def test_a_drop_just_after_a_handler_thread_took_a_run_is_noticed():
             go.wait(5)
             return super()._run_lane(*args, **kwargs)
 
-    runner = Widened(Executor(lambda r: seen.append(r.offset), [ErrorPolicy.STOP], 0, 0.0, None, set(), False))
+    runner = Widened(Executor(lambda r: seen.append(r.offset), [ErrorPolicy.STOP], 0, 0.0, None, set()))
     runner.submit([Record("t", 0, o, None, None, [], (0, 0)) for o in range(50)], 1)
     runner.start()
     try:

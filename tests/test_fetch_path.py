@@ -37,7 +37,7 @@ def test_a_stuck_handler_does_not_grow_the_backlog(bootstrap, names):
     create_topic(bootstrap, topic, 1)
     produce_sequence(bootstrap, topic, 6000)
     release = threading.Event()
-    executor = Executor(lambda record: release.wait(60), [], 0, 0.0, None, set(), False)
+    executor = Executor(lambda record: release.wait(60), [], 0, 0.0, None, set())
     runner = HandlerRunner(executor)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
                          "enable.auto.offset.store": "false"})

@@ -85,10 +85,10 @@ def _rec(p: int, o: int) -> Record:
     return Record("t", p, o, None, None, [], (0, 0))
 
 
-def _executor(handler, chain=("stop",), attempts=3, backoff=0.01, batch=False):
+def _executor(handler, chain=("stop",), attempts=3, backoff=0.01):
     from supervisor.child.policies import Executor
 
-    return Executor(handler, list(chain), attempts, backoff, None, set(), batch)
+    return Executor(handler, list(chain), attempts, backoff, None, set())
 
 
 def _run_until(runner, predicate, timeout=5.0):
@@ -149,7 +149,7 @@ def test_a_hanging_batch_is_in_flight_for_every_partition_it_holds():
     import threading
 
     gate = threading.Event()
-    runner = HandlerRunner(_executor(lambda records: gate.wait(10), batch=True), batch_size=4, batch_timeout_s=0.05)
+    runner = HandlerRunner(_executor(lambda records: gate.wait(10)), batch_size=4, batch_timeout_s=0.05)
     runner.start()
     try:
         runner.submit([_rec(0, 0), _rec(0, 1), _rec(1, 0), _rec(1, 1)], 1)
@@ -233,7 +233,7 @@ def test_batch_handler_gets_lists_and_async_handlers_run():
     def batch_handler(records: list[Record]) -> None:
         batches.append([r.offset for r in records])
 
-    runner = HandlerRunner(_executor(batch_handler, batch=True), batch_size=4, batch_timeout_s=0.2)
+    runner = HandlerRunner(_executor(batch_handler), batch_size=4, batch_timeout_s=0.2)
     runner.start()
     runner.submit([_rec(0, o) for o in range(6)], 1)
     _run_until(runner, lambda d: len(d) == 6)
@@ -262,7 +262,7 @@ def test_a_retried_batch_goes_back_in_order_and_runs_again():
         if len(batches) == 1:
             raise RuntimeError("flaky")
 
-    execute = _executor(batch_handler, chain=("retry",), batch=True, backoff=0.05)
+    execute = _executor(batch_handler, chain=("retry",), backoff=0.05)
     calls: list[tuple[int, int]] = []  # (records, failed attempts before) of each batch call
     policy_batch = execute.batch
     execute.batch = lambda records, attempts: calls.append((len(records), attempts)) or policy_batch(records, attempts)

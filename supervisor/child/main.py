@@ -290,9 +290,8 @@ def build_runner(cfg: m.Configure, handler: Any) -> Any:
         if ErrorPolicy.DEAD_LETTER in chain else None
     poison = {(str(t), int(p), int(off)) for t, p, off in o.get("poison", [])}
     suspects = {(str(t), int(p), int(off)) for t, p, off in o.get("suspects", [])}
-    batch = int(o.get("batch_size", 1)) > 1
     execute = Executor(handler.process, chain, int(o.get("retry_attempts", 3)), float(o.get("retry_backoff_s", 0.5)),
-                       dead_letter, poison, batch)
+                       dead_letter, poison)
     concurrency = int(o.get("concurrency", 1))
     batch_size = int(o.get("batch_size", 1))
     board = BoardWriter(str(o["board"]), max(concurrency, batch_size)) if o.get("board") else None

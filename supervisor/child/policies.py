@@ -97,14 +97,13 @@ class Executor:
 
     def __init__(self, process: Callable[..., Any], chain: list[ErrorPolicy], retry_attempts: int,
                  retry_backoff_s: float,
-                 dead_letter: DeadLetter | None, poison: set[tuple[str, int, int]], batch: bool) -> None:
+                 dead_letter: DeadLetter | None, poison: set[tuple[str, int, int]]) -> None:
         self.process = process
         self.chain = chain
         self.retry_attempts = retry_attempts
         self.retry_backoff_s = retry_backoff_s
         self.dead_letter = dead_letter
         self.poison = poison
-        self.is_batch = batch
         self.is_async = inspect.iscoroutinefunction(process) or inspect.iscoroutinefunction(
             getattr(process, "__call__", None))  # noqa: B004 - an object whose __call__ is async
         self._local = threading.local()
@@ -120,10 +119,9 @@ class Executor:
     def batch(self, records: list[Record], attempts: int) -> Outcome:
         """``STORED`` (that very object) when the handler returned; else what the policy says."""
         first = records[0]
-        if self.poison and (first.topic, first.partition, first.offset) in self.poison:
-            return self.fall_back(records, attempts, None,
-                                  f"poison message: worker processes died on {first.coordinates}")
         try:
+            if self.poison and (first.topic, first.partition, first.offset) in self.poison:
+                raise Poison(f"poison message: worker processes died on {first.coordinates}")
             result = self.call(records)
             if result is not None:
                 check_returned(result)
