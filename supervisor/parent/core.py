@@ -198,11 +198,13 @@ class SupervisorCore:
         slot.joined = slot.member = True
         slot.advance(SlotState.RUNNING)
 
-    def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float) -> None:
+    def drain_slot(self, slot: WorkerSlot, reason: str, wait_s: float, deadline_s: float,
+                   sigterm: bool = True) -> None:
         """Ask one worker to drain (Drain over the pipe plus SIGTERM, which also reaches a worker
         still booting); SIGKILL it if it has not exited ``deadline_s`` from now."""
         self.send(slot, m.Drain(wait_s, reason, deadline_s, leave_group=self.leaves_for_good(slot)))
-        self.kill(slot, signal.SIGTERM)
+        if sigterm:
+            self.kill(slot, signal.SIGTERM)
         now = self.now
         slot.drain_sent_at = slot.drain_sent_at or now
         slot.kill_at = min(slot.kill_at or now + deadline_s, now + deadline_s)
@@ -213,10 +215,9 @@ class SupervisorCore:
         the Go, and a worker drained before it subscribed never joins, so never leaves. The
         worker finishes its join before it leaves (drain.finish_join) and takes no work."""
         self.go(slot)
-        self.send(slot, m.Drain(0.0, f"{self.stop_reason or 'stop'}: rejoined only to leave the group",
-                                min(self.settings.graceful_timeout, 10.0), leave_group=True))
-        slot.drain_sent_at = self.now
-        slot.advance(SlotState.DRAINING)
+        deadline_s = (slot.kill_at or self.now) - self.now  # set when it was started to rejoin
+        self.drain_slot(slot, f"{self.stop_reason or 'stop'}: rejoined only to leave the group", 0.0,
+                        deadline_s, sigterm=False)
 
     def leaves_for_good(self, slot: WorkerSlot) -> bool:
         """A slot scaled away for good leaves the group even as a static member; so does, at a
