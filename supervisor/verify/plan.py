@@ -31,8 +31,6 @@ class Fault(str, Enum):
     BROKER_PAUSE = "broker-pause"        # the user's --broker-pause-command, 5 s, --broker-resume-command
 
 
-
-
 @dataclass(frozen=True)
 class MessageFault:
     """How a message fault rides on its messages: the value's suffix the producer adds, the

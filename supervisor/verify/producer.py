@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from supervisor.verify.plan import Plan
+from supervisor.verify.plan import MESSAGE_FAULT_KINDS, Plan
 
 
 def produce(plan: Plan, topic: str, marks: dict[int, str], progress: dict[str, Any],
@@ -63,8 +63,6 @@ def spread(count: int, messages: int, rng: Any, shift: float = 0.0) -> set[int]:
 
 def marked(plan: Plan, rng: Any) -> dict[int, str]:
     """Sequence number -> the suffix of the message fault it carries (at most one each)."""
-    from supervisor.verify.plan import MESSAGE_FAULT_KINDS
-
     marks: dict[int, str] = {}
     for kind, how in MESSAGE_FAULT_KINDS.items():
         if kind in plan.faults:

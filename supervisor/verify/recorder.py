@@ -22,12 +22,14 @@ import signal
 import time
 
 from supervisor.record import Record
+from supervisor.verify.plan import MESSAGE_FAULT_KINDS, Fault
 
 _RECORD = os.environ.get("KSUP_VERIFY_RECORD", "")
 _SLEEP = float(os.environ.get("KSUP_VERIFY_SLEEP", "0"))
-_SPACING = {"failed": float(os.environ.get("KSUP_VERIFY_FAULT_SPACING", "0")),
-            "hung": float(os.environ.get("KSUP_VERIFY_HANG_SPACING", "0")),
-            "poisoned": float(os.environ.get("KSUP_VERIFY_FAULT_SPACING", "0"))}
+# seconds between two faults of one kind, by marker (a hang has its own: it costs a restart)
+_SPACING = {how.marker: float(os.environ.get("KSUP_VERIFY_HANG_SPACING" if kind is Fault.HANG
+                                             else "KSUP_VERIFY_FAULT_SPACING", "0"))
+            for kind, how in MESSAGE_FAULT_KINDS.items()}
 _fd = os.open(_RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _RECORD else -1
 
 
@@ -56,14 +58,30 @@ def _fault_now(kind: str, record: Record) -> bool:
     return _claim(marker)
 
 
+def _hang(record: Record) -> None:
+    time.sleep(3600)  # ksup's --handler-timeout ends this worker; the next one handles it
+
+
+def _poison(record: Record) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # the next worker handles it (the marker says it happened)
+
+
+def _fail(record: Record) -> None:
+    raise RuntimeError(f"ksup verify: injected handler failure at {record.coordinates}")
+
+
+_DO = {Fault.HANG: _hang, Fault.POISON: _poison, Fault.EXCEPTION: _fail}
+# (value suffix, marker, what happens) per kind of plan.MESSAGE_FAULT_KINDS
+_FAULTS = [(how.suffix.encode(), how.marker, _DO[kind]) for kind, how in MESSAGE_FAULT_KINDS.items()]
+
+
 def process(record: Record) -> None:
     if _SLEEP:
         time.sleep(_SLEEP)
-    if record.value is not None and record.value.endswith(b":hang") and _fault_now("hung", record):
-        time.sleep(3600)  # ksup's --handler-timeout ends this worker; the next one handles it
-    if record.value is not None and record.value.endswith(b":poison") and _fault_now("poisoned", record):
-        os.kill(os.getpid(), signal.SIGKILL)  # the next worker handles it (the marker says it happened)
-    if record.value is not None and record.value.endswith(b":fail") and _fault_now("failed", record):
-        raise RuntimeError(f"ksup verify: injected handler failure at {record.coordinates}")
+    value = record.value
+    if value is not None:
+        for suffix, marker, do in _FAULTS:
+            if value.endswith(suffix) and _fault_now(marker, record):
+                do(record)
     line = f"{record.partition} {record.offset} {os.getpid()} {record.timestamp[1]} {time.time_ns()}\n"
     os.write(_fd, line.encode())
