@@ -24,12 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 from supervisor.config import Settings, instance_id_prefix
+from supervisor.connection import connection_properties
 
 log = logging.getLogger("ksup.supervisor")
 
 ASK_TIMEOUT_S = 5.0
-# The connection properties an admin client needs; consumer-only ones would only make it warn.
-_CONNECTION_KEYS = ("security.", "sasl.", "ssl.", "socket.", "client.", "broker.address.")
 
 
 def request(s: Settings) -> dict[str, Any] | None:
@@ -38,8 +37,8 @@ def request(s: Settings) -> dict[str, Any] | None:
     the rejoin until the dead member's session expires (membership.must_rejoin)."""
     if not s.static_membership or s.group_protocol != "classic":
         return None
-    return {"conf": {"bootstrap.servers": s.bootstrap_servers,
-                     **{k: v for k, v in s.kafka.items() if k.startswith(_CONNECTION_KEYS)}},
+    # Connection properties only: consumer ones would only make the admin client warn.
+    return {"conf": {**connection_properties(s.kafka), "bootstrap.servers": s.bootstrap_servers},
             "group": s.group, "prefix": instance_id_prefix(s), "workers": s.workers}
 
 

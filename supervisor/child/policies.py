@@ -23,6 +23,7 @@ from typing import Any
 
 from supervisor.child.handler import check_returned
 from supervisor.child.runner import STORED, Outcome
+from supervisor.connection import connection_properties
 from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
@@ -41,16 +42,11 @@ class ErrorPolicy(str, Enum):
 # (one that killed workers) goes to the first of these in the chain.
 QUARANTINE = (ErrorPolicy.DEAD_LETTER, ErrorPolicy.SKIP)
 
-# Producer properties worth copying from the consumer's configuration (connection and security).
-_SHARED_PREFIXES = ("bootstrap.servers", "security.", "sasl.", "ssl.", "client.", "socket.", "broker.",
-                    "reconnect.", "api.version", "metadata.")
-
-
 class DeadLetter:
     def __init__(self, kafka: dict[str, str], topic_template: str, timeout_s: float = 30.0) -> None:
         from confluent_kafka import Producer
 
-        conf: dict[str, Any] = {k: v for k, v in kafka.items() if k.startswith(_SHARED_PREFIXES)}
+        conf: dict[str, Any] = dict(connection_properties(kafka))
         conf.update({"acks": "all", "enable.idempotence": True, "linger.ms": 0})
         self._producer = Producer(conf)
         self._template = topic_template

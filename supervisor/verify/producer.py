@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+from supervisor.connection import connection_properties
 from supervisor.verify.plan import MESSAGE_FAULT_KINDS, Plan
 
 
@@ -25,7 +26,7 @@ def _produce_all(plan: Plan, topic: str, marks: dict[int, str], progress: dict[s
                  stop: threading.Event) -> None:
     from confluent_kafka import Producer
 
-    producer = Producer({**{k: v for k, v in plan.kafka.items() if k.startswith(("security.", "sasl.", "ssl."))},
+    producer = Producer({**connection_properties(plan.kafka),
                          "bootstrap.servers": plan.bootstrap, "acks": "all", "linger.ms": 5,
                          # a broker restart makes the producer retry: each message must land once
                          "enable.idempotence": True})
