@@ -150,6 +150,7 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
         logging.getLogger("ksup.supervisor").warning("%s", warning)
     from supervisor.adapters import systemd
     from supervisor.adapters.control import ControlSocketHooks, default_socket_path
+    from supervisor.adapters.leftovers import LeftoverProbe
     from supervisor.adapters.pidfile import PidfileHooks
     from supervisor.parent.hooks import AllHooks, Hooks
     from supervisor.parent.supervisor import Supervisor
@@ -173,6 +174,7 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
                              systemd.SystemdNotifier()]
     if settings.pidfile:
         adapters.append(PidfileHooks(settings.pidfile))
+    adapters.append(LeftoverProbe())  # asks the broker once at start (classic static members only)
     if settings.on_worker_exit:
         from supervisor.adapters.exit_command import WorkerExitCommand
 

@@ -17,14 +17,16 @@ import json
 import logging
 import os
 import re
+import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from supervisor.config import Settings, instance_id_prefix
 from supervisor.connection import connection_properties
+from supervisor.parent import events as ev
+from supervisor.parent.hooks import Hooks
 
 log = logging.getLogger("ksup.supervisor")
 
@@ -48,72 +50,87 @@ def leftover_slots(instance_ids: list[str], prefix: str, workers: int) -> list[i
     return sorted({int(m.group(1)) for i in instance_ids if (m := own.fullmatch(i)) and int(m.group(1)) >= workers})
 
 
-class LeftoverProbe:
-    """The helper process, read without blocking: ``start`` it, hand ``on_readable`` to the loop's
-    selector for ``fd``; ``done(slots)`` is called once with the answer ([] on any failure).
-    The loop's reaper collects the process; ``expire`` kills it past ASK_TIMEOUT_S + 5 s."""
+class LeftoverProbe(Hooks):
+    """The helper process as a loop adapter: started at ``on_start``, its stdout read through the
+    loop's selector without blocking, the answer posted as ``ev.LeftoverMembers``; killed past
+    ASK_TIMEOUT_S + 5 s (``on_tick``) or at ksup's exit. The loop's reaper collects it."""
 
-    def __init__(self, body: dict[str, Any], done: Callable[[list[int]], None]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.adapters.leftovers"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.deadline = 0.0
+        self._out = b""
+
+    def on_start(self, sup: Any) -> None:
+        body = request(sup.core.settings)
+        if body is None:
+            return
         try:
-            self.proc.stdin.write(json.dumps(body).encode())
-            self.proc.stdin.close()
+            proc = subprocess.Popen([sys.executable, "-m", "supervisor.adapters.leftovers"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            log.debug("could not start the member-list helper: %s", exc)
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(body).encode())
+            proc.stdin.close()
         except OSError:
             pass
-        self.fd = self.proc.stdout.fileno()
-        os.set_blocking(self.fd, False)
-        self.deadline = time.monotonic() + ASK_TIMEOUT_S + 5.0
-        self._out = b""
-        self._done: Callable[[list[int]], None] | None = done
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.proc, self.deadline = proc, time.monotonic() + ASK_TIMEOUT_S + 5.0
+        sup.selector.register(proc.stdout.fileno(), selectors.EVENT_READ, lambda: self._readable(sup))
 
-    def on_readable(self) -> bool:
-        """Read what is there; True once the answer was given (then unregister ``fd``)."""
+    def _readable(self, sup: Any) -> None:
+        """Read what is there; once the helper closed its stdout, the answer ([] on any failure)."""
+        assert self.proc is not None and self.proc.stdout is not None
         try:
-            chunk = os.read(self.fd, 65536)
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
         except BlockingIOError:
-            return False
+            return
         except OSError:
             chunk = b""
         if chunk and len(self._out) < 1 << 20:
             self._out += chunk
-            return False
+            return
         try:
             slots = [int(n) for n in json.loads(self._out or b"[]")]
         except (ValueError, TypeError):
             slots = []
-        self._finish(slots)
-        return True
+        self._finish(sup, slots)
 
-    def expire(self, now: float) -> bool:
-        """Past its deadline: kill it and answer []. True when it was."""
-        if self._done is None or now < self.deadline:
-            return False
-        try:
-            self.proc.kill()
-        except OSError:
-            pass
+    def on_tick(self, sup: Any) -> None:
+        if self.proc is None or time.monotonic() < self.deadline:
+            return
         log.debug("the broker did not list the group's members within %.0fs", ASK_TIMEOUT_S)
-        self._finish([])
-        return True
+        self._kill(wait=False)
+        self._finish(sup, [])
 
-    def kill(self) -> None:
-        """At ksup's exit, the helper if it still runs (it lives in a session of its own)."""
+    def on_exit(self, sup: Any, exit_code: int) -> None:
+        """Still asking the broker: its answer is of no use now (it runs in a session of its own)."""
+        if self.proc is not None:
+            self._kill(wait=True)
+
+    def _kill(self, wait: bool) -> None:
+        assert self.proc is not None
         try:
             self.proc.kill()
-            self.proc.wait(1.0)
+            if wait:
+                self.proc.wait(1.0)
         except (OSError, subprocess.TimeoutExpired):
             pass
 
-    def _finish(self, slots: list[int]) -> None:
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc.returncode = 0  # reaped by the loop's waitpid(-1), not by Popen
-        done, self._done = self._done, None
-        if done is not None:
-            done(slots)
+    def _finish(self, sup: Any, slots: list[int]) -> None:
+        proc, self.proc = self.proc, None
+        assert proc is not None and proc.stdout is not None
+        try:
+            sup.selector.unregister(proc.stdout.fileno())
+        except (KeyError, ValueError):
+            pass
+        proc.stdout.close()
+        proc.returncode = 0  # reaped by the loop's waitpid(-1), not by Popen
+        if slots:
+            sup.post(ev.LeftoverMembers(tuple(slots)))
 
 
 def main() -> int:

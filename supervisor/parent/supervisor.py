@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 from supervisor import config as cfgmod
-from supervisor.adapters import leftovers
 from supervisor.config import Settings
 from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
@@ -64,7 +63,6 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.last_tick = time.monotonic()
         self.board_dir = tempfile.mkdtemp(prefix="ksup-inflight-")
-        self.probe: leftovers.LeftoverProbe | None = None  # the broker's member list, asked once at start
         self.procs: dict[int, WorkerSlot] = {}  # pid -> slot, until reaped and reported
         self.progress = readiness.Progress()  # committed offsets standing still (health)
 
@@ -129,13 +127,10 @@ class Supervisor:
             except OSError as exc:  # a socket, pidfile or port the settings name
                 raise StartupError(str(exc)) from exc
             self.apply(self.core.start(time.monotonic()))
-            self.ask_for_leftovers()
             while self.core.state is not State.STOPPED:
                 self.tick()
         finally:
             self.kill_all_now()
-            if self.probe is not None:  # still asking the broker: its answer is of no use now
-                self.probe.kill()
             shutil.rmtree(self.board_dir, ignore_errors=True)
         code = self.core.final_code()
         # Signals stay recorded-only until the receipt is written and ksup has exited with its
@@ -154,35 +149,8 @@ class Supervisor:
             if signum != signal.SIGCHLD:
                 self.post(ev.SignalReceived(signum))
         self.reap()
-        if self.probe is not None and self.probe.expire(time.monotonic()):
-            self._unregister(self.probe.fd)
-            self.probe = None
         self.post(ev.Tick())
         self.hooks.on_tick(self)
-
-    def ask_for_leftovers(self) -> None:
-        """Start the helper that lists the group's members (adapters/leftovers.py); its answer
-        arrives through the selector, never waited for."""
-        body = leftovers.request(self.core.settings)
-        if body is None:
-            return
-        try:
-            probe = leftovers.LeftoverProbe(body, self._leftovers_found)
-        except OSError as exc:
-            log.debug("could not start the member-list helper: %s", exc)
-            return
-        self.probe = probe
-        self.selector.register(probe.fd, selectors.EVENT_READ, self._read_probe)
-
-    def _read_probe(self) -> None:
-        probe = self.probe
-        if probe is not None and probe.on_readable():
-            self._unregister(probe.fd)
-            self.probe = None
-
-    def _leftovers_found(self, slots: list[int]) -> None:
-        if slots:
-            self.post(ev.LeftoverMembers(tuple(slots)))
 
     def wait_for_events(self, timeout: float) -> None:
         """Sleep until a signal, a worker message or output, or a control request; handle it."""
