@@ -255,10 +255,10 @@ def test_batch_handler_gets_lists_and_async_handlers_run():
 
 
 def test_a_retried_batch_goes_back_in_order_and_runs_again():
-    batches: list[list[int]] = []
+    batches: list[list[tuple[int, int]]] = []
 
     def batch_handler(records: list[Record]) -> None:
-        batches.append([r.offset for r in records])
+        batches.append([(r.partition, r.offset) for r in records])
         if len(batches) == 1:
             raise RuntimeError("flaky")
 
@@ -270,10 +270,40 @@ def test_a_retried_batch_goes_back_in_order_and_runs_again():
     runner.start()
     runner.submit([_rec(p, o) for p in (0, 1) for o in range(2)], 1)
     done = _run_until(runner, lambda d: len(d) == 4)
-    assert batches[0] == batches[1] and len(batches[0]) == 3, "the same batch again, in the same order"
+    assert sorted(batches[0]) == sorted(batches[1]) and len(batches[0]) == 3, "the same records again"
+    for batch in batches:
+        for p in (0, 1):
+            offsets = [o for q, o in batch if q == p]
+            assert offsets == sorted(offsets), f"partition {p} out of order in {batch}"
     assert calls == [(3, 0), (3, 1), (1, 0)], "the retried three count an attempt, the fourth none"
     offsets = {p: [j.offset for j, _ in done if j.partition == p] for p in (0, 1)}
     assert offsets == {0: [0, 1], 1: [0, 1]}, "each partition in order"
+
+
+def test_no_record_of_a_failing_batch_runs_past_its_retry_attempts():
+    """Batches mix partitions and get split where the batch is full. A retried piece split again
+    gave its rest 0 attempts, and a batch's count was its first piece's while pieces that had
+    failed more often rode along: records ran 3 times with --retry-attempts 1. Every record of an
+    always-failing handler now runs exactly 1 + 1 times, then is skipped."""
+    import collections
+
+    calls: collections.Counter[tuple[int, int]] = collections.Counter()
+
+    def batch_handler(records: list[Record]) -> None:
+        calls.update((r.partition, r.offset) for r in records)
+        raise RuntimeError("always")
+
+    runner = HandlerRunner(_executor(batch_handler, chain=("retry", "skip"), attempts=1, backoff=0.02),
+                           batch_size=3, batch_timeout_s=0.02)
+    runner.start()
+    try:
+        runner.submit([_rec(p, o) for p in (0, 1) for o in range(4)], 1)
+        done = _run_until(runner, lambda d: len(d) == 8)
+        assert sorted((j.partition, j.offset) for j, _ in done) == [(p, o) for p in (0, 1) for o in range(4)]
+        assert all(o.note == "skipped" for _, o in done)
+        assert dict(calls) == {(p, o): 2 for p in (0, 1) for o in range(4)}, dict(calls)
+    finally:
+        runner.stop()
 
 
 def test_runner_drop_removes_only_queued_work_of_those_partitions():

@@ -378,12 +378,19 @@ class HandlerRunner:
         batch: list[Record] = []
         self._batch_origin = []
         isolate = self._isolate
+        attempts: int | None = None  # of the batch's first piece: every piece has the same
         for lane, queue in self._lanes.items():
             room = self._batch_size - len(batch)
             if room <= 0:
                 break
             while queue and room > 0 and queue[0].not_before <= now:
                 head = queue[0]
+                # A batch is retried as a whole, with one count of failed attempts: a piece that
+                # failed a different number of times waits for a batch of its own kind (else it
+                # would run past --retry-attempts, or be given up before it).
+                if attempts is not None and head.attempts != attempts:
+                    break
+                attempts = head.attempts
                 records = head.records
                 take = min(room, len(records))
                 if isolate:  # a poison message or a suspect runs in a batch of its own
@@ -398,7 +405,9 @@ class HandlerRunner:
                         break
                 queue.popleft()
                 if take < len(records):
-                    queue.appendleft(Chunk(records[take:], head.epoch))
+                    # The rest keeps the head's attempts: a retried chunk failed whole, so its rest
+                    # did too (0 would let it run past --retry-attempts).
+                    queue.appendleft(Chunk(records[take:], head.epoch, head.attempts, head.not_before))
                     piece = Chunk(records[:take], head.epoch, head.attempts, head.not_before)
                 else:
                     piece = head
