@@ -435,6 +435,28 @@ def test_with_kip848_a_new_ksup_leaves_a_dead_member_to_its_session(ksup, bootst
     assert slots == [0], slots
 
 
+def test_with_kip848_a_dead_worker_scaled_away_is_removed_at_once(ksup, bootstrap, names, tmp_path):
+    """KIP-848: a slot whose worker died (SIGKILL, waiting for its restart) and is then scaled
+    away cannot rejoin before its member's session expires (UNRELEASED_INSTANCE_ID), and no
+    rebalance waits for it: it is removed at once, not restarted into refusals (exit 16 every
+    2 s) that hold up every other change of the group for the session."""
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--instance-id-prefix", "kip848", "--restart-delay", "30", "--group-protocol", "consumer"])
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
+    os.kill(victim, signal.SIGKILL)
+    run.wait_for_log("worker 1 restarts in", 30)
+    run.signal(signal.SIGTTOU)
+    run.wait_for_log("worker slot 1 removed", 10)
+    assert [w["slot"] for w in status(group)["workers"]] == [0]
+    assert run.stop() == 0, run.tail()
+    assert "worker 1 started" not in run.log_text().split("worker 1 restarts in")[-1], run.tail()
+
+
 def test_orphans_killed_mid_rebalance_commit_what_they_finished(ksup, bootstrap, names, tmp_path):
     """The supervisor dies in the middle of a cooperative rebalance (classic protocol, static
     members): a member that joined got its first-round assignment, and the old member, having

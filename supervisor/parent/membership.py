@@ -123,7 +123,9 @@ def scale_down_unjoined(core: SupervisorCore) -> None:
     live = sorted((s for s in core.slots if s.then is not After.REMOVE), key=lambda s: s.index)
     current = core.roll.current if core.rolling() and core.roll is not None else None
     for victim in live[core.target_workers:]:
-        if victim.joined or victim.index == current or must_rejoin(core, victim):
+        # A dead slot's member is in the group only as long as must_rejoin says (its joined flag
+        # is its last process's): classic keeps it to rejoin and leave, KIP-848 removes it now.
+        if (victim.joined and victim.alive) or victim.index == current or must_rejoin(core, victim):
             continue
         victim.then = After.REMOVE
         if victim.alive:
