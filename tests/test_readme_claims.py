@@ -153,6 +153,10 @@ def test_readme_claims_in_one_run(ksup, bootstrap, names, tmp_path):
         # The supervisor never imports confluent-kafka: neither its extension nor librdkafka is mapped.
         maps = _proc_text(sup_pid, "maps")
         assert b"cimpl" not in maps and b"librdkafka" not in maps
+        # Nor asyncio (with what it brings, ssl among them, about 6 MiB of the supervisor's RSS): only
+        # a worker with an async handler needs it. (ssl itself comes here with --metrics-addr:
+        # http.server imports http.client.)
+        assert b"/_asyncio." not in maps, "the supervisor imported asyncio"
 
         # Metrics: a restart (cause stuck: silent).
         got = _metrics(port)

@@ -13,7 +13,6 @@ processes, named by the supervisor) skips the handler and goes straight to dead-
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import threading
@@ -133,6 +132,8 @@ class Executor:
             return self.process(arg)
         loop = getattr(self._local, "loop", None)
         if loop is None:  # one event loop per handler thread, kept for the worker's life
+            import asyncio  # here: only an async handler's worker needs it (the supervisor imports this module)
+
             loop = self._local.loop = asyncio.new_event_loop()
         result = loop.run_until_complete(self.process(arg))
         if result is not None:
