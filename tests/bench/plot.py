@@ -1,10 +1,10 @@
-"""Figures from the benchmark results (matplotlib, PNG): throughput against workers, and each
-partition's gap between processed messages around a rolling reload, one panel per way of
-replacing the workers.
+"""Figures from the benchmark results (matplotlib, PNG): throughput against workers, ksup against
+its peers, and each partition's gap between processed messages around a rolling reload, one
+panel per way of replacing the workers.
 
     python -m tests.bench.plot [--results bench-results] [--out bench-results]
 
-Reads ``throughput.json`` and ``reload.json`` written by ``make bench``; a missing file skips
+Reads ``throughput.json``, ``peers.json`` and ``reload.json`` written by ``make bench``; a missing file skips
 its figure. Needs the ``bench`` extra (``pip install -e '.[bench]'``).
 """
 
@@ -48,6 +48,36 @@ def throughput_figure(results: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def peers_figure(results: dict[str, Any], out: Path) -> Path:
+    """Each contender's rate as a ratio against the plain poll loop of the same round (every
+    round a dot, the median a bar)."""
+    import matplotlib.pyplot as plt
+
+    names = list(results["summary"])
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.4))
+    medians = [results["summary"][n]["median_ratio"] for n in names]
+    colors = ["#999999" if n.startswith("plain") else "#4c72b0" if n.startswith("ksup") else "#dd8452"
+              for n in names]
+    ax.barh(names, medians, color=colors)
+    for y, n in enumerate(names):
+        ratios = results["summary"][n]["ratios"]
+        ax.plot(ratios, [y] * len(ratios), "k.", markersize=5)
+        ax.annotate(f"{medians[y]:.2f}x (librdkafka {results['summary'][n]['librdkafka']})",
+                    (max(ratios + [medians[y]]), y), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.axvline(1.0, color="#555555", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(max(results["summary"][n]["ratios"]) for n in names) * 1.55)
+    ax.set_xlabel(f"messages per second against the plain poll loop of the same round\n"
+                  f"({results['messages']:,} messages, no-op handlers; bars: median, dots: rounds)")
+    ax.set_title("ksup and its peers (rounds alternating, one broker, one topic)")
+    fig.tight_layout()
+    path = out / "peers.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def reload_figure(results: list[dict[str, Any]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -82,6 +112,8 @@ def main() -> int:
     made = []
     if (results / "throughput.json").exists():
         made.append(throughput_figure(json.loads((results / "throughput.json").read_text()), out))
+    if (results / "peers.json").exists():
+        made.append(peers_figure(json.loads((results / "peers.json").read_text()), out))
     if (results / "reload.json").exists():
         made.append(reload_figure(json.loads((results / "reload.json").read_text()), out))
     for path in made:
