@@ -356,21 +356,14 @@ def test_orphans_above_the_configured_workers_leave_the_group(ksup, bootstrap, n
     assert second.stop() == 0, second.tail()
 
 
-def test_a_new_ksup_makes_a_dead_scaled_up_slot_of_a_killed_one_leave(ksup, bootstrap, names, tmp_path):
-    """A ksup scaled up by one (SIGTTIN) is SIGKILLed while slot 1's worker is dead and waiting
-    for its restart (SIGKILLed, --restart-delay 30): nobody is left to send slot 1's LeaveGroup,
-    and its static member holds its partitions until its session expires (ksup verify's soak:
-    a 46 s gap after a supervisor kill). The next ksup --workers 1 finds that member in the
-    broker's list at start, starts slot 1 once to rejoin and leave: the broker's member list
-    ends with stopper-0 only, and every partition is consumed well within the 45 s session."""
-    from confluent_kafka.admin import AdminClient
-
-    topic, group = names
+def _kill_a_ksup_while_its_scaled_up_slot_is_dead(ksup, bootstrap, topic, group, tmp_path, extra):
+    """A ksup --workers 1 scaled up by one (SIGTTIN) and SIGKILLed while slot 1's worker is dead
+    and waiting for its restart (SIGKILLed, --restart-delay 30 in ``extra``); returns once its
+    orphaned worker 0 exited. The handler's environment is returned for the next ksup."""
     create_topic(bootstrap, topic, 4)
     produce_sequence(bootstrap, topic, 40, partitions=4)
     record = tmp_path / "record.txt"
     env = {"KSUP_TEST_RECORD": str(record)}
-    extra = ["--instance-id-prefix", "stopper", "--restart-delay", "30"]
     first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
     wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
     first.signal(signal.SIGTTIN)
@@ -382,6 +375,21 @@ def test_a_new_ksup_makes_a_dead_scaled_up_slot_of_a_killed_one_leave(ksup, boot
     os.kill(first.proc.pid, signal.SIGKILL)
     wait_until(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE,
                30, "the orphan exited")
+    return env
+
+
+def test_a_new_ksup_makes_a_dead_scaled_up_slot_of_a_killed_one_leave(ksup, bootstrap, names, tmp_path):
+    """A ksup scaled up by one (SIGTTIN) is SIGKILLed while slot 1's worker is dead and waiting
+    for its restart (SIGKILLed, --restart-delay 30): nobody is left to send slot 1's LeaveGroup,
+    and its static member holds its partitions until its session expires (ksup verify's soak:
+    a 46 s gap after a supervisor kill). The next ksup --workers 1 finds that member in the
+    broker's list at start, starts slot 1 once to rejoin and leave: the broker's member list
+    ends with stopper-0 only, and every partition is consumed well within the 45 s session."""
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    extra = ["--instance-id-prefix", "stopper", "--restart-delay", "30"]
+    env = _kill_a_ksup_while_its_scaled_up_slot_is_dead(ksup, bootstrap, topic, group, tmp_path, extra)
     killed_at = time.monotonic()
     second = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
     produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
@@ -407,22 +415,8 @@ def test_with_kip848_a_new_ksup_leaves_a_dead_member_to_its_session(ksup, bootst
     from confluent_kafka.admin import AdminClient
 
     topic, group = names
-    create_topic(bootstrap, topic, 4)
-    produce_sequence(bootstrap, topic, 40, partitions=4)
-    record = tmp_path / "record.txt"
-    env = {"KSUP_TEST_RECORD": str(record)}
     extra = ["--instance-id-prefix", "kip848", "--restart-delay", "30", "--group-protocol", "consumer"]
-    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env, extra=extra)
-    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
-    first.signal(signal.SIGTTIN)
-    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
-    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
-    orphan = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 0)
-    os.kill(victim, signal.SIGKILL)
-    first.wait_for_log("worker 1 restarts in", 30)
-    os.kill(first.proc.pid, signal.SIGKILL)
-    wait_until(lambda: not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE,
-               30, "the orphan exited")
+    env = _kill_a_ksup_while_its_scaled_up_slot_is_dead(ksup, bootstrap, topic, group, tmp_path, extra)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     members = sorted(m.group_instance_id for m in admin.describe_consumer_groups([group])[group].result(30).members)
     assert "kip848-1" in members, f"the dead member is still in the group: {members}"
