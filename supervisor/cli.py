@@ -174,7 +174,6 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
                              systemd.SystemdNotifier()]
     if settings.pidfile:
         adapters.append(PidfileHooks(settings.pidfile))
-    adapters.append(LeftoverProbe())  # asks the broker once at start (classic static members only)
     if settings.on_worker_exit:
         from supervisor.adapters.exit_command import WorkerExitCommand
 
@@ -183,6 +182,8 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
         from supervisor.adapters.metrics import MetricsHooks
 
         adapters.append(MetricsHooks(settings.metrics_addr, settings.progress_timeout))
+    # Last: a hook that fails at start (a port in use) must not have started the helper first.
+    adapters.append(LeftoverProbe())  # asks the broker once at start (classic static members only)
     supervisor = Supervisor(settings, log_format, AllHooks(*adapters))
     crash = ""
     try:

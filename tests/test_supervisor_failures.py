@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.harness import ksup_cli, read_record, wait_until
-from tests.kafkautil import committed_offsets, create_topic, end_offsets, produce_sequence
+from tests.kafkautil import committed_offsets, create_topic, end_offsets, free_port_unused, produce_sequence
 
 pytestmark = pytest.mark.kafka
 
@@ -449,6 +449,33 @@ def test_with_kip848_a_dead_worker_scaled_away_is_removed_at_once(ksup, bootstra
     assert [w["slot"] for w in status(group)["workers"]] == [0]
     assert run.stop() == 0, run.tail()
     assert "worker 1 started" not in run.log_text().split("worker 1 restarts in")[-1], run.tail()
+
+
+def test_the_member_list_helper_does_not_outlive_a_killed_ksup(ksup, names, tmp_path):
+    """The start-time helper that asks the broker for leftover members (adapters/leftovers.py)
+    waits up to 5 s for a broker that does not answer. When ksup dies meanwhile (SIGKILL, or a
+    start-up error after it started), nothing else kills it: it must die with its parent."""
+    topic, group = names
+    dead = f"127.0.0.1:{free_port_unused()}"  # nobody answers: the helper waits out its timeout
+    run = ksup(HANDLER, dead, topic, group, workers=1)
+
+    def helper() -> int | None:
+        for pid in run.worker_pids():
+            try:
+                if "supervisor.adapters.leftovers" in " ".join(psutil.Process(pid).cmdline()):
+                    return pid
+            except psutil.NoSuchProcess:
+                pass
+        return None
+
+    wait_until(lambda: helper() is not None, 30, "the helper asking the broker")
+    pid = helper()
+    assert pid is not None
+    os.kill(run.proc.pid, signal.SIGKILL)
+    gone = time.monotonic()
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               10, "the helper gone")
+    assert time.monotonic() - gone < 2.0, "the helper outlived ksup until its own timeout"
 
 
 def test_orphans_killed_mid_rebalance_commit_what_they_finished(ksup, bootstrap, names, tmp_path):

@@ -18,11 +18,13 @@ import logging
 import os
 import re
 import selectors
+import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
+from supervisor.child.liveness import ask_kernel_for_parent_death_signal
 from supervisor.config import Settings, instance_id_prefix
 from supervisor.connection import connection_properties
 from supervisor.parent import events as ev
@@ -41,7 +43,7 @@ def request(s: Settings) -> dict[str, Any] | None:
         return None
     # Connection properties only: consumer ones would only make the admin client warn.
     return {"conf": {**connection_properties(s.kafka), "bootstrap.servers": s.bootstrap_servers},
-            "group": s.group, "prefix": instance_id_prefix(s), "workers": s.workers}
+            "group": s.group, "prefix": instance_id_prefix(s), "workers": s.workers, "parent": os.getpid()}
 
 
 def leftover_slots(instance_ids: list[str], prefix: str, workers: int) -> list[int]:
@@ -134,8 +136,13 @@ class LeftoverProbe(Hooks):
 
 
 def main() -> int:
-    """The helper: a request on stdin, the leftover slots as a JSON list on stdout."""
+    """The helper: a request on stdin, the leftover slots as a JSON list on stdout. It dies with
+    ksup (SIGKILL from the kernel when its parent dies): nothing else would end it when ksup is
+    killed, or fails to start, while the broker has not answered."""
+    ask_kernel_for_parent_death_signal(signal.SIGKILL)
     body = json.loads(sys.stdin.read())
+    if os.getppid() != body["parent"]:
+        return 0  # ksup died before the kernel was asked
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(body["conf"])
