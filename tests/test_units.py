@@ -158,7 +158,9 @@ def test_a_hanging_batch_is_in_flight_for_every_partition_it_holds():
             assert time.monotonic() < deadline, "the batch never started"
             time.sleep(0.01)
         for p in (0, 1):  # one of them is the batch's first record's, the other is not
-            assert runner.oldest_running({("t", p)}) is not None, f"partition {p}: not in flight"
+            held = runner.oldest_running({("t", p)})
+            assert held is not None, f"partition {p}: not in flight"
+            assert held[0].partition == p, f"a revoke of partition {p} would name {held[0].coordinates}"
         assert runner.oldest_running({("t", 2)}) is None
     finally:
         gate.set()

@@ -244,8 +244,18 @@ class HandlerRunner:
         among the runs and batches that hold any of partitions ``tps`` (or all). A batch is in
         flight for every partition it holds, not only its first record's: a revoke of any of them
         waits for the whole batch."""
-        running = [c for p in list(self.running.values())
-                   if (tps is None or not p.tps.isdisjoint(tps)) and (c := p.current()) is not None]
+        running = []
+        for p in list(self.running.values()):
+            if tps is not None and p.tps.isdisjoint(tps):
+                continue
+            current = p.current()
+            if current is None:
+                continue
+            record, since = current
+            if tps is not None and (record.topic, record.partition) not in tps:
+                # A batch: it holds those partitions too; name the first of its records of them.
+                record = next(r for r in p.records if (r.topic, r.partition) in tps)
+            running.append((record, since))
         if not running:
             return None
         record, since = min(running, key=lambda r: r[1])
