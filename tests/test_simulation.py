@@ -276,3 +276,27 @@ def test_leftover_members_found_while_starting_wait_for_the_start() -> None:
     world.post(ev.Stop("end of the story"))
     world.advance(50.0)
     assert world.core.state is State.STOPPED
+
+
+def test_a_slot_scaled_away_while_the_roll_drains_it_rejoins_to_leave() -> None:
+    """Classic static members, 2 workers. A rolling reload drains slot 1's old worker (a static
+    member that sends no LeaveGroup: its successor takes its instance id) and a scale-down to 1
+    comes meanwhile. The slot was removed as the old worker exited, so its member kept its
+    partitions from everyone until its session expired. It must rejoin, then leave for good."""
+    from supervisor.parent.state import RollPhase
+
+    world = World(GroupProtocol.CLASSIC, 2, 4)
+    world.advance(3.0)
+    world.post(ev.Reload())
+    deadline = world.now + 60
+    while not (world.core.roll is not None and world.core.roll.current == 1
+               and world.core.roll.phase is RollPhase.DRAIN):
+        assert world.now < deadline, "the roll never drained slot 1"
+        world.advance(0.1)
+    world.post(ev.SignalReceived(signal.SIGTTOU))
+    world.advance(20.0)
+    assert [s.index for s in world.core.slots] == [0]
+    assert "ksup-1" not in world.group.members, "slot 1's static member was left in the group"
+    world.post(ev.Stop("end of the story"))
+    world.advance(50.0)
+    assert world.core.state is State.STOPPED

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from supervisor.parent import membership, policy, worker_events
+from supervisor.parent import membership, policy, readiness, worker_events
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, SlotState, State
 
@@ -82,9 +82,19 @@ def old_change_in_progress(core: SupervisorCore) -> bool:
     return False
 
 
+def old_roll_gate(slots: list[WorkerSlot], incoming: WorkerSlot, old_assignment: list[str], static: bool,
+                  steady_since: float | None, now: float) -> tuple[bool, float | None]:
+    """The roll's gate at a188b2a: the new worker has its assignment and the supervisor is
+    settled (its workers own every partition). With a dead worker's member still holding its
+    partitions it is not: here, every slot has a live worker with an assignment."""
+    settled = all(s.alive and s.assigned_at is not None for s in slots)
+    return incoming.assigned_at is not None and settled, steady_since
+
+
 def install(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Put the old rules in place: the old membership rule, no halt for a worker that dies
-    while starting (its exit was ignored), no boot deadline."""
+    """Put the old rules in place: the old membership rule, the old roll gate, no halt for a
+    worker that dies while starting (its exit was ignored), no boot deadline."""
+    monkeypatch.setattr(readiness, "roll_gate", old_roll_gate)
     monkeypatch.setattr(membership, "manage", old_manage)
     monkeypatch.setattr(membership, "change_in_progress", old_change_in_progress)
     monkeypatch.setattr(policy, "boot_deadline", lambda s: float("inf"))

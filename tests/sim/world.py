@@ -76,6 +76,7 @@ class SimWorker:
     exit_after_drain: int = 0
     leave_group: bool = False
     got_assignment: bool = False  # a rebalance callback came (possibly with no partitions)
+    rebalanced_at: float = 0.0    # the last rebalance callback (the simulation's clock)
     stop_reason: str = ""
     exited_at: float | None = None
 
@@ -95,7 +96,7 @@ class SimWorker:
                 self._commit([p])
             for p in set(partitions) - set(self.assignment):  # resumes from the committed offset
                 self.processed[p] = self.world.committed.get(p, 0) - 1
-            self.assignment, self.got_assignment = list(partitions), True
+            self.assignment, self.got_assignment, self.rebalanced_at = list(partitions), True, now
             self.report(now, force=True)
 
     def fenced(self, now: float) -> None:
@@ -200,10 +201,15 @@ class SimWorker:
         state = {Phase.MEMBER: "assigned" if self.got_assignment else "joining",
                  Phase.DRAINING: "draining", Phase.READY: "draining"}.get(self.phase, "joining")
         names = [f"{TOPIC}[{p}]" for p in self.assignment]
+        # librdkafka's view of the group (its statistics): up and steady for a member that got
+        # its assignment while no rebalance is under way (the roll's gate reads it).
+        steady = self.phase is Phase.MEMBER and self.got_assignment and not self.world.group.rebalancing
         self.world.say(self, m.Report(
             self.pid, state, names, None, sum(o + 1 for o in self.processed.values()), 0,
             {f"{TOPIC}[{p}]": o + 1 for p, o in self.processed.items()},
-            {f"{TOPIC}[{p}]": c for p, c in self.committed.items()}, 30 << 20, at=self.world.wall(now)))
+            {f"{TOPIC}[{p}]": c for p, c in self.committed.items()}, 30 << 20, at=self.world.wall(now),
+            group_state="up" if self.phase is Phase.MEMBER else "", join_state="steady" if steady else "wait-join",
+            group_seen_at=self.world.wall(now), rebalanced_at=self.world.wall(self.rebalanced_at)))
 
 
 class World:
