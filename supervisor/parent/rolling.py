@@ -160,8 +160,14 @@ def _check_drain(core: SupervisorCore, roll: Roll) -> None:
     if old.alive:
         return
     if membership.above_target(core, old):
-        # Scaled down while its old worker drained: the slot goes, its successor never joins.
+        # Scaled down while its old worker drained: its successor never joins. The old worker
+        # closed as a static member handing over (no LeaveGroup), so its member still holds its
+        # partitions: then the slot restarts once to rejoin and leave (membership.must_rejoin),
+        # else it goes now.
         _drop_slot_from_roll(core, roll, "scaled down during the roll")
+        if membership.must_rejoin(core, old):
+            old.then, old.respawn_at = After.RESTART, core.now
+            return
         core.slots.remove(old)
         log.info("worker slot %d removed (%d workers)", old.index, len(core.slots))
         return
