@@ -29,6 +29,7 @@ from supervisor.config import Settings, instance_id_prefix
 from supervisor.connection import connection_properties
 from supervisor.parent import events as ev
 from supervisor.parent.hooks import Hooks
+from supervisor.parent.membership import rejoins_free_dead_members
 
 log = logging.getLogger("ksup.supervisor")
 
@@ -36,10 +37,9 @@ ASK_TIMEOUT_S = 5.0
 
 
 def request(s: Settings) -> dict[str, Any] | None:
-    """What the helper needs (its stdin: secrets never go in argv), or None when static
-    membership is off (no instance ids to look for) or the group uses KIP-848, which refuses
-    the rejoin until the dead member's session expires (membership.must_rejoin)."""
-    if not s.static_membership or s.group_protocol != "classic":
+    """What the helper needs (its stdin: secrets never go in argv), or None when a rejoin could
+    not free a leftover member anyway (membership.rejoins_free_dead_members)."""
+    if not rejoins_free_dead_members(s):
         return None
     # Connection properties only: consumer ones would only make the admin client warn.
     return {"conf": {**connection_properties(s.kafka), "bootstrap.servers": s.bootstrap_servers},

@@ -210,10 +210,10 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Record | None:
         loop.send_report()
         if time.monotonic() >= t0 + loop.drain_timeout_s:
             break
-        oldest = loop.runner.oldest_running()
-        if loop.handler_timeout_s and oldest is not None and time.time() - oldest[1] > loop.handler_timeout_s:
+        stuck = loop.handler_deadline()
+        if stuck is not None and time.time() > stuck[1]:
             log.error("drain: the handler on %s ran past --handler-timeout (%.0fs); not waiting for it",
-                      oldest[0].coordinates, loop.handler_timeout_s)
+                      stuck[0].coordinates, loop.handler_timeout_s)
             break
     loop.collect()
     oldest = loop.runner.oldest_running()

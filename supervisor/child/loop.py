@@ -499,12 +499,12 @@ class ConsumerLoop:
             dropped = self.runner.drop(gone)
             # After the drain gave up on the message in flight, close() must not wait for it again.
             wait_s = 0.0 if self.gave_up_in_flight else self.revoke_timeout_s
-            stuck = self.runner.oldest_running(gone) if self.handler_timeout_s else None
+            stuck = self.handler_deadline(gone)
             if stuck is not None:
                 # A handler past --handler-timeout is stuck (the supervisor stops this worker for
                 # it): the whole group's rebalance must not wait --revoke-timeout on top of that
                 # (ksup verify: a hang during a scale-flap held two partitions 14 s).
-                wait_s = min(wait_s, max(0.0, stuck[1] + self.handler_timeout_s - time.time()))
+                wait_s = min(wait_s, max(0.0, stuck[1] - time.time()))
             if not self.runner.wait_not_running(gone, time.monotonic() + wait_s):
                 oldest = self.runner.oldest_running(gone)
                 log.warning("revoke: handler still busy with %s after %.1fs; its offset will not be "
@@ -520,6 +520,13 @@ class ConsumerLoop:
             self.send_report(force=True)
         except Exception:
             log.exception("on_revoke failed")
+
+    def handler_deadline(self, tps: set[TP] | None = None) -> tuple[Record, float] | None:
+        """The record in a handler for the longest (of partitions ``tps``, or any) and when
+        (wall clock) it is past --handler-timeout; None without a timeout or a record in flight.
+        The revoke and the drain do not wait for a handler past it."""
+        oldest = self.runner.oldest_running(tps) if self.handler_timeout_s else None
+        return None if oldest is None else (oldest[0], oldest[1] + self.handler_timeout_s)
 
     def on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost partitions may already belong to another member: commit nothing for them."""

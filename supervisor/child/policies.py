@@ -45,7 +45,7 @@ class DeadLetter:
     def __init__(self, kafka: dict[str, str], topic_template: str, timeout_s: float = 30.0) -> None:
         from confluent_kafka import Producer
 
-        conf: dict[str, Any] = dict(connection_properties(kafka))
+        conf: dict[str, Any] = connection_properties(kafka)  # a new dict
         conf.update({"acks": "all", "enable.idempotence": True, "linger.ms": 0})
         self._producer = Producer(conf)
         self._template = topic_template

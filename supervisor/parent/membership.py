@@ -28,6 +28,7 @@ from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, SlotState, State
 
 if TYPE_CHECKING:
+    from supervisor.config import Settings
     from supervisor.parent.core import SupervisorCore
 
 log = logging.getLogger("ksup.supervisor")
@@ -160,14 +161,20 @@ def rejoin_to_leave(core: SupervisorCore) -> None:
         slot.kill_at = min(core.now + REJOIN_TO_LEAVE_S, core.stop_deadline_at or core.now + REJOIN_TO_LEAVE_S)
 
 
+def rejoins_free_dead_members(settings: Settings) -> bool:
+    """Whether a process rejoining with a dead member's instance id takes its place (and can then
+    leave): static members of the classic protocol. KIP-848 refuses the rejoin of an instance id
+    whose member died without leaving until that member's session expires
+    (UNRELEASED_INSTANCE_ID, worker exit 16), so a rejoin can never free its partitions sooner,
+    and its rebalances do not wait for it."""
+    return settings.static_membership and settings.group_protocol == "classic"
+
+
 def must_rejoin(core: SupervisorCore, slot: WorkerSlot) -> bool:
     """The slot's static member is in the group (a process of it joined and none left for good):
     removing it without a rejoin would leave its partitions, and every rebalance of a classic
-    group, waiting for its session to expire. Classic only: KIP-848 refuses the rejoin of an
-    instance id whose member died without leaving until that member's session expires
-    (UNRELEASED_INSTANCE_ID, worker exit 16), so a rejoin can never free its partitions sooner,
-    and its rebalances do not wait for it."""
-    return slot.member and core.settings.static_membership and core.settings.group_protocol == "classic"
+    group, waiting for its session to expire (rejoins_free_dead_members)."""
+    return slot.member and rejoins_free_dead_members(core.settings)
 
 
 def above_target(core: SupervisorCore, slot: WorkerSlot) -> bool:
