@@ -2,8 +2,8 @@
 
 A handler is called as ``process(record)``; ``record`` is a ``Record``. It is a plain,
 immutable value (a named tuple: fields by name, cheap to build, which matters at hundreds of
-thousands of messages a second): keeping it after the handler returned is safe, and it holds no
-Kafka handle.
+thousands of messages a second; every field immutable too, so it can be hashed): keeping it after
+the handler returned is safe, and it holds no Kafka handle.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes | None]]
+    #: (name, value) pairs in the message's order; () when it has none.
+    headers: tuple[tuple[str, bytes | None], ...]
     #: (type, milliseconds since the epoch); type 0 = not available, 1 = create time, 2 = log append.
     timestamp: tuple[int, int]
 

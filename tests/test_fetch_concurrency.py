@@ -441,7 +441,7 @@ def test_a_drop_just_after_a_handler_thread_took_a_run_is_noticed():
             return super()._run_lane(*args, **kwargs)
 
     runner = Widened(Executor(lambda r: seen.append(r.offset), [ErrorPolicy.STOP], 0, 0.0, None, set()))
-    runner.submit([Record("t", 0, o, None, None, [], (0, 0)) for o in range(50)], 1)
+    runner.submit([Record("t", 0, o, None, None, (), (0, 0)) for o in range(50)], 1)
     runner.start()
     try:
         assert entered.wait(5)

@@ -181,6 +181,29 @@ def test_lost_partitions_commit_nothing(ksup, bootstrap, names, tmp_path):
         assert "after its partition was revoked: not stored" in run.log_text()
 
 
+def test_headers_reach_the_handler_as_an_immutable_tuple(ksup, bootstrap, names, tmp_path):
+    """A message's headers arrive in order, a value-less one as None, as a tuple of pairs; a
+    message without headers has (); the Record hashes (every field is immutable)."""
+    from confluent_kafka import Producer
+
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    p = Producer({"bootstrap.servers": bootstrap})
+    p.produce(topic, value=b"a", headers=[("first", b"1"), ("none", None), ("first", b"2")])
+    p.produce(topic, value=b"b")
+    assert p.flush(30) == 0
+    record = tmp_path / "r.txt"
+    for spec, extra in (("process_fields", []),
+                        ("process_fields_batch", ["--batch-size", "2", "--batch-timeout", "0.1"])):
+        record.unlink(missing_ok=True)
+        run = ksup(f"tests.handlers.shapes:{spec}", bootstrap, topic, f"{group}-{spec}",
+                   env={"KSUP_TEST_RECORD": str(record)}, extra=extra)
+        wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= 2, 60, "both handled")
+        assert run.stop() == 0, run.tail()
+        assert record.read_text().splitlines() == [
+            "0 (('first', b'1'), ('none', None), ('first', b'2')) 1", "1 () 1"]
+
+
 def test_retry_then_dead_letter_with_headers(ksup, bootstrap, names, tmp_path):
     topic, group = names
     ends = loaded(bootstrap, topic, 2, 100)

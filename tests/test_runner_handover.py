@@ -56,7 +56,7 @@ def one_round() -> None:
     try:
         def feed() -> None:
             for start in range(0, per_partition, 50):
-                runner.submit([Record("t", p, o, None, None, [], (0, 0))
+                runner.submit([Record("t", p, o, None, None, (), (0, 0))
                                for p in range(partitions) for o in range(start, start + 50)], epoch=0)
                 time.sleep(0.0005)
 
@@ -97,7 +97,7 @@ def test_a_slow_lane_yields_to_a_waiting_one():
             time.sleep(0.01)
 
     runner = HandlerRunner(Slow(), concurrency=1)  # type: ignore[arg-type]
-    runner.submit([Record("t", p, o, None, None, [], (0, 0)) for p in (0, 1) for o in range(20)], epoch=0)
+    runner.submit([Record("t", p, o, None, None, (), (0, 0)) for p in (0, 1) for o in range(20)], epoch=0)
     runner.start()
     deadline = time.monotonic() + 10
     done = 0

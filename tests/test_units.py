@@ -82,7 +82,7 @@ def test_offset_book_in_order_needs_no_tracking_and_still_fences():
 
 
 def _rec(p: int, o: int) -> Record:
-    return Record("t", p, o, None, None, [], (0, 0))
+    return Record("t", p, o, None, None, (), (0, 0))
 
 
 def _executor(handler, chain=("stop",), attempts=3, backoff=0.01):
@@ -214,7 +214,7 @@ def test_concurrency_by_key_completes_out_of_order_but_stores_the_contiguous_pre
     tp = ("t", 0)
     book.acquire([tp])
     epoch = book.epoch_of(tp)
-    records = [Record("t", 0, o, b"slow" if o == 1 else b"k%d" % o, None, [], (0, 0)) for o in range(4)]
+    records = [Record("t", 0, o, b"slow" if o == 1 else b"k%d" % o, None, (), (0, 0)) for o in range(4)]
     for r in records:
         book.track(tp, r.offset)
     runner.submit(records, epoch)
@@ -316,8 +316,9 @@ def test_runner_drop_removes_only_queued_work_of_those_partitions():
 
 
 def test_records_from_a_fetch_keep_every_field():
-    """to_records (the worker's conversion of a whole fetch) gives Records, field for field, and
-    each record its own headers list (a handler may change its own), also when none has headers."""
+    """to_records (the worker's conversion of a whole fetch) gives Records, field for field. A
+    Record is an immutable value all through: its headers are a tuple of (name, value) pairs, the
+    empty tuple when the message has none, so a Record can be hashed (kept in a set, a dict key)."""
     from confluent_kafka import Message
 
     from supervisor.child.loop import to_records
@@ -326,13 +327,14 @@ def test_records_from_a_fetch_keep_every_field():
         return Message(topic="t", partition=3, offset=o, key=b"k%d" % o, value=b"v", headers=headers,
                        timestamp=(1, 1000 + o))
 
-    for msgs in ([msg(5), msg(6)], [msg(5, [("h", b"1")]), msg(6)]):
+    for msgs in ([msg(5), msg(6)], [msg(5, [("h", b"1"), ("n", None)]), msg(6)]):
         records = to_records(msgs, ["t", "t"], [3, 3])
         assert all(type(r) is Record for r in records)
         assert [r[:5] + (r.timestamp,) for r in records] == [("t", 3, 5, b"k5", b"v", (1, 1005)),
                                                               ("t", 3, 6, b"k6", b"v", (1, 1006))]
-        assert records[1].headers == [] and records[0].headers is not records[1].headers
-    assert records[0].headers == [("h", b"1")]
+        assert records[1].headers == ()
+        assert len({*records, *to_records(msgs, ["t", "t"], [3, 3])}) == 2  # hashable, equal by value
+    assert records[0].headers == (("h", b"1"), ("n", None))
 
 
 def test_the_board_names_every_record_of_a_batch(tmp_path):
