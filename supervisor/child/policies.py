@@ -23,6 +23,7 @@ from typing import Any
 from supervisor.child.handler import check_returned
 from supervisor.child.runner import STORED, Outcome
 from supervisor.connection import connection_properties
+from supervisor.contract.inflight_board import key_of
 from supervisor.record import Record
 
 log = logging.getLogger("ksup.worker")
@@ -107,7 +108,7 @@ class Executor:
         self.one: Callable[[Record], object] = process if not (self.is_async or poison) else self._one
 
     def _one(self, record: Record) -> object:
-        if self.poison and (record.topic, record.partition, record.offset) in self.poison:
+        if self.poison and key_of(record) in self.poison:
             raise Poison(f"poison message: worker processes died on {record.coordinates}")
         return self.call(record)
 
@@ -115,7 +116,7 @@ class Executor:
         """``STORED`` (that very object) when the handler returned; else what the policy says."""
         first = records[0]
         try:
-            if self.poison and (first.topic, first.partition, first.offset) in self.poison:
+            if self.poison and key_of(first) in self.poison:
                 raise Poison(f"poison message: worker processes died on {first.coordinates}")
             result = self.call(records)
             if result is not None:

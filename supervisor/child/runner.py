@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from supervisor.child.handler import check_returned
-from supervisor.contract.inflight_board import BoardWriter
+from supervisor.contract.inflight_board import BoardWriter, key_of
 from supervisor.contract.messages import LATENCY_BUCKETS
 from supervisor.record import Record
 
@@ -405,8 +405,7 @@ class HandlerRunner:
                 take = min(room, len(records))
                 if isolate:  # a poison message or a suspect runs in a batch of its own
                     for i in range(take):
-                        r = records[i]
-                        if (r.topic, r.partition, r.offset) in isolate:
+                        if key_of(records[i]) in isolate:
                             take = i if i or batch else 1
                             room = take  # nothing after it
                             break

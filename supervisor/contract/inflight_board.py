@@ -30,6 +30,20 @@ _TOPIC_MAX = _COUNT_AT - _HEAD.size
 ONE, RANGE = 1, 2               # the "in use" byte: one offset, or a range from it
 
 
+def board_topic(topic: str) -> str:
+    """A topic's name as the board keeps it: its first 237 bytes (Kafka allows 249 characters)."""
+    name = topic.encode()
+    return topic if len(name) <= _TOPIC_MAX else name[:_TOPIC_MAX].decode(errors="replace")
+
+
+def key_of(record: Record) -> tuple[str, int, int]:
+    """(topic, partition, offset) as ``read`` gives it back for this record. The supervisor names
+    poison and suspect messages from the board, so a worker must match its records by this key
+    (a plain (topic, partition, offset) never matched a message of a topic with a longer name,
+    and such a poison message killed every worker)."""
+    return board_topic(record.topic), record.partition, record.offset
+
+
 def create(path: str, threads: int) -> None:
     with open(path, "wb") as f:
         f.write(b"\0" * RECORD * max(threads, 1))

@@ -50,3 +50,9 @@ def process(record: Record) -> None:
         time.sleep(float(os.environ.get("KSUP_TEST_SLOW_S", "5")))
     # One write per message with O_APPEND: a line is either whole or absent, even on SIGKILL.
     os.write(_fd, f"{record.partition} {record.offset} {os.getpid()}\n".encode())
+
+
+def process_batch(records: list[Record]) -> None:
+    """The same for each record of a batch, in order (a switch fires inside the batch)."""
+    for r in records:
+        process(r)
