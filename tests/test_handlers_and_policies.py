@@ -274,6 +274,27 @@ def test_a_poison_message_of_a_topic_with_the_longest_name_is_put_aside(ksup, bo
     assert run.log_text().count("[0]@10 killed 2 worker processes") == 1, run.tail()
 
 
+def test_a_slow_message_abandoned_by_drains_ksup_asked_for_is_not_poison(ksup, bootstrap, names, tmp_path):
+    """--max-messages recycles a worker while a healthy message takes longer than
+    --graceful-timeout: each drain gives up on it (the worker's own exit 11). Those are not deaths
+    that message caused, so it never becomes poison: it is handled once the recycles stop, and
+    nothing is skipped."""
+    topic, group = names
+    ends = loaded(bootstrap, topic, 2, 480)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:3", "KSUP_TEST_SLOW_S": "6",
+           "KSUP_TEST_SLEEP": "0.02"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
+               extra=["--on-error", "skip", "--poison-after", "2", "--concurrency", "2", "--max-messages", "30",
+                      "--graceful-timeout", "1", "--restart-delay", "0.2"])
+    all_committed(bootstrap, group, topic, ends, timeout=150)
+    assert run.stop() == 0, run.tail()
+    text = run.log_text()
+    assert text.count("did not finish") + text.count("drain timeout") >= 2, "the recycles gave up on 0:3"
+    assert "without running the handler" not in text and "SKIPPED" not in text, run.tail()
+    assert missing(record, ends) == []
+
+
 def test_drain_during_a_rebalance_is_bounded(ksup, bootstrap, names, tmp_path):
     """SIGTERM while the group is rebalancing (two workers joining): no hang, exit 0, no loss."""
     topic, group = names

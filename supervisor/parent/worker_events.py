@@ -6,11 +6,12 @@ Functions of the SupervisorCore; the I/O loop reads the pipes and reaps the proc
 from __future__ import annotations
 
 import logging
+import signal
 from typing import TYPE_CHECKING
 
 from supervisor.child.policies import QUARANTINE
 from supervisor.contract import messages as m
-from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
+from supervisor.contract.exitcodes import ExitCode, ExitReport, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
 from supervisor.parent import policy
 from supervisor.parent.slots import WorkerSlot
@@ -74,11 +75,13 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
     core.kill_group_of_exited(slot)
     core.notify("on_worker_exit", slot, report)
     clean = report.code == 0 and slot.drain_sent_at is not None
+    death = not clean and died_of_a_message(slot, report)
     if clean:
         log.info("worker %d (pid %s) exited: %s", slot.index, slot.pid,
                  slot.exiting.reason if slot.exiting else report.describe())
     else:
-        inflight = note_poison(core, event.inflight) if core.state is State.RUNNING else ""
+        inflight = "" if core.state is not State.RUNNING else note_poison(core, event.inflight) \
+            if death else names(event.inflight)
         log.log(logging.WARNING if core.state is State.STOPPING else logging.ERROR,
                 "worker %d (pid %s) %s%s%s%s", slot.index, slot.pid, report.describe(),
                 last_moments(slot, core.wall), f"; in flight at death: {inflight}" if inflight else "",
@@ -102,11 +105,14 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
         why = slot.stuck_reason or f"{report.describe()} while booting, before it loaded the handler"
         raise HaltSupervisor(f"worker {slot.index} (pid {slot.pid}) {why}{event.tail}", ExitCode.BOOT_FAILED)
     after_exit(core, slot, clean, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING,
-               held=held)
+               held=held, death=death)
 
 
 def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, booting: bool = False,
-               held: bool = False) -> None:
+               held: bool = False, death: bool | None = None) -> None:
+    """``death``: the exit counts as a death (backoff, crash loop); by default when not clean. A
+    drain ksup asked for that ran out of time is not one (see died_of_a_message)."""
+    death = not clean if death is None else death
     now = core.now
     if core.state is not State.RUNNING or slot.then is After.REPLACED:
         return  # a replaced slot's successor is put in place by the rolling reload
@@ -114,7 +120,7 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
         core.slots.remove(slot)
         log.info("worker slot %d removed (%d workers)", slot.index, len(core.slots))
         return
-    if slot.then is After.RECYCLE and clean:
+    if slot.then is After.RECYCLE and not death:
         slot.respawn_at = now
         return
     if held:
@@ -126,6 +132,10 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
                     "in %.0fs (refused for %.0fs; ksup halts after --instance-id-wait %gs)", slot.index,
                     policy.HELD_RETRY_S, now - (slot.held_since or now), core.settings.instance_id_wait)
         return
+    if not death:
+        slot.respawn_at = now
+        log.info("worker %d restarts now (ksup asked it to drain, and it ended so: not a death)", slot.index)
+        return
     slot.deaths.append(now)
     core.deaths.append(now)
     if policy.is_crash_loop(core.deaths, now, core.settings.crash_loop_deaths, core.settings.crash_loop_window):
@@ -135,6 +145,21 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
     delay = policy.restart_delay(slot.deaths, now, core.settings.restart_delay, core.settings.max_restart_delay)
     slot.respawn_at = now + delay
     log.info("worker %d restarts in %.1fs", slot.index, delay)
+
+
+def died_of_a_message(slot: WorkerSlot, report: ExitReport) -> bool:
+    """Whether this unclean exit counts against the messages in flight (--poison-after): a crash
+    (a signal, an exit nobody asked for) or a stop for being stuck (--handler-timeout, silence).
+    Not a drain that ksup asked for (recycle, reload, scale-down) and that ran out of time: the
+    worker's own exit after giving up, or ksup's SIGKILL at the drain deadline. That message was
+    slow, not fatal; counting it made a healthy slow message poison, skipped without running."""
+    if slot.stuck_reason is not None or slot.drain_sent_at is None:
+        return True
+    return report.signal is not None and not slot.killed and report.signal != signal.SIGTERM
+
+
+def names(inflight: list[tuple[str, int, int]]) -> str:
+    return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
 
 
 def note_poison(core: SupervisorCore, inflight: list[tuple[str, int, int]]) -> str:
@@ -149,7 +174,7 @@ def note_poison(core: SupervisorCore, inflight: list[tuple[str, int, int]]) -> s
         core.suspects.update(inflight)
         log.warning("a batch of %d records was in flight: the next worker runs each of them alone",
                     len(inflight))
-        return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
+        return names(inflight)
     for key in inflight:
         core.poison_counts[key] += 1
         fallback = [p for p in core.settings.on_error if p in QUARANTINE]
@@ -157,7 +182,7 @@ def note_poison(core: SupervisorCore, inflight: list[tuple[str, int, int]]) -> s
             core.poison.add(key)
             log.error("%s[%d]@%d killed %d worker processes: the next worker will %s it without "
                       "running the handler", *key, core.poison_counts[key], fallback[0].value)
-    return ", ".join(f"{t}[{p}]@{o}" for t, p, o in inflight)
+    return names(inflight)
 
 
 def last_moments(slot: WorkerSlot, wall: float) -> str:
