@@ -355,6 +355,25 @@ def test_the_board_names_every_record_of_a_batch(tmp_path):
     assert inflight_board.read(path) == [("t", 2, 11)]
 
 
+def test_the_board_tells_apart_topics_whose_long_names_share_their_first_237_bytes(tmp_path):
+    """Kafka allows 249-character names; a board record has room for 237 bytes. Two long names
+    that differ only after that must come back as two keys, each the key_of its own records (a
+    poison message of one topic must never match the other's message at the same offset)."""
+    from supervisor.contract import inflight_board
+
+    path = str(tmp_path / "board")
+    inflight_board.create(path, 2)
+    board = inflight_board.BoardWriter(path, 2)
+    a, b = "x" * 240 + "-alpha", "x" * 240 + "-bravo"
+    ra, rb = Record(a, 0, 5, None, None, (), (0, 0)), Record(b, 0, 5, None, None, (), (0, 0))
+    board.set(0, a, 0, 5)
+    board.set(1, b, 0, 5)
+    back = inflight_board.read(path)
+    assert back == [inflight_board.key_of(ra), inflight_board.key_of(rb)]
+    assert back[0] != back[1]
+    assert inflight_board.key_of(_rec(0, 5)) == ("t", 0, 5)  # a short name as it is
+
+
 def _settings(**kw):
     base = dict(handler="h:p", topics=("t",), group="g", bootstrap_servers="127.0.0.1:1")
     return config.build({**base, **kw})

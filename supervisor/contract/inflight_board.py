@@ -10,11 +10,13 @@ message; the reader expands a range into its offsets.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
 import sys
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -30,10 +32,17 @@ _TOPIC_MAX = _COUNT_AT - _HEAD.size
 ONE, RANGE = 1, 2               # the "in use" byte: one offset, or a range from it
 
 
+@lru_cache(maxsize=1024)
 def board_topic(topic: str) -> str:
-    """A topic's name as the board keeps it: its first 237 bytes (Kafka allows 249 characters)."""
+    """A topic's name as the board keeps it. A name longer than a record has room for (Kafka
+    allows 249 characters, a record 237 bytes) is kept as its first 220 bytes, "#" (never part of a
+    topic name) and 16 hex digits of a hash of the whole name: cut names of two topics that differ
+    only at their end stay apart."""
     name = topic.encode()
-    return topic if len(name) <= _TOPIC_MAX else name[:_TOPIC_MAX].decode(errors="replace")
+    if len(name) <= _TOPIC_MAX:
+        return topic
+    digest = hashlib.blake2b(name, digest_size=8).hexdigest()
+    return name[:_TOPIC_MAX - len(digest) - 1].decode(errors="replace") + "#" + digest
 
 
 def key_of(record: Record) -> tuple[str, int, int]:
@@ -65,7 +74,7 @@ class BoardWriter:
         base = thread * RECORD
         written = self._names[thread]
         if written is None or written[0] != topic:
-            name = topic.encode()[:_TOPIC_MAX]
+            name = board_topic(topic).encode()
             self._map[base + _HEAD.size: base + _HEAD.size + len(name)] = name
             written = self._names[thread] = (topic, len(name))
         _HEAD.pack_into(self._map, base, ONE, partition, offset, written[1])
