@@ -78,3 +78,19 @@ def test_sigkilled_worker_is_restarted_and_its_messages_redelivered(ksup, bootst
     assert f"(pid {victim}) killed by SIGKILL" in run.log_text()
     assert "restarts in 0.2s" in run.log_text()
     assert committed_offsets(bootstrap, group, topic, 4) == ends
+
+
+def test_a_worker_that_exits_0_without_draining_is_not_a_clean_stop(ksup, bootstrap, names, tmp_path):
+    """A library in the handler turned SIGTERM into an immediate exit 0: the worker never
+    drained nor sent its exit report, so its last finished messages were not committed. ksup must
+    not call that a clean stop: exit 5 (COMMIT_FAILED: redelivered), with a reason naming it."""
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 3000, partitions=2)
+    record = tmp_path / "r.txt"
+    run = ksup("tests.handlers.exits_on_sigterm:Handler", bootstrap, topic, group,
+               env={"KSUP_TEST_RECORD": str(record)})
+    wait_until(lambda: len(read_record(record)) > 20, 60, "processing")
+    assert run.stop() == 5, run.tail()
+    assert "exited 0 without draining" in run.log_text(), run.tail()
+    assert run.receipt()["exit_code"] == 5

@@ -25,7 +25,7 @@ from typing import Any
 from supervisor import config as cfgmod
 from supervisor.config import Settings
 from supervisor.contract import messages as m
-from supervisor.contract.exitcodes import ExitCode, describe_returncode
+from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
 from supervisor.parent import events as ev
 from supervisor.parent import membership, policy, rolling, worker_events
@@ -371,6 +371,8 @@ class SupervisorCore:
         # Only the workers this stop drained: one that died earlier was logged (and restarting).
         codes = [describe_returncode(s.returncode).code for s in self.slots
                  if s.returncode is not None and s.in_final_drain]
+        if any(worker_events.without_drain(s) for s in self.slots if s.in_final_drain):
+            codes.append(WorkerExit.COMMIT_FAILED)  # its final commit never happened: redelivered
         return policy.final_exit_code(codes, self.forced)
 
     def final_reason(self, code: ExitCode) -> str:
@@ -392,6 +394,9 @@ class SupervisorCore:
                     (" (drained, waiting to leave together)" if all(s.ready_to_leave for s in killed
                                                                      if s is not first) else "")
             return text
+        for slot in self.slots:
+            if slot.in_final_drain and worker_events.without_drain(slot):
+                return f"worker {slot.index} {worker_events.WITHOUT_DRAIN}"
         for slot in self.slots:
             if slot.exiting is not None and slot.exiting.exit_code != 0:
                 return f"worker {slot.index}: {slot.exiting.reason} (exit {slot.exiting.exit_code})"

@@ -74,7 +74,9 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
     # Whatever the worker started and left behind in its session goes with it.
     core.kill_group_of_exited(slot)
     core.notify("on_worker_exit", slot, report)
-    clean = report.code == 0 and slot.drain_sent_at is not None
+    # A clean stop is one the worker reported (Exiting): an exit 0 without that report is a
+    # drain that never ran (a library in the handler turned SIGTERM into an exit), see without_drain.
+    clean = report.code == 0 and slot.drain_sent_at is not None and slot.exiting is not None
     death = not clean and died_of_a_message(slot, report)
     if clean:
         log.info("worker %d (pid %s) exited: %s", slot.index, slot.pid,
@@ -83,7 +85,8 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
         inflight = "" if core.state is not State.RUNNING else note_poison(core, event.inflight) \
             if death else names(event.inflight)
         log.log(logging.WARNING if core.state is State.STOPPING else logging.ERROR,
-                "worker %d (pid %s) %s%s%s%s", slot.index, slot.pid, report.describe(),
+                "worker %d (pid %s) %s%s%s%s", slot.index, slot.pid,
+                WITHOUT_DRAIN if without_drain(slot) else report.describe(),
                 last_moments(slot, core.wall), f"; in flight at death: {inflight}" if inflight else "",
                 event.tail)
     kafka = slot.configure.kafka if slot.configure else {}
@@ -145,6 +148,15 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, bo
     delay = policy.restart_delay(slot.deaths, now, core.settings.restart_delay, core.settings.max_restart_delay)
     slot.respawn_at = now + delay
     log.info("worker %d restarts in %.1fs", slot.index, delay)
+
+
+WITHOUT_DRAIN = ("exited 0 without draining (no exit report: did the handler, or a library it uses, turn "
+                 "SIGTERM into an exit?); its last finished messages were not committed and will be redelivered")
+
+
+def without_drain(slot: WorkerSlot) -> bool:
+    """The worker exited 0 without its exit report: whatever it did, it was not ksup's drain."""
+    return slot.returncode == 0 and slot.exiting is None
 
 
 def died_of_a_message(slot: WorkerSlot, report: ExitReport) -> bool:
