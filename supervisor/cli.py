@@ -135,6 +135,12 @@ def start(ctx: click.Context, /, handler: str | None, kafka_props: tuple[str, ..
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
         return
+    from supervisor.parent.receipt import path_problem
+
+    problem = path_problem(settings.receipt) if settings.receipt else None
+    if problem:
+        fail(problem, ExitCode.CONFIG)
+        return
     # Read once: no process ksup starts inherits a variable that held a secret.
     references.forget_variables(file_vars + argv_vars)
     log_format = resolve_format(settings.log_format)

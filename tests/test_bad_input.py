@@ -75,6 +75,18 @@ def test_unknown_kafka_property(bootstrap, names, bad_modules):
     assert group not in groups(bootstrap)
 
 
+def test_a_receipt_path_that_cannot_be_written_is_refused_at_start(bootstrap, names, bad_modules):
+    """Found at start, not after the whole run when the receipt is due (ksup then exited 0 with no
+    receipt): one line naming --receipt, CONFIG, and the group never joined."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    proc = run_ksup(["good:process", "-b", bootstrap, "-t", topic, "-g", group,
+                     "--receipt", str(bad_modules / "missing-dir" / "receipt.json")], bad_modules)
+    assert proc.returncode == CONFIG, proc.stderr
+    assert "--receipt" in last_line(proc) and "does not exist" in last_line(proc), last_line(proc)
+    assert group not in groups(bootstrap)
+
+
 def test_unknown_config_file_key(bootstrap, names, bad_modules):
     topic, group = names
     cfg = bad_modules / "ksup.toml"

@@ -8,6 +8,7 @@ then, never more than it had finished."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,3 +67,15 @@ class Receipt:
         tmp = Path(path + ".tmp")
         tmp.write_text(json.dumps(self.as_dict(exit_code, reason), indent=2) + "\n")
         tmp.replace(path)
+
+
+def path_problem(path: str) -> str | None:
+    """Why the receipt could not be written at ``path`` when ksup exits, checked at start (a
+    run must not end without the receipt it was asked for); None when it can."""
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        return f"--receipt {path}: the folder {folder} does not exist (create it, or give another path)"
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        return f"--receipt {path}: not writable by this user (fix its permissions, or give another path)"
+    return None
