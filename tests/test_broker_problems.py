@@ -147,6 +147,34 @@ def test_an_unconfirmed_final_commit_is_exit_5_within_a_short_graceful_timeout(k
     assert last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
 
 
+def test_a_quick_stop_during_an_unconfirmed_final_commit_is_still_exit_5(ksup, own_kafka, names, tmp_path):
+    """The broker frozen at SIGINT; a second signal (SIGQUIT: quick stop) shortens the drain while
+    the worker waits for its final commit. The worker must give up the commit within the shorter
+    budget and say so: COMMIT_FAILED (5), not the supervisor's SIGKILL (FORCED, 4, which named a
+    message in flight long finished). Hostile testing found the commit wait ignored the quick stop."""
+    topic, group = names
+    create_topic(own_kafka.bootstrap, topic, 1)
+    produce_sequence(own_kafka.bootstrap, topic, 20)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, own_kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--quick-timeout", "1", "-X", "auto.commit.interval.ms=120000",
+                      "-X", "session.timeout.ms=6000"])
+    wait_until(lambda: len(read_record(record)) == 20, 60, "consumed")
+    assert own_kafka.proc is not None
+    os.kill(own_kafka.proc.pid, signal.SIGSTOP)
+    try:
+        run.signal(signal.SIGINT)
+        # The worker logs this, then (nothing in flight) goes straight to its final commit.
+        run.wait_for_log("drain requested", 10)
+        run.signal(signal.SIGQUIT)
+        code = run.wait(40)
+    finally:
+        os.kill(own_kafka.proc.pid, signal.SIGCONT)
+    last = run.log_text().strip().splitlines()[-1]
+    assert code == 5, run.tail()
+    assert last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
+
+
 def test_kafka_problems_rules():
     """Pure logic: which errors become which problem lines, and when they clear."""
     from confluent_kafka import KafkaError, TopicPartition
