@@ -94,3 +94,35 @@ def test_a_worker_that_exits_0_without_draining_is_not_a_clean_stop(ksup, bootst
     assert run.stop() == 5, run.tail()
     assert "exited 0 without draining" in run.log_text(), run.tail()
     assert run.receipt()["exit_code"] == 5
+
+
+def test_a_helper_the_handler_forked_does_not_outlive_its_worker(ksup, bootstrap, names, tmp_path):
+    """A fork (no exec) inherits the worker's SIGTERM handler (drain, ignored outside a consumer
+    loop), so the SIGTERM ksup sends to a dead worker's process group did not end it: it lived
+    on under ksup. A forked child gets SIGTERM's default back."""
+    import psutil
+
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 10)
+    record = tmp_path / "r.txt"
+    helper_file = tmp_path / "r.txt.helper"
+    run = ksup("tests.handlers.forks_helper:process", bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)})
+    wait_until(helper_file.exists, 60, "helper forked")
+    helper = psutil.Process(int(helper_file.read_text()))
+    try:
+        os.kill(helper.ppid(), signal.SIGKILL)  # its worker
+        run.wait_for_log("worker 0 restarts", 30)
+
+        def gone() -> bool:
+            try:
+                return helper.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+        wait_until(gone, 10, "the forked helper ended with its worker")
+    finally:
+        try:
+            helper.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert run.stop() == 0, run.tail()

@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # Signals first: a SIGTERM during boot must not kill us before we can say why.
     signal.signal(signal.SIGTERM, _on_term)
+    # A process the handler forks (without exec) would inherit _on_term and ignore the SIGTERM
+    # the supervisor sends to a dead worker's process group, outliving its worker.
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     # Ctrl+C in a terminal reaches the whole process group; only the supervisor acts on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     liveness.ask_kernel_for_parent_death_signal(signal.SIGTERM)
