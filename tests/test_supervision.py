@@ -330,3 +330,21 @@ def test_control_socket_refuses_other_users_and_malformed_requests(ksup, bootstr
     assert ksup_cli("status", "--socket", str(sock_path)).returncode == 0
     assert run.stop() == 0
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_ksup_stop_with_a_shorter_timeout_during_a_drain_shortens_it(ksup, bootstrap, names, tmp_path):
+    """A SIGTERM drain waits up to --graceful-timeout (60 s here) for a slow message; an operator
+    then runs `ksup stop --timeout 3`. It was accepted and ignored (the drain went on for the whole
+    60 s). The shorter deadline must apply: the message is abandoned (not stored: exit 4)."""
+    topic, group = names
+    loaded_topic(bootstrap, topic, 1, 20)
+    record = tmp_path / "record.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:3", "KSUP_TEST_SLOW_S": "120"}
+    run = ksup(HANDLER, bootstrap, topic, group, env=env, extra=["--graceful-timeout", "60"])
+    wait_until(lambda: len(read_record(record)) == 3, 60, "0:3 in the handler")
+    run.signal(signal.SIGTERM)
+    run.wait_for_log("draining 1 worker", 10)
+    stop = ksup_cli("stop", "-g", group, "--timeout", "3", timeout=40)
+    assert stop.returncode == 4, (stop.stdout, stop.stderr, run.tail())
+    assert run.wait(10) == 4, run.tail()
+    assert (0, 3) not in {(p, o) for p, o, _ in read_record(record)}

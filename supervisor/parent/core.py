@@ -253,8 +253,11 @@ class SupervisorCore:
             self.scale(self.target_workers - 1)
 
     def stop(self, reason: str, quick: bool, timeout: float | None = None) -> None:
-        """Ask every worker to drain. Idempotent; a quick stop shortens the deadlines."""
-        if self.state in (State.STOPPING, State.STOPPED) and (self.quick or not quick):
+        """Ask every worker to drain. Idempotent; a quick stop, or a stop with a ``timeout`` that
+        ends sooner than the stop under way (`ksup stop --timeout`), shortens the deadlines."""
+        sooner = timeout is not None and self.state is State.STOPPING and \
+            self.now + timeout < (self.stop_deadline_at or float("inf"))
+        if self.state in (State.STOPPING, State.STOPPED) and (self.quick or not quick) and not sooner:
             return
         if self.state is State.STOPPED:
             return
@@ -280,9 +283,11 @@ class SupervisorCore:
             if slot.alive:
                 # A worker that never joined (still booting) has nothing to commit: however it
                 # ends (even killed by this SIGTERM before its handler is installed) is no failure.
-                slot.in_final_drain = slot.joined
-                # One that never joined has nothing to commit: it gets the quick deadline.
-                self.drain_slot(slot, reason, wait, deadline if slot.joined else min(deadline, s.quick_timeout))
+                slot.in_final_drain = slot.in_final_drain or slot.joined
+                # One that never joined has nothing to commit: it gets the quick deadline. One
+                # already draining (a shorter stop) gets the new deadline over the pipe only.
+                self.drain_slot(slot, reason, wait, deadline if slot.joined else min(deadline, s.quick_timeout),
+                                sigterm=slot.drain_sent_at is None)
         membership.manage(self)  # nothing alive: STOPPED at once
 
     def reload(self) -> str | None:
