@@ -121,30 +121,34 @@ def test_health_sees_a_deleted_topic(ksup, own_kafka, names, tmp_path):
     run.stop(60)
 
 
+def _stopped_with_the_broker_frozen(ksup, kafka, names, tmp_path, extra, stop) -> tuple[int, str]:
+    """20 messages consumed with no periodic auto-commit (only the drain commits), then the broker
+    frozen and ``stop(run)`` called; returns ksup's exit code and its last line."""
+    topic, group = names
+    create_topic(kafka.bootstrap, topic, 1)
+    produce_sequence(kafka.bootstrap, topic, 20)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
+               extra=[*extra, "-X", "auto.commit.interval.ms=120000", "-X", "session.timeout.ms=6000"])
+    wait_until(lambda: len(read_record(record)) == 20, 60, "consumed")
+    assert kafka.proc is not None
+    os.kill(kafka.proc.pid, signal.SIGSTOP)
+    try:
+        stop(run)
+        code = run.wait(40)
+    finally:
+        os.kill(kafka.proc.pid, signal.SIGCONT)
+    return code, run.log_text().strip().splitlines()[-1]
+
+
 def test_an_unconfirmed_final_commit_is_exit_5_within_a_short_graceful_timeout(ksup, own_kafka, names, tmp_path):
     """Issue 13 finding 7: the worker's commit and close waits come from the drain budget. With
     --graceful-timeout 8 and the broker frozen at SIGTERM, the final commit cannot be confirmed:
     the truth is COMMIT_FAILED (5), reached before the supervisor's SIGKILL (which would say
     FORCED, 4: hard-coded 10 s + 5 s waits outlived the 8 s budget)."""
-    topic, group = names
-    create_topic(own_kafka.bootstrap, topic, 1)
-    produce_sequence(own_kafka.bootstrap, topic, 20)
-    record = tmp_path / "record.txt"
-    # No periodic auto-commit in this test's window: only the drain commits.
-    run = ksup(HANDLER, own_kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
-               extra=["--graceful-timeout", "8", "-X", "auto.commit.interval.ms=120000",
-                      "-X", "session.timeout.ms=6000"])
-    wait_until(lambda: len(read_record(record)) == 20, 60, "consumed")
-    assert own_kafka.proc is not None
-    os.kill(own_kafka.proc.pid, signal.SIGSTOP)
-    try:
-        run.signal(signal.SIGTERM)
-        code = run.wait(30)
-    finally:
-        os.kill(own_kafka.proc.pid, signal.SIGCONT)
-    assert code == 5, run.tail()
-    last = run.log_text().strip().splitlines()[-1]
-    assert last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
+    code, last = _stopped_with_the_broker_frozen(ksup, own_kafka, names, tmp_path, ["--graceful-timeout", "8"],
+                                                 lambda run: run.signal(signal.SIGTERM))
+    assert code == 5 and last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
 
 
 def test_a_quick_stop_during_an_unconfirmed_final_commit_is_still_exit_5(ksup, own_kafka, names, tmp_path):
@@ -152,27 +156,15 @@ def test_a_quick_stop_during_an_unconfirmed_final_commit_is_still_exit_5(ksup, o
     the worker waits for its final commit. The worker must give up the commit within the shorter
     budget and say so: COMMIT_FAILED (5), not the supervisor's SIGKILL (FORCED, 4, which named a
     message in flight long finished). Hostile testing found the commit wait ignored the quick stop."""
-    topic, group = names
-    create_topic(own_kafka.bootstrap, topic, 1)
-    produce_sequence(own_kafka.bootstrap, topic, 20)
-    record = tmp_path / "record.txt"
-    run = ksup(HANDLER, own_kafka.bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)},
-               extra=["--quick-timeout", "1", "-X", "auto.commit.interval.ms=120000",
-                      "-X", "session.timeout.ms=6000"])
-    wait_until(lambda: len(read_record(record)) == 20, 60, "consumed")
-    assert own_kafka.proc is not None
-    os.kill(own_kafka.proc.pid, signal.SIGSTOP)
-    try:
+    def quick_stop(run) -> None:
         run.signal(signal.SIGINT)
         # The worker logs this, then (nothing in flight) goes straight to its final commit.
         run.wait_for_log("drain requested", 10)
         run.signal(signal.SIGQUIT)
-        code = run.wait(40)
-    finally:
-        os.kill(own_kafka.proc.pid, signal.SIGCONT)
-    last = run.log_text().strip().splitlines()[-1]
-    assert code == 5, run.tail()
-    assert last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
+
+    code, last = _stopped_with_the_broker_frozen(ksup, own_kafka, names, tmp_path, ["--quick-timeout", "1"],
+                                                 quick_stop)
+    assert code == 5 and last.startswith("ksup: exit 5 (COMMIT_FAILED)"), last
 
 
 def test_kafka_problems_rules():

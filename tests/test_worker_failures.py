@@ -106,23 +106,36 @@ def test_a_helper_the_handler_forked_does_not_outlive_its_worker(ksup, bootstrap
     create_topic(bootstrap, topic, 1)
     produce_sequence(bootstrap, topic, 10)
     record = tmp_path / "r.txt"
-    helper_file = tmp_path / "r.txt.helper"
-    run = ksup("tests.handlers.forks_helper:process", bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)})
-    wait_until(helper_file.exists, 60, "helper forked")
-    helper = psutil.Process(int(helper_file.read_text()))
-    try:
-        os.kill(helper.ppid(), signal.SIGKILL)  # its worker
-        run.wait_for_log("worker 0 restarts", 30)
+    helpers_file = tmp_path / "r.txt.helpers"
 
-        def gone() -> bool:
+    def helpers() -> list[psutil.Process]:
+        out = []
+        for pid in map(int, helpers_file.read_text().split() if helpers_file.exists() else []):
             try:
-                return helper.status() == psutil.STATUS_ZOMBIE
+                out.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
-                return True
-        wait_until(gone, 10, "the forked helper ended with its worker")
-    finally:
+                pass
+        return out
+
+    def alive(p: psutil.Process) -> bool:
         try:
-            helper.kill()
+            return p.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
-            pass
-    assert run.stop() == 0, run.tail()
+            return False
+
+    run = ksup("tests.handlers.forks_helper:process", bootstrap, topic, group, env={"KSUP_TEST_RECORD": str(record)})
+    try:
+        wait_until(lambda: helpers(), 60, "helper forked")
+        first = helpers()[0]
+        os.kill(first.ppid(), signal.SIGKILL)  # its worker
+        run.wait_for_log("worker 0 restarts", 30)
+        wait_until(lambda: not alive(first), 10, "the forked helper ended with its worker")
+        assert run.stop() == 0, run.tail()
+        # A redelivered 0:3 forked another under the next worker: it ends with that one.
+        wait_until(lambda: not any(map(alive, helpers())), 10, "every forked helper ended")
+    finally:
+        for p in helpers():  # by pid, also when the test failed
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
