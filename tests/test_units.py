@@ -466,3 +466,20 @@ def test_leftover_slots_are_this_prefix_above_the_configured_workers():
     ids = ["h-g-0", "h-g-1", "h-g-4", "h-g-12", "h-g-x", "h-g2-5", "other-3", "", "h-g-4"]
     assert leftover_slots(ids, "h-g", 2) == [4, 12]
     assert leftover_slots(ids, "h-g", 13) == []
+
+
+def test_the_last_line_says_what_a_workers_exit_code_means():
+    """"worker 0: SIGTERM received (exit 5)" told why the worker stopped, not what went wrong."""
+    from supervisor.contract import messages as m
+    from supervisor.contract.exitcodes import ExitCode
+    from supervisor.parent.core import SupervisorCore
+
+    core = SupervisorCore(_settings(), 0.0)
+    core.slots[0].exiting = m.Exiting(7, 5, "SIGTERM received")
+    assert core.final_reason(ExitCode.COMMIT_FAILED) == (
+        "worker 0: the broker did not confirm its final commit (its finished messages will be redelivered) "
+        "(exit 5; SIGTERM received)")
+    core.slots[0].exiting = m.Exiting(7, 11, "SIGTERM received", abandoned=m.InFlight("t", 1, 9, 0.0))
+    assert core.final_reason(ExitCode.FORCED).startswith("worker 0: its handler did not finish t[1]@9 within")
+    core.slots[0].exiting = m.Exiting(7, 10, "handler raised ValueError on t[0]@3")
+    assert core.final_reason(ExitCode.FORCED) == "worker 0: handler raised ValueError on t[0]@3 (exit 10)"

@@ -403,12 +403,27 @@ class SupervisorCore:
             if slot.in_final_drain and worker_events.without_drain(slot):
                 return f"worker {slot.index} {worker_events.WITHOUT_DRAIN}"
         for slot in self.slots:
-            if slot.exiting is not None and slot.exiting.exit_code != 0:
-                return f"worker {slot.index}: {slot.exiting.reason} (exit {slot.exiting.exit_code})"
+            ex = slot.exiting
+            if ex is not None and ex.exit_code != 0:
+                what = WORKER_EXIT_SAYS.get(ex.exit_code)
+                if what is None:
+                    return f"worker {slot.index}: {ex.reason} (exit {ex.exit_code})"
+                abandoned = _coords(ex.abandoned) if ex.abandoned else "a message"
+                return f"worker {slot.index}: {what.format(abandoned=abandoned)} (exit {ex.exit_code}; {ex.reason})"
         return code.name.lower()
 
     def receipt_body(self, code: ExitCode) -> dict[str, Any]:
         return self.receipt.as_dict(int(code), self.stop_reason or "stopped")
+
+
+# What a worker's own exit code means, for the one line an operator reads at the end (the
+# worker's stop reason alone, such as "SIGTERM received", says why it stopped, not what went wrong).
+WORKER_EXIT_SAYS: dict[int, str] = {
+    WorkerExit.COMMIT_FAILED: "the broker did not confirm its final commit (its finished messages will be "
+                              "redelivered)",
+    WorkerExit.DRAIN_TIMEOUT: "its handler did not finish {abandoned} within the drain's time (not stored: "
+                              "redelivered)",
+}
 
 
 def _coords(inflight: m.InFlight) -> str:
