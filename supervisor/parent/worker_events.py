@@ -78,9 +78,8 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
     # drain that never ran (a library in the handler turned SIGTERM into an exit), see without_drain.
     clean = report.code == 0 and slot.drain_sent_at is not None and slot.exiting is not None
     death = not clean and died_of_a_message(slot, report)
-    if clean:
-        log.info("worker %d (pid %s) exited: %s", slot.index, slot.pid,
-                 slot.exiting.reason if slot.exiting else report.describe())
+    if clean and slot.exiting is not None:  # (clean implies the report)
+        log.info("worker %d (pid %s) exited: %s", slot.index, slot.pid, slot.exiting.reason)
     else:
         inflight = "" if core.state is not State.RUNNING else note_poison(core, event.inflight) \
             if death else names(event.inflight)
@@ -107,15 +106,14 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
         # the worker could say so, already halted with its own code).
         why = slot.stuck_reason or f"{report.describe()} while booting, before it loaded the handler"
         raise HaltSupervisor(f"worker {slot.index} (pid {slot.pid}) {why}{event.tail}", ExitCode.BOOT_FAILED)
-    after_exit(core, slot, clean, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING,
-               held=held, death=death)
+    after_exit(core, slot, death, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING,
+               held=held)
 
 
-def after_exit(core: SupervisorCore, slot: WorkerSlot, clean: bool, how: str, booting: bool = False,
-               held: bool = False, death: bool | None = None) -> None:
-    """``death``: the exit counts as a death (backoff, crash loop); by default when not clean. A
-    drain ksup asked for that ran out of time is not one (see died_of_a_message)."""
-    death = not clean if death is None else death
+def after_exit(core: SupervisorCore, slot: WorkerSlot, death: bool, how: str, booting: bool = False,
+               held: bool = False) -> None:
+    """``death``: the exit counts as a death (backoff, crash loop). A clean stop is not one, nor
+    is a drain ksup asked for that ran out of time (see died_of_a_message)."""
     now = core.now
     if core.state is not State.RUNNING or slot.then is After.REPLACED:
         return  # a replaced slot's successor is put in place by the rolling reload
