@@ -424,6 +424,19 @@ class ConsumerLoop:
             log.warning("pause/resume failed: %s", exc)
         self.paused = waiting
 
+    def resume_before_release(self, tps: list[TP]) -> None:
+        """Resume the partitions this loop paused before they leave the assignment: librdkafka
+        keeps an application's pause across an unassign, so a partition revoked during its
+        retry backoff and assigned back later would never be fetched again."""
+        again = [TopicPartition(t, p) for t, p in tps if (t, p) in self.paused]
+        self.paused.difference_update(tps)
+        if not again or self.stop_reason is not None:  # draining: the worker exits paused
+            return
+        try:
+            self.consumer.resume(again)
+        except KafkaException as exc:
+            log.warning("resume of %s before its release failed: %s", ", ".join(map(tp_name, tps)), exc)
+
     def store_dirty(self) -> None:
         dirty = self.book.take_dirty()
         if not dirty:
@@ -516,8 +529,8 @@ class ConsumerLoop:
             self.collect()
             if self.commit_on_revoke:
                 self.commit_partitions(tps)
+            self.resume_before_release(tps)
             self.book.release(tps)
-            self.paused -= set(tps)
             self.call_lifecycle("on_revoke", tps)
             log.info("revoked %s (%d queued messages released)", ", ".join(map(tp_name, tps)), dropped)
             self.send_report(force=True)
@@ -541,8 +554,8 @@ class ConsumerLoop:
             # Finished work of theirs that the broker never confirmed: redelivered to the next owner.
             self.lost_unconfirmed |= {tp for tp in tps if (b := self.book.owned.get(tp)) is not None
                                       and b.stored >= 0 and b.committed < b.stored}
+            self.resume_before_release(tps)
             self.book.release(tps)
-            self.paused -= set(tps)
             self.call_lifecycle("on_revoke", tps)
             log.warning("lost %s (nothing committed for them)", ", ".join(map(tp_name, tps)))
             self.send_report(force=True)
