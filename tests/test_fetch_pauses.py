@@ -1,15 +1,26 @@
-"""The worker's pauses of fetching (retry backoffs), against a real broker with the real
-ConsumerLoop and HandlerRunner in this process (as tests/test_fetch_concurrency.py drives
-them). Oracles: the handler's own list of (partition, offset), and the broker's committed
-offsets."""
+"""Pauses of fetching: fairness under a backlog (child/fair_fetch.py) and retry backoffs,
+against a real broker with the real ConsumerLoop and HandlerRunner in this process (as
+tests/test_fetch_concurrency.py drives them); then the rule alone, as a unit and as a
+Hypothesis state machine.
+
+Oracles: the handler's own list of (partition, offset) in handling order, and the broker's
+committed offsets. Fairness is judged by order (how much of one partition was handled before
+every partition had its turn), never by time."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
-from confluent_kafka import Consumer
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from supervisor.child.fair_fetch import MIN_SHARE, OVERFLOW, FairFetch, messages_wait, wanted_paused
+from supervisor.child.loop import MAX_BACKLOG
 from supervisor.child.policies import ErrorPolicy, Executor
 from tests.kafkautil import committed_offsets, create_topic, produce_sequence
 from tests.test_fetch_concurrency import _commit_what_is_stored, _conf, _make, _step_until
@@ -18,6 +29,57 @@ from tests.test_fetch_concurrency import _commit_what_is_stored, _conf, _make, _
 def _all_stored(loop: Any, topic: str, ends: dict[int, int]) -> bool:
     owned = loop.book.owned
     return all((topic, p) in owned and owned[(topic, p)].stored >= end for p, end in ends.items())
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_waiting(bootstrap, names, batch):
+    """4 partitions x 3,000 small messages, all waiting before the worker starts, and a handler
+    slower than the fetch: librdkafka hands over one partition's whole fetch first, more than the
+    backlog holds. Every partition must have had messages handled before any partition had a
+    backlog's worth (MAX_BACKLOG) handled; on the old code the first partition had over 1,500.
+    Pausing and resuming must neither skip nor repeat a message: each offset handled once, in
+    order per partition, and the broker's commits end at the end."""
+    topic, group = names
+    per_partition, partitions = 3000, 4
+    create_topic(bootstrap, topic, partitions)
+    produce_sequence(bootstrap, topic, per_partition * partitions, partitions=partitions)
+    handled: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def one(record):
+        with lock:
+            handled.append((record.partition, record.offset))
+        time.sleep(0.0003)
+
+    def many(records):
+        with lock:
+            handled.extend((r.partition, r.offset) for r in records)
+        time.sleep(0.0003 * len(records))
+
+    executor = Executor(many if batch else one, [ErrorPolicy.STOP], 0, 0.0, None, set())
+    kw = {"batch_size": 50, "batch_timeout_s": 0.01} if batch else {}
+    runner, consumer, loop = _make(bootstrap, group, topic, executor, **kw)
+    ends = dict.fromkeys(range(partitions), per_partition)
+    try:
+        _step_until(loop, lambda: _all_stored(loop, topic, ends), 120, "everything stored")
+        assert runner.failure is None
+        _commit_what_is_stored(consumer)
+    finally:
+        runner.stop()
+        consumer.close()
+    counts = dict.fromkeys(range(partitions), 0)
+    most_before_all_started = 0
+    for p, _ in handled:
+        counts[p] += 1
+        if not all(counts.values()):
+            most_before_all_started = max(most_before_all_started, max(counts.values()))
+    assert all(counts.values())
+    assert most_before_all_started < MAX_BACKLOG, (
+        f"{most_before_all_started} messages of one partition were handled before every partition had its turn")
+    for p in range(partitions):
+        offsets = [o for q, o in handled if q == p]
+        assert offsets == list(range(per_partition)), f"partition {p}: not each offset once, in order"
+    assert committed_offsets(bootstrap, group, topic, partitions) == ends
 
 
 def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_comes_back(bootstrap, names):
@@ -64,3 +126,130 @@ def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_c
     assert committed_offsets(bootstrap, group, topic, 2) == ends
     for p in (0, 1):
         assert {o for q, o in handled if q == p} == set(range(per_partition))
+
+
+def test_a_pause_drops_what_librdkafka_fetched_and_a_resume_goes_on_from_the_next_offset(bootstrap, names):
+    """What fair_fetch.py builds on, in librdkafka itself: after pause() the paused partition's
+    fetched messages are not handed over (the next messages are another partition's), and
+    after resume() it goes on exactly after the last message taken."""
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 4000, partitions=2)
+    c = Consumer({**_conf(bootstrap, group), "enable.auto.commit": "false"})
+    c.subscribe([topic])
+    try:
+        taken: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 60
+        while len(taken) < 500:
+            assert time.monotonic() < deadline
+            taken += [(m.partition(), m.offset()) for m in c.consume(500 - len(taken), 0.5) if m.error() is None]
+        first = taken[0][0]
+        assert {p for p, _ in taken} == {first}, "one partition's fetch first"
+        last = max(o for p, o in taken if p == first)
+        c.pause([TopicPartition(topic, first)])
+        after: list[tuple[int, int]] = []
+        while len(after) < 100:
+            assert time.monotonic() < deadline
+            after += [(m.partition(), m.offset()) for m in c.consume(100, 0.5) if m.error() is None]
+        assert {p for p, _ in after} == {1 - first}, "nothing more of the paused partition"
+        c.resume([TopicPartition(topic, first)])
+        again: list[int] = []
+        while not again:
+            assert time.monotonic() < deadline
+            again = [m.offset() for m in c.consume(500, 0.5) if m.error() is None and m.partition() == first]
+        assert again[0] == last + 1
+    finally:
+        c.close()
+
+
+# ---- the rule alone -------------------------------------------------------------------------
+
+A, B, C, D = (("t", p) for p in range(4))
+
+
+def test_messages_wait_when_the_watermark_is_past_the_next_offset_or_cannot_be_told():
+    assert messages_wait(10, -1, 20) and not messages_wait(20, -1, 20)
+    assert messages_wait(-1001, 5, 20) and not messages_wait(-1001, 20, 20)
+    assert messages_wait(-1001, -1, 20), "no position, no commit: counted as waiting"
+    assert not messages_wait(-1001, -1, -1001), "nothing fetched for it: nothing queued behind another"
+
+
+def test_a_full_backlog_with_a_starving_partition_holds_those_with_a_share():
+    fair = FairFetch(1000)
+    owned = [A, B, C, D]
+    assert fair.update(owned, {A: 1000}, [B, C, D], 1000) == {A}
+    assert fair.overflow_limit(4, 1000) == 250
+    assert fair.update(owned, {A: 990, B: 250}, [C, D], 1240) == {A, B}
+    assert fair.update(owned, {A: 990, B: 250, C: 250}, [D], 1490) == {A, B, C}
+    assert fair.update(owned, {A: 130, B: 240, C: 250, D: 250}, [], 870) == {A, B, C}, "D: nobody starves"
+    assert fair.overflow_limit(4, 870) == 0, "nobody starves"
+    assert fair.update(owned, {A: 124, B: 240, C: 250, D: 250}, [], 864) == {B, C}, "A: below half a share"
+
+
+def test_nothing_is_held_while_the_backlog_has_room_or_nobody_starves():
+    fair = FairFetch(1000)
+    assert fair.update([A, B], {A: 900}, [B], 900) == set()
+    assert fair.update([A, B], {A: 1000}, [], 1000) == set()
+    assert fair.update([A, B], {A: 1000}, [B], 1000) == {A}
+    fair.forget([A, B])
+    assert fair.held == set() and fair.starving == set()
+
+
+def test_the_backlog_stays_bounded_while_partitions_starve():
+    fair = FairFetch(1000)
+    fair.update([A, B], {A: 1000}, [B], 1000)
+    assert fair.overflow_limit(2, 1000) == 500
+    assert fair.overflow_limit(2, 1800) == 200
+    assert fair.overflow_limit(2, OVERFLOW * 1000) == 0
+    assert FairFetch(1000).share(1000) == MIN_SHARE
+
+
+def test_a_partition_is_paused_while_either_fairness_or_a_backoff_wants_it():
+    assert wanted_paused({A}, {B}, [A, B, C]) == {A, B}
+    assert wanted_paused({A}, {A}, [A, B]) == {A}
+    assert wanted_paused({A, D}, {B}, [A, C]) == {A}, "only owned partitions"
+
+
+class FairFetchMachine(RuleBasedStateMachine):
+    """Any order of checks, backlogs and revokes: a held partition is always owned and holds at
+    least half a share (it was let go otherwise); a starving one is never held; the loop's
+    overflow never takes the backlog past OVERFLOW x MAX_BACKLOG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fair = FairFetch(1000)
+        self.owned: set[tuple[str, int]] = {A, B, C, D}
+        self.queued: dict[tuple[str, int], int] = {}
+        self.share = self.fair.share(4)  # as of the last check
+
+    @rule(counts=st.dictionaries(st.sampled_from([A, B, C, D]), st.integers(0, 2000), max_size=4),
+          starving=st.sets(st.sampled_from([A, B, C, D])))
+    def check(self, counts: dict[tuple[str, int], int], starving: set[tuple[str, int]]) -> None:
+        self.queued = {tp: n for tp, n in counts.items() if n and tp in self.owned}
+        backlog = sum(self.queued.values())
+        self.share = self.fair.share(len(self.owned))
+        self.fair.update(self.owned, self.queued, starving, backlog)
+        assert backlog + self.fair.overflow_limit(len(self.owned), backlog) <= max(backlog, OVERFLOW * 1000)
+
+    @rule(tp=st.sampled_from([A, B, C, D]))
+    def revoke(self, tp: tuple[str, int]) -> None:
+        self.owned.discard(tp)
+        self.fair.forget([tp])
+
+    @rule(tp=st.sampled_from([A, B, C, D]))
+    def assign(self, tp: tuple[str, int]) -> None:
+        self.owned.add(tp)
+
+    @invariant()
+    def held_partitions_are_owned_and_hold_half_a_share(self) -> None:
+        for tp in self.fair.held:
+            assert tp in self.owned
+            assert self.queued.get(tp, 0) >= self.share // 2
+
+    @invariant()
+    def a_starving_partition_is_never_held(self) -> None:
+        assert not (self.fair.held & self.fair.starving)
+
+
+TestFairFetchMachine = FairFetchMachine.TestCase
+TestFairFetchMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)

@@ -21,6 +21,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from supervisor.child import fair_fetch
+from supervisor.child.fair_fetch import FairFetch, messages_wait, wanted_paused
 from supervisor.child.kafka_problems import IDENTITY_EXITS, KafkaProblems, classify
 from supervisor.child.leave_barrier import LeaveBarrier
 from supervisor.child.offsets import TP, OffsetBook, tp_name
@@ -39,7 +41,8 @@ POLL_TIMEOUT_S = 0.1     # how long an idle worker blocks in poll(): bounds drai
 SERVE_INTERVAL_S = 0.5   # the longest the consumer goes unserved while the handler is busy
 CHANNEL_CHECK_S = 0.05   # how often the supervisor's pipe is read
 FETCH_BATCH = 500        # messages taken from librdkafka's queue per call
-MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served
+MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served (but
+                         # see fair_fetch.py: a partition that starves may bring it to 2x)
 
 
 # Message accessors as plain functions, to map over a whole fetch (the loops then run in C).
@@ -97,8 +100,11 @@ class ConsumerLoop:
         self.skipped = self.dead_lettered = self.assignments = 0
         self.counts: dict[TP, list[int]] = {}  # partition -> [processed, failed]
         self.high_watermarks: dict[str, int] = {}
-        self.paused: set[TP] = set()  # partitions paused while their retry backs off
-        self._last_backoff_check = 0.0
+        # Partitions this loop paused (a retry backoff, fairness: fair_fetch.py); the drain
+        # pauses every partition itself.
+        self.paused: set[TP] = set()
+        self.fair = FairFetch(MAX_BACKLOG)
+        self._last_pause_check = 0.0
         self.lifecycle = lifecycle  # the handler's optional on_assign / on_revoke
         self.commit_results = 0  # how many commit results (callbacks) have arrived
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
@@ -179,8 +185,16 @@ class ConsumerLoop:
         if self.stop_reason is not None:
             return
         busy = self.runner.busy()
-        if self.runner.backlog_size() < MAX_BACKLOG:
+        backlog = self.runner.backlog_size()
+        if backlog < MAX_BACKLOG:
             self.fetch(0.0 if busy else POLL_TIMEOUT_S, FETCH_BATCH)
+        elif not self.over_memory and (overflow := self.fair.overflow_limit(len(self.book.owned), backlog)):
+            # A partition starves behind a full backlog and those filling it are paused: what
+            # librdkafka hands over now is the starving partitions' (fair_fetch.py). Looked at
+            # again next round: who starves now, who holds a share.
+            self.fetch(0.0, overflow)
+            self.fair.starving.clear()
+            self._last_pause_check = 0.0
         elif now - self._last_poll >= SERVE_INTERVAL_S:
             # A full backlog: only serving the consumer (max.poll.interval.ms), so one message at
             # most, or every serve would add a whole fetch to what a stuck handler holds.
@@ -297,7 +311,7 @@ class ConsumerLoop:
             offsets = [records[-1].offset] if in_order else list(map(_record_offset, records))
             self.mark_done((first.topic, first.partition, epoch), offsets, len(records))
         self.store_dirty()
-        self.pause_backing_off()
+        self.update_pauses()
 
     @property
     def processed(self) -> int:
@@ -407,22 +421,55 @@ class ConsumerLoop:
         except (ValueError, TypeError, AttributeError):
             pass
 
-    def pause_backing_off(self) -> None:
-        """Pause fetching for partitions whose message waits out a retry backoff; resume after."""
+    def update_pauses(self) -> None:
+        """Pause fetching for the partitions whose message waits out a retry backoff and for
+        those held for fairness (fair_fetch.py); resume the others this loop had paused. At
+        most every CHECK_S; never during a drain, which has paused every partition itself."""
         now = time.monotonic()
-        if now - self._last_backoff_check < 0.05:
+        if self.stop_reason is not None or now - self._last_pause_check < fair_fetch.CHECK_S:
             return
-        self._last_backoff_check = now
-        waiting = self.runner.backing_off() if self.stop_reason is None else set()
-        start, end = waiting - self.paused, self.paused - waiting
+        self._last_pause_check = now
+        owned, fair = self.book.owned, self.fair
+        backlog = self.runner.backlog_size()
+        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG):
+            queued = self.runner.queued_by_partition()
+            fair.update(owned, queued, self.starving(queued), backlog)
+        else:
+            fair.held, fair.starving = set(), set()
+        wanted = wanted_paused(fair.held, self.runner.backing_off(), owned)
+        start, end = wanted - self.paused, self.paused - wanted
+        if start & fair.held:
+            log.debug("fairness: pausing %s (each holds a backlog share) while %s wait",
+                      ", ".join(map(tp_name, sorted(start & fair.held))),
+                      ", ".join(map(tp_name, sorted(fair.starving))))
         try:
             if start:
-                self.consumer.pause([TopicPartition(t, p) for t, p in start if (t, p) in self.book.owned])
+                self.consumer.pause([TopicPartition(t, p) for t, p in start])
             if end:
-                self.consumer.resume([TopicPartition(t, p) for t, p in end if (t, p) in self.book.owned])
+                self.consumer.resume([TopicPartition(t, p) for t, p in end if (t, p) in owned])
         except KafkaException as exc:
             log.warning("pause/resume failed: %s", exc)
-        self.paused = waiting
+        self.paused = wanted
+
+    def starving(self, queued: dict[TP, int]) -> set[TP]:
+        """Owned partitions, not paused, with nothing in the backlog, whose messages wait
+        (fair_fetch.messages_wait). Local librdkafka calls only: the position of the next
+        message to take, and the high watermark of its last fetch answer."""
+        owned = self.book.owned
+        candidates = [TopicPartition(t, p) for t, p in owned if (t, p) not in queued and (t, p) not in self.paused]
+        if not candidates:
+            return set()
+        out = set()
+        try:
+            for tp in self.consumer.position(candidates):
+                watermarks = self.consumer.get_watermark_offsets(tp, cached=True)
+                book = owned.get((tp.topic, tp.partition))
+                if watermarks is not None and book is not None \
+                        and messages_wait(tp.offset, book.committed, watermarks[1]):
+                    out.add((tp.topic, tp.partition))
+        except KafkaException as exc:
+            log.debug("fairness check: %s", exc)
+        return out
 
     def resume_before_release(self, tps: list[TP]) -> None:
         """Resume the partitions this loop paused before they leave the assignment: librdkafka
@@ -430,6 +477,7 @@ class ConsumerLoop:
         retry backoff and assigned back later would never be fetched again."""
         again = [TopicPartition(t, p) for t, p in tps if (t, p) in self.paused]
         self.paused.difference_update(tps)
+        self.fair.forget(tps)
         if not again or self.stop_reason is not None:  # draining: the worker exits paused
             return
         try:

@@ -293,6 +293,28 @@ class HandlerRunner:
         with self._cond:
             return {lane[:2] for lane, queue in self._lanes.items() if queue and queue[0].not_before > now}
 
+    def queued_by_partition(self) -> dict[TP, int]:
+        """Messages of each partition in the backlog: queued, or in a handler thread's run or
+        batch and not finished yet (fair_fetch.py: a partition served by a thread is not
+        starving). Only partitions with any."""
+        counts: dict[TP, int] = {}
+        with self._cond:
+            for lane, queue in self._lanes.items():
+                n = sum(len(c.records) for c in queue)
+                if n:
+                    tp = lane[:2]
+                    counts[tp] = counts.get(tp, 0) + n
+            for p in self.running.values():
+                if len(p.tps) == 1:  # a lane's run (or a batch of one partition)
+                    (tp,) = p.tps
+                    if len(p.records) > p.done:
+                        counts[tp] = counts.get(tp, 0) + len(p.records) - p.done
+                    continue
+                for r in p.records:  # a batch: done stays 0 until it ends
+                    tp = (r.topic, r.partition)
+                    counts[tp] = counts.get(tp, 0) + 1
+        return counts
+
     def drop(self, tps: set[TP]) -> int:
         """Forget queued work of these partitions; returns how many messages were dropped."""
         with self._cond:
