@@ -289,9 +289,16 @@ def reload(socket_path: str | None, group: str | None, wait: bool) -> None:
     for r in reply.get("slots", []):
         gap = "-" if r["gap_s"] is None else f"{r['gap_s']:.3f}s"
         click.echo(f"worker {r['slot']}: pid {r['old_pid']} -> {r['new_pid']}, partitions without a consumer {gap}"
-                   + (f"  FAILED: {r['error']}" if r["error"] else ""))
+                   + (f"  FAILED: {r['error']}" if r["error"] else "")
+                   + (f"  NOT DRAINED CLEANLY: the old process {r['old_drain']}" if r.get("old_drain") else ""))
     if reply.get("error"):
         fail(f"reload stopped: {reply['error']}", ExitCode.BOOT_FAILED)
+    unclean = ExitCode(int(reply.get("unclean_code", 0)))
+    if unclean is not ExitCode.OK:
+        # The workers were replaced, but a drain was cut short: say so with the code a stop would
+        # give for it (the README's table), so a deploy script notices.
+        fail(f"reload done in {reply.get('seconds', 0):.1f}s, but an old worker did not drain cleanly (see "
+             "above); its unfinished or uncommitted messages will be handled again", unclean)
     click.echo(f"reload done in {reply.get('seconds', 0):.1f}s")
 
 

@@ -154,3 +154,27 @@ def test_rolling_upgrade_script_installs_rolls_and_checks_the_version(ksup, boot
     finally:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "ksup-example-handler"],
                        env=pip_env, timeout=120)
+
+
+def test_a_reload_whose_old_worker_did_not_drain_cleanly_says_so_and_exits_4(ksup, bootstrap, names, tmp_path):
+    """The old worker's drain gives up on a message slower than --graceful-timeout: the slot is
+    replaced, but `ksup reload` must not print a plain "reload done" and exit 0 (as it did): it
+    names the message, exits 4 (the README's table: a message abandoned), and the new worker
+    handles that message again, so nothing is lost."""
+    from tests.test_handlers_and_policies import all_committed, loaded, missing
+
+    topic, group = names
+    ends = loaded(bootstrap, topic, 1, 20)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:3", "KSUP_TEST_SLOW_S": "8"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env,
+               extra=["--graceful-timeout", "1"])
+    # One partition, in order: with 0, 1 and 2 recorded, 0:3 is in the handler.
+    wait_until(lambda: record.exists() and len(whole_lines(record)) >= 3, 60, "0:3 in the handler")
+    out = ksup_cli("reload", "-g", group, timeout=120)
+    assert out.returncode == 4, out.stdout + out.stderr + run.tail()
+    assert "NOT DRAINED CLEANLY" in out.stdout and f"{topic}[0]@3" in out.stdout, out.stdout
+    assert "did not drain cleanly" in out.stderr and "reload done" not in out.stdout, out.stdout + out.stderr
+    all_committed(bootstrap, group, topic, ends, timeout=90)
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == []

@@ -468,6 +468,30 @@ def test_leftover_slots_are_this_prefix_above_the_configured_workers():
     assert leftover_slots(ids, "h-g", 13) == []
 
 
+def test_a_drained_workers_end_is_judged_as_a_stop_would_judge_it():
+    """worker_events.drain_verdict, which `ksup reload` reports: a clean drain is None; a
+    message abandoned or a kill at the deadline is 4, an unconfirmed commit or an exit 0
+    without the drain's report is 5, each with what happened in words."""
+    from supervisor.contract import messages as m
+    from supervisor.contract.exitcodes import ExitCode
+    from supervisor.parent.slots import WorkerSlot
+    from supervisor.parent.worker_events import drain_verdict
+
+    def ended(returncode: int, exiting: m.Exiting | None = None, killed: bool = False) -> WorkerSlot:
+        slot = WorkerSlot(0)
+        slot.returncode, slot.exiting, slot.killed = returncode, exiting, killed
+        return slot
+
+    assert drain_verdict(ended(0, m.Exiting(7, 0, "rolling reload"))) is None
+    code, text = drain_verdict(ended(11, m.Exiting(7, 11, "rolling reload", abandoned=m.InFlight("t", 1, 9, 0.0))))
+    assert code is ExitCode.FORCED and "did not finish t[1]@9" in text
+    code, text = drain_verdict(ended(-9, killed=True))
+    assert code is ExitCode.FORCED and "killed" in text
+    assert drain_verdict(ended(5, m.Exiting(7, 5, "rolling reload")))[0] is ExitCode.COMMIT_FAILED
+    assert drain_verdict(ended(0))[0] is ExitCode.COMMIT_FAILED, "exit 0 without the drain's report"
+    assert drain_verdict(ended(-11))[0] is ExitCode.FORCED
+
+
 def test_the_last_line_says_what_a_workers_exit_code_means():
     """"worker 0: SIGTERM received (exit 5)" told why the worker stopped, not what went wrong."""
     from supervisor.contract import messages as m

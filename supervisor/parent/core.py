@@ -405,7 +405,7 @@ class SupervisorCore:
         for slot in self.slots:
             ex = slot.exiting
             if ex is not None and ex.exit_code != 0:
-                what = WORKER_EXIT_SAYS.get(ex.exit_code)
+                what = worker_events.WORKER_EXIT_SAYS.get(ex.exit_code)
                 if what is None:
                     return f"worker {slot.index}: {ex.reason} (exit {ex.exit_code})"
                 abandoned = _coords(ex.abandoned) if ex.abandoned else "a message"
@@ -414,16 +414,6 @@ class SupervisorCore:
 
     def receipt_body(self, code: ExitCode) -> dict[str, Any]:
         return self.receipt.as_dict(int(code), self.stop_reason or "stopped")
-
-
-# What a worker's own exit code means, for the one line an operator reads at the end (the
-# worker's stop reason alone, such as "SIGTERM received", says why it stopped, not what went wrong).
-WORKER_EXIT_SAYS: dict[int, str] = {
-    WorkerExit.COMMIT_FAILED: "the broker did not confirm its final commit (its finished messages will be "
-                              "redelivered)",
-    WorkerExit.DRAIN_TIMEOUT: "its handler did not finish {abandoned} within the drain's time (not stored: "
-                              "redelivered)",
-}
 
 
 def _coords(inflight: m.InFlight) -> str:

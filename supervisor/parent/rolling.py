@@ -22,7 +22,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from supervisor.parent import membership, readiness
+from supervisor.contract.exitcodes import ExitCode
+from supervisor.parent import membership, readiness, worker_events
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, RollPhase, SlotState
 
@@ -41,10 +42,15 @@ class SlotResult:
     new_pid: int | None = None
     gap_s: float | None = None  # from the old worker's drain request to the new one's assignment
     error: str | None = None
+    # How the old worker's drain ended when not cleanly (worker_events.drain_verdict): the slot
+    # was replaced, but some of its messages will be handled again.
+    old_drain: str | None = None
+    old_drain_code: ExitCode = ExitCode.OK
 
     def as_dict(self) -> dict[str, Any]:
         return {"slot": self.slot, "old_pid": self.old_pid, "new_pid": self.new_pid,
-                "gap_s": None if self.gap_s is None else round(self.gap_s, 3), "error": self.error}
+                "gap_s": None if self.gap_s is None else round(self.gap_s, 3), "error": self.error,
+                "old_drain": self.old_drain}
 
 
 @dataclass
@@ -66,10 +72,18 @@ class Roll:
     def done(self) -> bool:
         return self.phase is RollPhase.DONE
 
+    def unclean_code(self) -> ExitCode:
+        """OK when every old worker drained cleanly; else the code of the README's table for
+        the worst (4 before 5, as for a stop)."""
+        codes = {r.old_drain_code for r in self.results}
+        return ExitCode.FORCED if ExitCode.FORCED in codes else \
+            ExitCode.COMMIT_FAILED if ExitCode.COMMIT_FAILED in codes else ExitCode.OK
+
     def summary(self, now: float) -> dict[str, Any]:
         return {"ok": self.error is None, "error": self.error,
                 "slots": [r.as_dict() for r in self.results],
-                "seconds": round((self.ended_at or now) - self.started_at, 3)}
+                "seconds": round((self.ended_at or now) - self.started_at, 3),
+                "unclean_code": int(self.unclean_code())}
 
 
 def start_roll(core: SupervisorCore) -> Roll:
@@ -159,6 +173,10 @@ def _check_drain(core: SupervisorCore, roll: Roll) -> None:
     assert old is not None and incoming is not None
     if old.alive:
         return
+    verdict = worker_events.drain_verdict(old)
+    if verdict is not None and roll.results:
+        roll.results[-1].old_drain_code, roll.results[-1].old_drain = verdict
+        log.warning("reload: worker %d: the old process (pid %s) %s", roll.current, old.pid, verdict[1])
     if membership.above_target(core, old):
         # Scaled down while its old worker drained: its successor never joins. The old worker
         # closed as a static member handing over (no LeaveGroup), so its member still holds its
@@ -219,6 +237,10 @@ def finish(core: SupervisorCore, roll: Roll, error: str | None) -> None:
             roll.results[-1].error = error
         log.error("rolling reload stopped: %s", error)
     else:
-        log.info("rolling reload done: %d worker(s) replaced in %.1fs", len(roll.results),
-                 core.now - roll.started_at)
+        unclean = [r.slot for r in roll.results if r.old_drain]
+        log.log(logging.WARNING if unclean else logging.INFO,
+                "rolling reload done: %d worker(s) replaced in %.1fs%s", len(roll.results),
+                core.now - roll.started_at,
+                f"; the old process of worker(s) {', '.join(map(str, unclean))} did not drain cleanly "
+                "(some messages will be handled again)" if unclean else "")
     core.notify("on_reload_done", roll.summary(core.now))

@@ -148,8 +148,45 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, death: bool, how: str, bo
     log.info("worker %d restarts in %.1fs", slot.index, delay)
 
 
+# What a worker's own exit code means, for the one line an operator reads at the end (the
+# worker's stop reason alone, such as "SIGTERM received", says why it stopped, not what went wrong).
+WORKER_EXIT_SAYS: dict[int, str] = {
+    WorkerExit.COMMIT_FAILED: "the broker did not confirm its final commit (its finished messages will be "
+                              "redelivered)",
+    WorkerExit.DRAIN_TIMEOUT: "its handler did not finish {abandoned} within the drain's time (not stored: "
+                              "redelivered)",
+}
+
+
 WITHOUT_DRAIN = ("exited 0 without draining (no exit report: did the handler, or a library it uses, turn "
                  "SIGTERM into an exit?); its last finished messages were not committed and will be redelivered")
+
+
+def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
+    """How a worker that ksup drained ended, when not cleanly: the exit code with that meaning
+    in the README's table (4: killed or a message abandoned, 5: its finished work not
+    committed) and what happened, in words; None for a clean drain (its exit report, exit 0)."""
+    if slot.returncode is None:
+        return None
+    if slot.killed:
+        inflight = slot.report.in_flight if slot.report is not None else None
+        where = f" (in flight: {inflight.topic}[{inflight.partition}]@{inflight.offset})" if inflight else ""
+        return ExitCode.FORCED, (f"did not drain within --graceful-timeout and was killed{where}; its "
+                                 "unfinished and uncommitted messages will be redelivered")
+    if without_drain(slot):
+        return ExitCode.COMMIT_FAILED, WITHOUT_DRAIN
+    ex = slot.exiting
+    code = ex.exit_code if ex is not None else describe_returncode(slot.returncode).code
+    if code is None:  # a signal nobody here sent (the OOM killer, an operator)
+        return ExitCode.FORCED, f"{describe_returncode(slot.returncode).describe()} while draining"
+    if code == 0:
+        return None
+    what = WORKER_EXIT_SAYS.get(code)
+    if what is None:
+        return ExitCode.FORCED, f"exited {code}" + (f": {ex.reason}" if ex is not None else "")
+    abandoned = ex.abandoned if ex is not None else None
+    where = f"{abandoned.topic}[{abandoned.partition}]@{abandoned.offset}" if abandoned else "a message"
+    return policy.final_exit_code([code], False), f"{what.format(abandoned=where)} (exit {code})"
 
 
 def without_drain(slot: WorkerSlot) -> bool:
