@@ -243,9 +243,12 @@ def test_a_drain_with_a_full_fetch_queued_finishes_only_the_message_in_flight(bo
 
 def test_by_key_a_retry_mid_chunk_holds_the_stored_offset_below_it(bootstrap, names):
     """--order-by key, four handler threads: while offset 250 waits out its backoff the later
-    keys finish, but the stored (and committed) offset stays at 250 until it is done."""
+    keys finish, but the stored (and committed) offset stays at 250 until it is done. Every
+    message is fetched before a handler runs: the backoff pauses the partition's fetching, so a
+    message fetched after the failure would wait out the backoff too (under load this test
+    once saw 250 retried before the rest was fetched)."""
     topic, group = names
-    n = 1200
+    n = 1000  # = MAX_BACKLOG: two fetches, all in the backlog before the handler threads start
     create_topic(bootstrap, topic, 1)
     produce_sequence(bootstrap, topic, n)
     done: set[int] = set()
@@ -261,10 +264,11 @@ def test_by_key_a_retry_mid_chunk_holds_the_stored_offset_below_it(bootstrap, na
     runner = HandlerRunner(executor, concurrency=4, order_by="key")
     consumer = Consumer(_conf(bootstrap, group))
     loop = ConsumerLoop(consumer, runner, _QuietChannel(), [topic], {"order_by": "key"})  # type: ignore[arg-type]
-    runner.start()
     consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=loop.on_revoke, on_lost=loop.on_lost)
     tp = (topic, 0)
     try:
+        _step_until(loop, lambda: runner.backlog_size() >= n, 60, "everything fetched")
+        runner.start()
         _step_until(loop, lambda: failed.is_set() and len(done) >= n - 1, 60, "all but 250 handled")
         assert 250 not in done, "250 is still in its 5 s backoff"
         loop.collect()
