@@ -29,9 +29,10 @@ def _conf(bootstrap: str, group: str) -> dict[str, Any]:
             "session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
 
 
-def _make(bootstrap: str, group: str, topic: str, executor: Executor, **runner_kw: Any):
+def _make(bootstrap: str, group: str, topic: str, executor: Executor, conf: dict[str, Any] | None = None,
+          **runner_kw: Any):
     runner = HandlerRunner(executor, **runner_kw)
-    consumer = Consumer(_conf(bootstrap, group))
+    consumer = Consumer(conf or _conf(bootstrap, group))
     loop = ConsumerLoop(consumer, runner, _QuietChannel(), [topic], {})  # type: ignore[arg-type]
     runner.start()
     consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=loop.on_revoke, on_lost=loop.on_lost)

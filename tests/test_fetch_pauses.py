@@ -82,7 +82,20 @@ def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_wait
     assert committed_offsets(bootstrap, group, topic, partitions) == ends
 
 
-def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_comes_back(bootstrap, names):
+def _protocol_conf(bootstrap: str, group: str, protocol: str) -> dict[str, Any]:
+    """The in-process tests' consumer settings for a group protocol: KIP-848 takes none of the
+    classic protocol's own."""
+    conf = _conf(bootstrap, group)
+    if protocol == "consumer":
+        for key in ("partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"):
+            conf.pop(key)
+        conf["group.protocol"] = "consumer"
+    return conf
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_comes_back(bootstrap, names,
+                                                                                          protocol):
     """Both partitions' messages at offset 5 fail once and wait out a 3 s retry backoff, their
     fetching paused; meanwhile a second member joins and leaves, so a partition goes and comes
     back. librdkafka keeps an application's pause across an unassign: on the old code the
@@ -102,12 +115,12 @@ def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_c
         handled.append((record.partition, record.offset))
 
     executor = Executor(one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 2, 3.0, None, set())
-    runner, consumer, loop = _make(bootstrap, group, topic, executor)
+    runner, consumer, loop = _make(bootstrap, group, topic, executor, _protocol_conf(bootstrap, group, protocol))
     ends = {0: per_partition, 1: per_partition}
     got_other: list[int] = []
     try:
         _step_until(loop, lambda: loop.paused == {(topic, 0), (topic, 1)}, 60, "both partitions backing off")
-        other = Consumer({**_conf(bootstrap, group), "enable.auto.commit": "false"})
+        other = Consumer({**_protocol_conf(bootstrap, group, protocol), "enable.auto.commit": "false"})
         other.subscribe([topic], on_assign=lambda c, ps: got_other.extend(p.partition for p in ps))
         deadline = time.monotonic() + 60
         while not got_other:  # both members served: this thread drives both loops
