@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from supervisor.child.fair_fetch import MIN_SHARE, OVERFLOW, FairFetch, messages_wait, wanted_paused
-from supervisor.child.loop import MAX_BACKLOG
+from supervisor.child.loop import MAX_BACKLOG, ConsumerLoop
 from supervisor.child.policies import ErrorPolicy, Executor
+from supervisor.child.runner import HandlerRunner
 from tests.kafkautil import committed_offsets, create_topic, produce_sequence
 from tests.test_fetch_concurrency import _commit_what_is_stored, _conf, _make, _step_until
+from tests.test_fetch_path import _QuietChannel
 
 
 def _all_stored(loop: Any, topic: str, ends: dict[int, int]) -> bool:
@@ -35,8 +37,10 @@ def _all_stored(loop: Any, topic: str, ends: dict[int, int]) -> bool:
 def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_waiting(bootstrap, names, batch):
     """4 partitions x 3,000 small messages, all waiting before the worker starts, and a handler
     slower than the fetch: librdkafka hands over one partition's whole fetch first, more than the
-    backlog holds. Every partition must have had messages handled before any partition had a
-    backlog's worth (MAX_BACKLOG) handled; on the old code the first partition had over 1,500.
+    backlog holds. The handler takes 2 ms a message until every partition had its turn (so the
+    backlog holds over fair_fetch.MIN_WORK_S of work), then none, to finish quickly. Every
+    partition must have had messages handled before any partition had a backlog's worth
+    (MAX_BACKLOG) handled; on the old code the first partition had over 1,500.
     Pausing and resuming must neither skip nor repeat a message: each offset handled once, in
     order per partition, and the broker's commits end at the end."""
     topic, group = names
@@ -44,17 +48,22 @@ def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_wait
     create_topic(bootstrap, topic, partitions)
     produce_sequence(bootstrap, topic, per_partition * partitions, partitions=partitions)
     handled: list[tuple[int, int]] = []
+    seen: set[int] = set()
     lock = threading.Lock()
 
     def one(record):
         with lock:
             handled.append((record.partition, record.offset))
-        time.sleep(0.0003)
+            seen.add(record.partition)
+        if len(seen) < partitions:
+            time.sleep(0.002)
 
     def many(records):
         with lock:
             handled.extend((r.partition, r.offset) for r in records)
-        time.sleep(0.0003 * len(records))
+            seen.update(r.partition for r in records)
+        if len(seen) < partitions:
+            time.sleep(0.002 * len(records))
 
     executor = Executor(many if batch else one, [ErrorPolicy.STOP], 0, 0.0, None, set())
     kw = {"batch_size": 50, "batch_timeout_s": 0.01} if batch else {}
@@ -80,6 +89,45 @@ def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_wait
         offsets = [o for q, o in handled if q == p]
         assert offsets == list(range(per_partition)), f"partition {p}: not each offset once, in order"
     assert committed_offsets(bootstrap, group, topic, partitions) == ends
+
+
+def test_a_fast_handler_and_an_empty_partition_cause_no_pause(bootstrap, names):
+    """Hostile review of the first fairness rule: an empty partition (no position, no commit)
+    counted as waiting, so every full backlog paused the busy partition, dropped what librdkafka
+    had fetched for it, and the handler then sat idle while it was fetched again (3.8x slower,
+    25x the messages fetched). A 50 us handler clears the backlog well within MIN_WORK_S, and an
+    empty partition never waits: fetching is never paused, and every message is handled once."""
+    topic, group = names
+    n = 30000
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, n, partitions=1)  # partition 1 stays empty
+    pauses: list[list[TopicPartition]] = []
+
+    class Counting(Consumer):
+        def pause(self, partitions):  # type: ignore[no-untyped-def]
+            pauses.append(partitions)
+            return super().pause(partitions)
+
+    handled: list[int] = []
+
+    def one(record):
+        handled.append(record.offset)
+        until = time.perf_counter() + 50e-6
+        while time.perf_counter() < until:
+            pass
+
+    runner = HandlerRunner(Executor(one, [ErrorPolicy.STOP], 0, 0.0, None, set()))
+    consumer = Counting(_conf(bootstrap, group))
+    loop = ConsumerLoop(consumer, runner, _QuietChannel(), [topic], {})  # type: ignore[arg-type]
+    runner.start()
+    consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=loop.on_revoke, on_lost=loop.on_lost)
+    try:
+        _step_until(loop, lambda: _all_stored(loop, topic, {0: n}), 120, "everything stored")
+    finally:
+        runner.stop()
+        consumer.close()
+    assert not pauses, f"fetching paused {len(pauses)} times"
+    assert handled == list(range(n))
 
 
 def _protocol_conf(bootstrap: str, group: str, protocol: str) -> dict[str, Any]:
@@ -180,11 +228,13 @@ def test_a_pause_drops_what_librdkafka_fetched_and_a_resume_goes_on_from_the_nex
 A, B, C, D = (("t", p) for p in range(4))
 
 
-def test_messages_wait_when_the_watermark_is_past_the_next_offset_or_cannot_be_told():
-    assert messages_wait(10, -1, 20) and not messages_wait(20, -1, 20)
-    assert messages_wait(-1001, 5, 20) and not messages_wait(-1001, 20, 20)
-    assert messages_wait(-1001, -1, 20), "no position, no commit: counted as waiting"
-    assert not messages_wait(-1001, -1, -1001), "nothing fetched for it: nothing queued behind another"
+def test_messages_wait_when_the_watermark_is_past_where_the_partition_starts():
+    assert messages_wait(10, -1, 0, 20) and not messages_wait(20, -1, 0, 20)
+    assert messages_wait(-1001, 5, 0, 20) and not messages_wait(-1001, 20, 0, 20)
+    assert messages_wait(-1001, -1, 0, 20), "no position, no commit: from the low watermark"
+    assert not messages_wait(-1001, -1, 0, 20, from_latest=True), "... or the high one"
+    assert not messages_wait(-1001, -1, 0, 0) and not messages_wait(-1001, -1, 7, 7), "an empty partition never waits"
+    assert not messages_wait(-1001, -1, -1001, -1001), "nothing fetched for it: nothing queued behind another"
 
 
 def test_a_full_backlog_with_a_starving_partition_holds_those_with_a_share():
@@ -241,7 +291,14 @@ class FairFetchMachine(RuleBasedStateMachine):
         self.queued = {tp: n for tp, n in counts.items() if n and tp in self.owned}
         backlog = sum(self.queued.values())
         self.share = self.fair.share(len(self.owned))
+        before = set(self.fair.held)
         self.fair.update(self.owned, self.queued, starving, backlog)
+        new = self.fair.held - before
+        # A partition is newly held only for one that starves behind a full backlog, and only
+        # with a share of it; one held before stays only with half a share.
+        assert not new or (self.fair.starving and backlog >= 1000), (new, self.fair.starving, backlog)
+        assert all(self.queued.get(tp, 0) >= self.share for tp in new)
+        assert all(self.queued.get(tp, 0) >= self.share // 2 for tp in self.fair.held & before)
         assert backlog + self.fair.overflow_limit(len(self.owned), backlog) <= max(backlog, OVERFLOW * 1000)
 
     @rule(tp=st.sampled_from([A, B, C, D]))

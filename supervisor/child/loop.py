@@ -105,6 +105,7 @@ class ConsumerLoop:
         self.paused: set[TP] = set()
         self.fair = FairFetch(MAX_BACKLOG)
         self._last_pause_check = 0.0
+        self._rate_mark = (0.0, 0, False)  # (when, messages processed, backlog not empty): see backlog_work_s
         self.lifecycle = lifecycle  # the handler's optional on_assign / on_revoke
         self.commit_results = 0  # how many commit results (callbacks) have arrived
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
@@ -431,7 +432,8 @@ class ConsumerLoop:
         self._last_pause_check = now
         owned, fair = self.book.owned, self.fair
         backlog = self.runner.backlog_size()
-        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG):
+        work_s = self.backlog_work_s(now)
+        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG) and work_s >= fair_fetch.MIN_WORK_S:
             queued = self.runner.queued_by_partition()
             fair.update(owned, queued, self.starving(queued), backlog)
         else:
@@ -451,6 +453,18 @@ class ConsumerLoop:
             log.warning("pause/resume failed: %s", exc)
         self.paused = wanted
 
+    def backlog_work_s(self, now: float) -> float:
+        """Seconds the handler needs for the backlog, at the rate it finished messages since the
+        last call (every CHECK_S): infinite when it finished none (a slow or stuck handler), 0
+        when the backlog was empty then (an idle spell says nothing about the handler's speed)."""
+        processed, backlog = self.processed, self.runner.backlog_size()
+        then, done_then, busy_then = self._rate_mark
+        self._rate_mark = (now, processed, backlog > 0)
+        if not busy_then or now <= then:
+            return 0.0
+        rate = (processed - done_then) / (now - then)
+        return backlog / rate if rate > 0 else float("inf")
+
     def starving(self, queued: dict[TP, int]) -> set[TP]:
         """Owned partitions, not paused, with nothing in the backlog, whose messages wait
         (fair_fetch.messages_wait). Local librdkafka calls only: the position of the next
@@ -460,12 +474,13 @@ class ConsumerLoop:
         if not candidates:
             return set()
         out = set()
+        from_latest = self.kafka_conf.get("auto.offset.reset", "earliest") in ("latest", "largest", "end")
         try:
             for tp in self.consumer.position(candidates):
                 watermarks = self.consumer.get_watermark_offsets(tp, cached=True)
                 book = owned.get((tp.topic, tp.partition))
                 if watermarks is not None and book is not None \
-                        and messages_wait(tp.offset, book.committed, watermarks[1]):
+                        and messages_wait(tp.offset, book.committed, watermarks[0], watermarks[1], from_latest):
                     out.add((tp.topic, tp.partition))
         except KafkaException as exc:
             log.debug("fairness check: %s", exc)
