@@ -509,6 +509,9 @@ class HandlerRunner:
             finally:
                 with cond:
                     self._active.discard(lane)
+                    self._forget_if_empty(lane, queue)
+                    for other, other_queue, _ in self._batch_origin if self._batch_size > 1 else ():
+                        self._forget_if_empty(other, other_queue)
                     self.running.pop(number, None)
                     cond.notify_all()
                     self._progress.notify_all()
@@ -602,6 +605,14 @@ class HandlerRunner:
             self._latency_sum[number] += t - started
             if self._board is not None:
                 self._board.clear(number)
+
+    def _forget_if_empty(self, lane: Lane, queue: deque[Chunk]) -> None:
+        """Under the lock: a key's lane (``--order-by key``) that ran empty goes, or the lanes
+        would grow with every key ever seen, and every scan of them with it (hostile review:
+        unique keys took a worker from 2,300 to under 100 messages a second). A partition's lane
+        stays: there are as many as partitions owned, and a revoke drops them."""
+        if len(lane) == 3 and not queue and lane not in self._active and self._lanes.get(lane) is queue:
+            del self._lanes[lane]
 
     def _others_waiting(self, lane: Lane) -> bool:
         """Another lane has work ready and no thread on it."""
