@@ -166,6 +166,14 @@ def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_c
     runner, consumer, loop = _make(bootstrap, group, topic, executor, _protocol_conf(bootstrap, group, protocol))
     ends = {0: per_partition, 1: per_partition}
     got_other: list[int] = []
+    paused_at_revoke: list[set[tuple[str, int]]] = []
+    real_revoke = loop.on_revoke
+
+    def on_revoke(c, parts):
+        paused_at_revoke.append({(p.topic, p.partition) for p in parts} & loop.paused)
+        real_revoke(c, parts)
+
+    consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=on_revoke, on_lost=loop.on_lost)
     try:
         _step_until(loop, lambda: loop.paused == {(topic, 0), (topic, 1)}, 60, "both partitions backing off")
         other = Consumer({**_protocol_conf(bootstrap, group, protocol), "enable.auto.commit": "false"})
@@ -177,6 +185,7 @@ def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_c
             loop.step(time.monotonic())
         other.close()  # leaves at once: its partition comes back
         back = (topic, got_other[0])
+        assert any(back in paused for paused in paused_at_revoke), "revoked while its backoff had it paused"
         _step_until(loop, lambda: back in loop.book.owned, 60, "the partition back")
         _step_until(loop, lambda: _all_stored(loop, topic, ends), 30,
                     f"everything stored (partition {back[1]} came back during its backoff)")

@@ -444,13 +444,17 @@ class ConsumerLoop:
             log.debug("fairness: pausing %s (each holds a backlog share) while %s wait",
                       ", ".join(map(tp_name, sorted(start & fair.held))),
                       ", ".join(map(tp_name, sorted(fair.starving))))
-        try:
-            if start:
+        # Separately: a pause that failed must not keep the others from being resumed.
+        if start:
+            try:
                 self.consumer.pause([TopicPartition(t, p) for t, p in start])
-            if end:
+            except KafkaException as exc:
+                log.warning("pause failed: %s", exc)
+        if end:
+            try:
                 self.consumer.resume([TopicPartition(t, p) for t, p in end if (t, p) in owned])
-        except KafkaException as exc:
-            log.warning("pause/resume failed: %s", exc)
+            except KafkaException as exc:
+                log.warning("resume failed: %s", exc)
         self.paused = wanted
 
     def backlog_work_s(self, now: float) -> float:
