@@ -53,6 +53,25 @@ def _commit_what_is_stored(consumer: Consumer) -> None:
             raise
 
 
+def _second_member_joins_and_leaves(loop: ConsumerLoop, conf: dict[str, Any], topic: str, linger_steps: int = 0) -> int:
+    """Another member joins the loop's group, gets a partition and leaves (after
+    ``linger_steps`` more rounds of both; its partition comes back to the loop). Returns that
+    partition. This thread drives both."""
+    got_other: list[int] = []
+    other = Consumer({**conf, "enable.auto.commit": "false"})
+    other.subscribe([topic], on_assign=lambda c, ps: got_other.extend(p.partition for p in ps))
+    deadline = time.monotonic() + 60
+    while not got_other:
+        assert time.monotonic() < deadline, "no assignment for the second member"
+        other.poll(0.01)
+        loop.step(time.monotonic())
+    for _ in range(linger_steps):
+        other.poll(0.01)
+        loop.step(time.monotonic())
+    other.close()
+    return got_other[0]
+
+
 def _step_until(loop: ConsumerLoop, predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -314,18 +333,9 @@ def test_a_partition_back_right_after_its_revoke(bootstrap, names):
         real_assign(c, parts)
 
     consumer.subscribe([topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=loop.on_lost)
-    got_other: list[int] = []
     try:
         _step_until(loop, lambda: len(events) > 600, 60, "handling under way")
-        other = Consumer({**_conf(bootstrap, group), "enable.auto.commit": "false"})
-        other.subscribe([topic], on_assign=lambda c, ps: got_other.extend(p.partition for p in ps))
-        deadline = time.monotonic() + 60
-        while not got_other:  # both members served: this thread drives both loops
-            assert time.monotonic() < deadline, "no assignment for the second member"
-            other.poll(0.01)
-            loop.step(time.monotonic())
-        other.close()  # leaves at once: its partition comes back
-        tp_back = (topic, got_other[0])
+        tp_back = (topic, _second_member_joins_and_leaves(loop, _conf(bootstrap, group), topic))
         _step_until(loop, lambda: tp_back in loop.book.owned, 60, "the partition back")
         _step_until(loop, lambda: all(loop.book.owned.get((topic, p)) is not None
                                       and loop.book.owned[(topic, p)].stored >= n // 2 for p in (0, 1)),
@@ -381,24 +391,12 @@ def test_a_failure_mid_chunk_then_a_revoke(bootstrap, names):
             events.extend(("revoked", p.partition, -1) for p in parts)
 
     consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=on_revoke, on_lost=loop.on_lost)
-    got_other: list[int] = []
     try:
         _step_until(loop, lambda: len(failed) == 2, 60, "both partitions failing at 250")
-        other = Consumer({**_conf(bootstrap, group), "enable.auto.commit": "false"})
-        other.subscribe([topic], on_assign=lambda c, ps: got_other.extend(p.partition for p in ps))
-        deadline = time.monotonic() + 60
-        while not got_other:
-            assert time.monotonic() < deadline, "no assignment for the second member"
-            other.poll(0.01)
-            loop.step(time.monotonic())
-        for _ in range(50):
-            other.poll(0.01)
-            loop.step(time.monotonic())
-        other.close()
+        moved = _second_member_joins_and_leaves(loop, _conf(bootstrap, group), topic, linger_steps=50)
     finally:
         runner.stop()
         consumer.close()
-    moved = got_other[0]
     i = events.index(("revoked", moved, -1))
     after = [e for e in events[i:] if e[0] == "start" and e[1] == moved]
     assert not after, after[:5]

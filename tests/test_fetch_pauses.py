@@ -24,7 +24,13 @@ from supervisor.child.loop import MAX_BACKLOG, ConsumerLoop
 from supervisor.child.policies import ErrorPolicy, Executor
 from supervisor.child.runner import HandlerRunner
 from tests.kafkautil import committed_offsets, create_topic, produce_sequence
-from tests.test_fetch_concurrency import _commit_what_is_stored, _conf, _make, _step_until
+from tests.test_fetch_concurrency import (
+    _commit_what_is_stored,
+    _conf,
+    _make,
+    _second_member_joins_and_leaves,
+    _step_until,
+)
 from tests.test_fetch_path import _QuietChannel
 
 
@@ -165,7 +171,6 @@ def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_c
     executor = Executor(one, [ErrorPolicy.RETRY, ErrorPolicy.STOP], 2, 3.0, None, set())
     runner, consumer, loop = _make(bootstrap, group, topic, executor, _protocol_conf(bootstrap, group, protocol))
     ends = {0: per_partition, 1: per_partition}
-    got_other: list[int] = []
     paused_at_revoke: list[set[tuple[str, int]]] = []
     real_revoke = loop.on_revoke
 
@@ -176,15 +181,7 @@ def test_a_partition_revoked_during_its_retry_backoff_is_fetched_again_when_it_c
     consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=on_revoke, on_lost=loop.on_lost)
     try:
         _step_until(loop, lambda: loop.paused == {(topic, 0), (topic, 1)}, 60, "both partitions backing off")
-        other = Consumer({**_protocol_conf(bootstrap, group, protocol), "enable.auto.commit": "false"})
-        other.subscribe([topic], on_assign=lambda c, ps: got_other.extend(p.partition for p in ps))
-        deadline = time.monotonic() + 60
-        while not got_other:  # both members served: this thread drives both loops
-            assert time.monotonic() < deadline, "no assignment for the second member"
-            other.poll(0.01)
-            loop.step(time.monotonic())
-        other.close()  # leaves at once: its partition comes back
-        back = (topic, got_other[0])
+        back = (topic, _second_member_joins_and_leaves(loop, _protocol_conf(bootstrap, group, protocol), topic))
         assert any(back in paused for paused in paused_at_revoke), "revoked while its backoff had it paused"
         _step_until(loop, lambda: back in loop.book.owned, 60, "the partition back")
         _step_until(loop, lambda: _all_stored(loop, topic, ends), 30,
