@@ -69,7 +69,7 @@ def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_wait
             handled.extend((r.partition, r.offset) for r in records)
             seen.update(r.partition for r in records)
         if len(seen) < partitions:
-            time.sleep(0.002 * len(records))
+            time.sleep(0.004 * len(records))  # slower: the rate is seen a batch at a time
 
     executor = Executor(many if batch else one, [ErrorPolicy.STOP], 0, 0.0, None, set())
     kw = {"batch_size": 50, "batch_timeout_s": 0.01} if batch else {}

@@ -14,7 +14,8 @@ taken twice.
 
 The rule, evaluated every ``CHECK_S`` by the consumer loop:
 - it acts only while the backlog holds at least ``MIN_WORK_S`` of handler work (its messages
-  over the rate the handler finished messages at since the last check). Each pause costs the
+  over the rate the handler finished messages at, over the last second; half of it keeps the
+  partitions already held). Each pause costs the
   paused partition's prefetched messages, fetched again on resume, and that fetch can wait
   behind another in flight (up to ``fetch.wait.max.ms``, 500 ms by default): with less work
   queued the handler would sit idle, and a backlog handled within a second keeps nobody waiting
@@ -40,7 +41,9 @@ from dataclasses import dataclass, field
 TP = tuple[str, int]
 
 CHECK_S = 0.05     # how often the consumer loop looks (a few local librdkafka calls)
-MIN_WORK_S = 1.0   # ... and acts only while the backlog holds this much handler work
+MIN_WORK_S = 1.0   # ... and acts only while the backlog holds this much handler work (half of
+                   # it keeps what is held)
+RATE_WINDOW_S = 1.0  # the handler's rate is measured over this long
 MIN_SHARE = 10     # a share never below this many messages, however many partitions are owned
 OVERFLOW = 2       # while a partition starves, the backlog may grow to this many MAX_BACKLOGs
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from itertools import groupby, repeat
 from operator import itemgetter
@@ -105,7 +106,7 @@ class ConsumerLoop:
         self.paused: set[TP] = set()
         self.fair = FairFetch(MAX_BACKLOG)
         self._last_pause_check = 0.0
-        self._rate_mark = (0.0, 0, False)  # (when, messages processed, backlog not empty): see backlog_work_s
+        self._rate_marks: deque[tuple[float, int]] = deque()  # (when, processed) while busy: backlog_work_s
         self.lifecycle = lifecycle  # the handler's optional on_assign / on_revoke
         self.commit_results = 0  # how many commit results (callbacks) have arrived
         self.commit_on_revoke = True  # off once the final commit failed (the group is stuck)
@@ -433,7 +434,9 @@ class ConsumerLoop:
         owned, fair = self.book.owned, self.fair
         backlog = self.runner.backlog_size()
         work_s = self.backlog_work_s(now)
-        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG) and work_s >= fair_fetch.MIN_WORK_S:
+        # Half the work keeps what is held (no pausing and resuming on every wobble of the rate).
+        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG) \
+                and work_s >= fair_fetch.MIN_WORK_S / (2 if fair.held else 1):
             queued = self.runner.queued_by_partition()
             fair.update(owned, queued, self.starving(queued), backlog)
         else:
@@ -458,13 +461,20 @@ class ConsumerLoop:
         self.paused = wanted
 
     def backlog_work_s(self, now: float) -> float:
-        """Seconds the handler needs for the backlog, at the rate it finished messages since the
-        last call (every CHECK_S): infinite when it finished none (a slow or stuck handler), 0
-        when the backlog was empty then (an idle spell says nothing about the handler's speed)."""
-        processed, backlog = self.processed, self.runner.backlog_size()
-        then, done_then, busy_then = self._rate_mark
-        self._rate_mark = (now, processed, backlog > 0)
-        if not busy_then or now <= then:
+        """Seconds the handler needs for the backlog, at the rate it finished messages over the
+        last RATE_WINDOW_S of calls (every CHECK_S) with a backlog: infinite when it finished none
+        (a slow or stuck handler); 0 before two such calls (an idle spell says nothing about the
+        handler's speed, so it starts the window again). Over a window, not one interval: a
+        batch handler finishes messages a batch at a time."""
+        processed, backlog, marks = self.processed, self.runner.backlog_size(), self._rate_marks
+        if not backlog:
+            marks.clear()
+            return 0.0
+        marks.append((now, processed))
+        while len(marks) > 2 and now - marks[1][0] >= fair_fetch.RATE_WINDOW_S:
+            marks.popleft()
+        then, done_then = marks[0]
+        if now <= then:
             return 0.0
         rate = (processed - done_then) / (now - then)
         return backlog / rate if rate > 0 else float("inf")
