@@ -291,9 +291,10 @@ def reload(socket_path: str | None, group: str | None, wait: bool) -> None:
         click.echo(f"worker {r['slot']}: pid {r['old_pid']} -> {r['new_pid']}, partitions without a consumer {gap}"
                    + (f"  FAILED: {r['error']}" if r["error"] else "")
                    + (f"  NOT DRAINED CLEANLY: the old process {r['old_drain']}" if r.get("old_drain") else ""))
-    if reply.get("error"):
-        fail(f"reload stopped: {reply['error']}", ExitCode.BOOT_FAILED)
     unclean = ExitCode(int(reply.get("unclean_code", 0)))
+    if reply.get("error"):
+        also = "; an old worker also did not drain cleanly (see above)" if unclean is not ExitCode.OK else ""
+        fail(f"reload stopped: {reply['error']}{also}", ExitCode.BOOT_FAILED)
     if unclean is not ExitCode.OK:
         # The workers were replaced, but a drain was cut short: say so with the code a stop would
         # give for it (the README's table), so a deploy script notices.

@@ -490,6 +490,8 @@ def test_a_drained_workers_end_is_judged_as_a_stop_would_judge_it():
     assert drain_verdict(ended(5, m.Exiting(7, 5, "rolling reload")))[0] is ExitCode.COMMIT_FAILED
     assert drain_verdict(ended(0))[0] is ExitCode.COMMIT_FAILED, "exit 0 without the drain's report"
     assert drain_verdict(ended(-11))[0] is ExitCode.FORCED
+    assert drain_verdict(ended(-11, m.Exiting(7, 0, "rolling reload")))[0] is ExitCode.FORCED, \
+        "its report said 0, then a signal killed it while closing"
 
 
 def test_the_last_line_says_what_a_workers_exit_code_means():

@@ -457,7 +457,8 @@ class ConsumerLoop:
             try:
                 self.consumer.resume([TopicPartition(t, p) for t, p in end if (t, p) in owned])
             except KafkaException as exc:
-                log.warning("resume failed: %s", exc)
+                log.warning("resume failed (tried again at the next check): %s", exc)
+                wanted |= end  # still paused as far as anyone knows: a stall otherwise
         self.paused = wanted
 
     def backlog_work_s(self, now: float) -> float:
@@ -474,10 +475,11 @@ class ConsumerLoop:
         while len(marks) > 2 and now - marks[1][0] >= fair_fetch.RATE_WINDOW_S:
             marks.popleft()
         then, done_then = marks[0]
-        if now <= then:
-            return 0.0
-        rate = (processed - done_then) / (now - then)
-        return backlog / rate if rate > 0 else float("inf")
+        if processed == done_then:
+            # Nothing finished: a slow handler once a whole window passed so; before that,
+            # unknown (a batch, or a first message warming up, finishes later all at once).
+            return float("inf") if now - then >= fair_fetch.RATE_WINDOW_S else 0.0
+        return backlog * (now - then) / (processed - done_then)
 
     def starving(self, queued: dict[TP, int]) -> set[TP]:
         """Owned partitions, not paused, with nothing in the backlog, whose messages wait

@@ -175,10 +175,10 @@ def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
                                  "unfinished and uncommitted messages will be redelivered")
     if without_drain(slot):
         return ExitCode.COMMIT_FAILED, WITHOUT_DRAIN
-    ex = slot.exiting
-    code = ex.exit_code if ex is not None else describe_returncode(slot.returncode).code
-    if code is None:  # a signal nobody here sent (the OOM killer, an operator)
+    if describe_returncode(slot.returncode).code is None:  # a signal nobody here sent (OOM killer)
         return ExitCode.FORCED, f"{describe_returncode(slot.returncode).describe()} while draining"
+    ex = slot.exiting
+    code = ex.exit_code if ex is not None else slot.returncode
     if code == 0:
         return None
     what = WORKER_EXIT_SAYS.get(code)
