@@ -15,11 +15,14 @@ taken twice.
 The rule, evaluated every ``CHECK_S`` by the consumer loop:
 - it acts only while the backlog holds at least ``MIN_WORK_S`` of handler work (its messages
   over the rate the handler finished messages at, over the last second; half of it keeps the
-  partitions already held). Each pause costs the
-  paused partition's prefetched messages, fetched again on resume, and that fetch can wait
-  behind another in flight (up to ``fetch.wait.max.ms``, 500 ms by default): with less work
-  queued the handler would sit idle, and a backlog handled within a second keeps nobody waiting
-  long anyway (hostile review: with a 50 us handler, pausing made runs 2-4x slower);
+  partitions already held). Each pause costs the paused partition's prefetched messages,
+  fetched again on resume, and that fetch can wait behind another in flight (up to
+  ``fetch.wait.max.ms``, 500 ms by default): with less work queued the handler would sit idle
+  (hostile review: with a 50 us handler, pausing made runs 2-4x slower). The price: how long a
+  partition waits is set by what librdkafka prefetched ahead of it, not by this backlog, so
+  with a fast handler or several handler threads partitions still wait in fetch order (a
+  second review: 6-8 s with a 0.4 ms handler, or 4 threads); a gate on how long a partition
+  has waited is still to build (README, "Fair under a backlog");
 - a partition *starves* when it is owned, not paused, has nothing in the backlog, and messages
   wait for it (``messages_wait``);
 - while the backlog is full and a partition starves, every partition that holds at least its
