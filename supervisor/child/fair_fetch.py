@@ -80,6 +80,16 @@ class FairFetch:
     held: set[TP] = field(default_factory=set)
     starving: set[TP] = field(default_factory=set)
 
+    def worth_it(self, work_s: float) -> bool:
+        """Whether pausing pays with ``work_s`` seconds of handler work in the backlog: at least
+        MIN_WORK_S, or half of it to keep what is held (no pausing and resuming on every wobble
+        of the measured rate)."""
+        return work_s >= MIN_WORK_S / (2 if self.held else 1)
+
+    def clear(self) -> None:
+        """Nothing held, nobody starving (the rule does not act now)."""
+        self.held, self.starving = set(), set()
+
     def share(self, owned: int) -> int:
         """The messages of the backlog one partition may hold while another starves."""
         return max(MIN_SHARE, self.max_backlog // max(owned, 1))

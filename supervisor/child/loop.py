@@ -433,14 +433,11 @@ class ConsumerLoop:
         self._last_pause_check = now
         owned, fair = self.book.owned, self.fair
         backlog = self.runner.backlog_size()
-        work_s = self.backlog_work_s(now)
-        # Half the work keeps what is held (no pausing and resuming on every wobble of the rate).
-        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG) \
-                and work_s >= fair_fetch.MIN_WORK_S / (2 if fair.held else 1):
+        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG) and fair.worth_it(self.backlog_work_s(now)):
             queued = self.runner.queued_by_partition()
             fair.update(owned, queued, self.starving(queued), backlog)
         else:
-            fair.held, fair.starving = set(), set()
+            fair.clear()
         wanted = wanted_paused(fair.held, self.runner.backing_off(), owned)
         start, end = wanted - self.paused, self.paused - wanted
         if start & fair.held:

@@ -149,7 +149,7 @@ class SupervisorCore:
             if now >= slot.kill_at and not slot.killed:
                 inflight = slot.report.in_flight if slot.report else None
                 log.error("worker %d (pid %s) did not stop in time: SIGKILL%s", slot.index, slot.pid,
-                          f" (in flight: {_coords(inflight)})" if inflight else "")
+                          f" (in flight: {worker_events.coords(inflight)})" if inflight else "")
                 self.kill(slot, signal.SIGKILL, group=True)
                 slot.killed = True
                 if self.state is State.STOPPING and not slot.rejoins_to_leave:
@@ -392,7 +392,7 @@ class SupervisorCore:
             first = stuck[0]
             inflight = first.report.in_flight if first.report else None
             text = f"worker {first.index} did not drain within --graceful-timeout and was killed" + \
-                (f" (in flight: {_coords(inflight)})" if inflight else "")
+                (f" (in flight: {worker_events.coords(inflight)})" if inflight else "")
             others = [s.index for s in killed if s is not first]
             if others:
                 text += f"; also killed: worker(s) {', '.join(map(str, others))}" + \
@@ -408,14 +408,9 @@ class SupervisorCore:
                 what = worker_events.WORKER_EXIT_SAYS.get(ex.exit_code)
                 if what is None:
                     return f"worker {slot.index}: {ex.reason} (exit {ex.exit_code})"
-                abandoned = _coords(ex.abandoned) if ex.abandoned else "a message"
+                abandoned = worker_events.coords(ex.abandoned) if ex.abandoned else "a message"
                 return f"worker {slot.index}: {what.format(abandoned=abandoned)} (exit {ex.exit_code}; {ex.reason})"
         return code.name.lower()
 
     def receipt_body(self, code: ExitCode) -> dict[str, Any]:
         return self.receipt.as_dict(int(code), self.stop_reason or "stopped")
-
-
-def _coords(inflight: m.InFlight) -> str:
-    return f"{inflight.topic}[{inflight.partition}]@{inflight.offset}"
-

@@ -162,6 +162,10 @@ WITHOUT_DRAIN = ("exited 0 without draining (no exit report: did the handler, or
                  "SIGTERM into an exit?); its last finished messages were not committed and will be redelivered")
 
 
+def coords(inflight: m.InFlight) -> str:
+    return f"{inflight.topic}[{inflight.partition}]@{inflight.offset}"
+
+
 def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
     """How a worker that ksup drained ended, when not cleanly: the exit code with that meaning
     in the README's table (4: killed or a message abandoned, 5: its finished work not
@@ -170,7 +174,7 @@ def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
         return None
     if slot.killed:
         inflight = slot.report.in_flight if slot.report is not None else None
-        where = f" (in flight: {inflight.topic}[{inflight.partition}]@{inflight.offset})" if inflight else ""
+        where = f" (in flight: {coords(inflight)})" if inflight else ""
         return ExitCode.FORCED, (f"did not drain within --graceful-timeout and was killed{where}; its "
                                  "unfinished and uncommitted messages will be redelivered")
     if without_drain(slot):
@@ -185,7 +189,7 @@ def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
     if what is None:
         return ExitCode.FORCED, f"exited {code}" + (f": {ex.reason}" if ex is not None else "")
     abandoned = ex.abandoned if ex is not None else None
-    where = f"{abandoned.topic}[{abandoned.partition}]@{abandoned.offset}" if abandoned else "a message"
+    where = coords(abandoned) if abandoned else "a message"
     return policy.final_exit_code([code], False), f"{what.format(abandoned=where)} (exit {code})"
 
 
