@@ -178,3 +178,34 @@ def test_a_reload_whose_old_worker_did_not_drain_cleanly_says_so_and_exits_4(ksu
     all_committed(bootstrap, group, topic, ends, timeout=90)
     assert run.stop() == 0, run.tail()
     assert missing(record, ends) == []
+
+
+def test_a_reload_whose_old_worker_raised_while_draining_says_so_and_exits_4(ksup, bootstrap, names, tmp_path):
+    """Two things at once: a reload drains the old worker while its handler runs, and that
+    handler then raises (--on-error stop). The old worker used to exit 0 (the drain's first
+    reason kept its code), so the reload said it drained cleanly. Now it says NOT DRAINED CLEANLY,
+    exits 4, and the new worker handles that message (the oracle: the handler's record and the
+    broker's committed offsets)."""
+    from tests.test_handlers_and_policies import all_committed, loaded, missing
+
+    topic, group = names
+    ends = loaded(bootstrap, topic, 1, 20)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_RAISE_ON_GO_AT": "0:10"}
+    run = ksup("tests.handlers.recording:process", bootstrap, topic, group, env=env)
+    wait_until(lambda: Path(f"{record}.KSUP_TEST_RAISE_ON_GO_AT").exists(), 60, "the handler on 0:10")
+    result: list[subprocess.CompletedProcess[str]] = []
+    reload = threading.Thread(target=lambda: result.append(ksup_cli("reload", "-g", group, timeout=120)))
+    reload.start()
+    try:
+        run.wait_for_log("drain requested: SIGTERM received", 60)  # the old worker's (a reload signals it)
+        Path(f"{record}.go").touch()  # the old worker's handler raises now, inside its drain
+    finally:
+        reload.join(130)
+    out = result[0]
+    assert out.returncode == 4, out.stdout + out.stderr + run.tail()
+    assert "NOT DRAINED CLEANLY" in out.stdout and f"{topic}[0]@10" in out.stdout, out.stdout
+    all_committed(bootstrap, group, topic, ends, timeout=90)
+    assert run.stop() == 0, run.tail()
+    assert missing(record, ends) == []
+    assert Counter(o for _, o, _ in (line.split() for line in whole_lines(record)))["10"] == 1

@@ -96,6 +96,31 @@ def test_a_worker_that_exits_0_without_draining_is_not_a_clean_stop(ksup, bootst
     assert run.receipt()["exit_code"] == 5
 
 
+def test_a_handler_that_raises_while_the_worker_drains_is_not_a_clean_stop(ksup, bootstrap, names, tmp_path):
+    """A stop comes while a handler runs, and then that handler raises (--on-error stop): the
+    message is not stored, so it is redelivered, like one the drain abandoned. The drain's first
+    reason ("SIGTERM received") used to keep its code 0 as well, so the worker exited 0 and ksup 0
+    ("every worker drained: finished in flight"). Now ksup exits 4 and names the failure. Oracle:
+    the handler's record has no line for that message, and the group's committed offset for that
+    partition is that message's offset, so the next consumer handles it again."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 20, partitions=1)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_RAISE_ON_GO_AT": "0:10"}
+    run = ksup(HANDLER, bootstrap, topic, group, env=env)
+    wait_until(lambda: os.path.exists(f"{record}.KSUP_TEST_RAISE_ON_GO_AT"), 60, "the handler on 0:10")
+    run.signal(signal.SIGTERM)
+    run.wait_for_log("drain requested: SIGTERM received", 30)
+    (tmp_path / "r.txt.go").touch()  # the handler raises now, inside the drain
+    assert run.wait(60) == 4, run.tail()
+    assert [(p, o) for p, o, _ in read_record(record)] == [(0, o) for o in range(10)]
+    assert committed_offsets(bootstrap, group, topic, 1) == {0: 10}
+    last = run.log_text().strip().splitlines()[-1]
+    assert "exit 4 (FORCED)" in last and f"handler raised RuntimeError on {topic}[0]@10" in last, last
+    assert run.receipt()["exit_code"] == 4
+
+
 def test_a_helper_the_handler_forked_does_not_outlive_its_worker(ksup, bootstrap, names, tmp_path):
     """A fork (no exec) inherits the worker's SIGTERM handler (drain, ignored outside a consumer
     loop), so the SIGTERM ksup sends to a dead worker's process group did not end it: it lived

@@ -5,6 +5,8 @@ holds its partitions for ever. Oracle: the handler's record and the broker's com
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from tests.harness import read_record, wait_until
@@ -44,6 +46,39 @@ def test_an_exception_in_the_error_policy_fails_the_worker_loudly(ksup, bootstra
     # The finished prefix was committed on the way out; offset 5 was not (it will be redelivered).
     wait_until(lambda: committed_offsets(bootstrap, group, topic, 1) == {0: 5}, 15, "offsets 0-4 committed")
     run.stop()
+
+
+POLICY_BUG_ON_GO = POLICY_BUG.replace(
+    "    if record.offset == 5:\n",
+    "    if record.offset == 5:\n"
+    "        open(os.environ['KSUP_TEST_RECORD'] + '.at5', 'w').close()\n"
+    "        while not os.path.exists(os.environ['KSUP_TEST_RECORD'] + '.go'):\n"
+    "            import time; time.sleep(0.01)  # paces the wait for the test's signal\n")
+
+
+def test_an_exception_in_the_error_policy_during_a_drain_is_not_a_clean_stop(ksup, bootstrap, names, tmp_path):
+    """The same bug, but it comes while the worker drains for a SIGTERM: the drain's first
+    reason kept its code 0, so the traceback was not logged and ksup exited 0 ("every worker
+    drained"). Now: the traceback in the log, the finished prefix committed, offset 5 not, and ksup
+    exits 4 naming the dead thread."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 20)
+    (tmp_path / "policybug.py").write_text(POLICY_BUG_ON_GO)
+    record = tmp_path / "record.txt"
+    run = ksup("policybug:process", bootstrap, topic, group, cwd=tmp_path, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--on-error", "skip"])
+    wait_until(lambda: (tmp_path / "record.txt.at5").exists(), 60, "the handler on offset 5")
+    run.signal(signal.SIGTERM)
+    run.wait_for_log("drain requested: SIGTERM received", 30)
+    (tmp_path / "record.txt.go").touch()  # the policy's bug fires now, inside the drain
+    assert run.wait(60) == 4, run.tail()
+    log = run.log_text()
+    assert "RuntimeError: bug in the policy path" in log, "the traceback is in the log"
+    assert [off for _, off, _ in read_record(record)] == [0, 1, 2, 3, 4]
+    assert committed_offsets(bootstrap, group, topic, 1) == {0: 5}
+    last = log.strip().splitlines()[-1]
+    assert "exit 4 (FORCED)" in last and "died of RuntimeError" in last, last
 
 
 def test_reports_tell_a_dead_handler_thread_from_an_idle_one():

@@ -79,8 +79,8 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         log.error("final commit: lost %s before the broker confirmed its offsets (session expired); "
                   "the finished messages will be redelivered", ", ".join(map(tp_name, sorted(loop.lost_unconfirmed))))
         committed = False
-    if loop.exit_code in GIVE_UP_CODES:
-        code = loop.exit_code
+    if loop.exit_code in GIVE_UP_CODES or code == WorkerExit.OK:
+        code = loop.exit_code  # a failure during the commit (a fatal Kafka error) is the drain's too
     if not committed:
         loop.commit_on_revoke = False  # the group is stuck: close() must not block on a commit
         if code == WorkerExit.OK:
@@ -205,6 +205,8 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Record | None:
     # past --handler-timeout is not waited for: it is stuck, and the rest must still be committed.
     while not loop.runner.wait_not_running(None, min(t0 + loop.drain_timeout_s, time.monotonic() + 0.1)):
         loop.collect()
+        if loop.runner.crashed is not None:
+            loop.on_handler_thread_crashed()
         loop.serve(0.0)
         loop.check_supervisor(time.monotonic())
         loop.send_report()
@@ -216,6 +218,8 @@ def finish_in_flight(loop: ConsumerLoop, t0: float) -> Record | None:
                       stuck[0].coordinates, loop.handler_timeout_s)
             break
     loop.collect()
+    if loop.runner.crashed is not None:
+        loop.on_handler_thread_crashed()
     oldest = loop.runner.oldest_running()
     loop.gave_up_in_flight = oldest is not None
     return oldest[0] if oldest else None

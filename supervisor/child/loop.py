@@ -88,6 +88,7 @@ class ConsumerLoop:
         self.state = "joining"
         self.stop_reason: str | None = None
         self.exit_code = WorkerExit.OK
+        self.crash_logged = False  # a handler thread's death is logged (with its traceback) once
         self.drain_timeout_s = float(options.get("graceful_timeout_s", 30.0))
         self.exit_within_s = float(options.get("exit_within_s", self.drain_timeout_s + 5.0))
         self.max_memory = int(options.get("max_memory_bytes", 0) or 0)
@@ -133,7 +134,10 @@ class ConsumerLoop:
 
     def request_drain(self, reason: str, timeout_s: float | None = None,
                       code: WorkerExit = WorkerExit.OK, deadline_s: float | None = None) -> None:
-        """Idempotent: the first reason and code win; a later, shorter timeout or deadline wins.
+        """Idempotent: the first reason and code win, but a failure that comes during a drain
+        begun for a clean reason (a handler raised, a handler thread died, a fatal Kafka error
+        after a SIGTERM) gives the drain its code and joins the reason: that drain did not end
+        cleanly, and exit 0 would say it did. A later, shorter timeout or deadline wins.
         ``deadline_s``: the whole drain must be over by then (the supervisor's SIGKILL)."""
         if timeout_s is not None:
             self.drain_timeout_s = min(self.drain_timeout_s, timeout_s)
@@ -142,6 +146,9 @@ class ConsumerLoop:
         if self.stop_reason is None:
             self.stop_reason, self.exit_code = reason, code
             log.info("drain requested: %s", reason)
+        elif code != WorkerExit.OK and self.exit_code == WorkerExit.OK:
+            self.stop_reason, self.exit_code = f"{self.stop_reason}, then {reason}", code
+            log.warning("while draining: %s (exit %d)", reason, int(code))
 
     def check_supervisor(self, now: float) -> None:
         reason = self.outside_stop()
@@ -361,7 +368,8 @@ class ConsumerLoop:
         stored and committed by the drain; what that thread held is not (redelivered)."""
         assert self.runner.crashed is not None
         thread, exc, text = self.runner.crashed
-        if self.stop_reason is None:
+        if not self.crash_logged:  # once: the loop and the drain look again each round
+            self.crash_logged = True
             log.error("handler thread %s died of %s outside the handler (a bug in the error policy or "
                       "in ksup); the worker stops:\n%s", thread, type(exc).__name__, text.rstrip())
         self.request_drain(f"handler thread {thread} died of {type(exc).__name__}: {exc!r}",

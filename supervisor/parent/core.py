@@ -25,7 +25,7 @@ from typing import Any
 from supervisor import config as cfgmod
 from supervisor.config import Settings
 from supervisor.contract import messages as m
-from supervisor.contract.exitcodes import ExitCode, WorkerExit, describe_returncode
+from supervisor.contract.exitcodes import ExitCode
 from supervisor.errors import HaltSupervisor
 from supervisor.parent import events as ev
 from supervisor.parent import membership, policy, rolling, worker_events
@@ -374,11 +374,9 @@ class SupervisorCore:
         if self.exit_code is not None:
             return self.exit_code
         # Only the workers this stop drained: one that died earlier was logged (and restarting).
-        codes = [describe_returncode(s.returncode).code for s in self.slots
-                 if s.returncode is not None and s.in_final_drain]
-        if any(worker_events.without_drain(s) for s in self.slots if s.in_final_drain):
-            codes.append(WorkerExit.COMMIT_FAILED)  # its final commit never happened: redelivered
-        return policy.final_exit_code(codes, self.forced)
+        # Each is judged as a reload judges its old worker (worker_events.drain_verdict).
+        verdicts = [worker_events.drain_verdict(s) for s in self.slots if s.in_final_drain]
+        return policy.worst([*(v[0] for v in verdicts if v is not None), *([ExitCode.FORCED] if self.forced else [])])
 
     def final_reason(self, code: ExitCode) -> str:
         """One line for the operator when the exit code is not 0. When the graceful timeout
@@ -400,16 +398,9 @@ class SupervisorCore:
                                                                      if s is not first) else "")
             return text
         for slot in self.slots:
-            if slot.in_final_drain and worker_events.without_drain(slot):
-                return f"worker {slot.index} {worker_events.WITHOUT_DRAIN}"
-        for slot in self.slots:
-            ex = slot.exiting
-            if ex is not None and ex.exit_code != 0:
-                what = worker_events.WORKER_EXIT_SAYS.get(ex.exit_code)
-                if what is None:
-                    return f"worker {slot.index}: {ex.reason} (exit {ex.exit_code})"
-                abandoned = worker_events.coords(ex.abandoned) if ex.abandoned else "a message"
-                return f"worker {slot.index}: {what.format(abandoned=abandoned)} (exit {ex.exit_code}; {ex.reason})"
+            verdict = worker_events.drain_verdict(slot) if slot.in_final_drain else None
+            if verdict is not None and verdict[0] is code:
+                return f"worker {slot.index}: {verdict[1]}"
         return code.name.lower()
 
     def receipt_body(self, code: ExitCode) -> dict[str, Any]:

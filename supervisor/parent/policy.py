@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from supervisor.contract.exitcodes import ExitCode, WorkerExit
@@ -67,14 +68,37 @@ def halt_for_worker_exit(worker_code: int | None, index: int, worker_reason: str
     return None
 
 
+# What a worker's exit at the end of a drain ksup asked for makes of ksup's own exit code (the
+# README's table). Whatever is not here (a signal, a code of no drain) did not drain: FORCED.
+DRAIN_END: dict[int, ExitCode] = {
+    WorkerExit.OK: ExitCode.OK,
+    WorkerExit.COMMIT_FAILED: ExitCode.COMMIT_FAILED,  # finished work not confirmed: redelivered
+    WorkerExit.KAFKA_FATAL: ExitCode.COMMIT_FAILED,    # the consumer is unusable: nor is its commit
+    WorkerExit.DRAIN_TIMEOUT: ExitCode.FORCED,         # a message abandoned: not stored, redelivered
+    WorkerExit.HANDLER_FAILED: ExitCode.FORCED,        # the message it raised on: not stored
+    WorkerExit.HANDLER_CRASHED: ExitCode.FORCED,       # what the dead thread held: not stored
+    WorkerExit.INTERNAL: ExitCode.INTERNAL,            # a bug in the worker: the traceback is in the log
+}
+
+# The worst of several workers' ends is ksup's: first in this order.
+SEVERITY = (ExitCode.INTERNAL, ExitCode.FORCED, ExitCode.COMMIT_FAILED, ExitCode.OK)
+
+
+def worst(codes: Iterable[ExitCode]) -> ExitCode:
+    """The first of ``codes`` in SEVERITY; OK for none (a stop's and a reload's verdict)."""
+    present = set(codes)
+    return next((c for c in SEVERITY if c in present), ExitCode.OK)
+
+
+def drain_end_code(worker_code: int | None) -> ExitCode:
+    """ksup's code for one drained worker's end; ``None`` is a worker killed by a signal."""
+    return ExitCode.FORCED if worker_code is None else DRAIN_END.get(worker_code, ExitCode.FORCED)
+
+
 def final_exit_code(worker_codes: list[int | None], forced: bool) -> ExitCode:
-    """The supervisor's code after every worker stopped on a normal stop request.
-    ``None`` is a worker killed by a signal."""
-    if forced or any(c is None or c == WorkerExit.DRAIN_TIMEOUT for c in worker_codes):
-        return ExitCode.FORCED
-    if any(c == WorkerExit.COMMIT_FAILED for c in worker_codes):
-        return ExitCode.COMMIT_FAILED
-    return ExitCode.OK
+    """The supervisor's code after every worker stopped on a normal stop request: the worst of
+    the workers' ends (DRAIN_END). ``forced``: the graceful timeout killed a worker."""
+    return worst([*map(drain_end_code, worker_codes), *([ExitCode.FORCED] if forced else [])])
 
 
 def stuck(slot: WorkerSlot, now: float, wall_now: float, s: Settings) -> str | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from supervisor.contract.exitcodes import ExitCode
-from supervisor.parent import membership, readiness, worker_events
+from supervisor.parent import membership, policy, readiness, worker_events
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, RollPhase, SlotState
 
@@ -74,10 +74,8 @@ class Roll:
 
     def unclean_code(self) -> ExitCode:
         """OK when every old worker drained cleanly; else the code of the README's table for
-        the worst (4 before 5, as for a stop)."""
-        codes = {r.old_drain_code for r in self.results}
-        return ExitCode.FORCED if ExitCode.FORCED in codes else \
-            ExitCode.COMMIT_FAILED if ExitCode.COMMIT_FAILED in codes else ExitCode.OK
+        the worst, as for a stop (policy.worst)."""
+        return policy.worst(r.old_drain_code for r in self.results)
 
     def summary(self, now: float) -> dict[str, Any]:
         return {"ok": self.error is None, "error": self.error,

@@ -149,13 +149,22 @@ def after_exit(core: SupervisorCore, slot: WorkerSlot, death: bool, how: str, bo
 
 
 # What a worker's own exit code means, for the one line an operator reads at the end (the
-# worker's stop reason alone, such as "SIGTERM received", says why it stopped, not what went wrong).
+# worker's stop reason alone, such as "SIGTERM received", says why it stopped, not what went
+# wrong). ``reason`` is the worker's: for 10, 12 and 14 it names the failure that came during the drain.
 WORKER_EXIT_SAYS: dict[int, str] = {
     WorkerExit.COMMIT_FAILED: "the broker did not confirm its final commit (its finished messages will be "
-                              "redelivered)",
+                              "redelivered) (exit 5; {reason})",
     WorkerExit.DRAIN_TIMEOUT: "its handler did not finish {abandoned} within the drain's time (not stored: "
-                              "redelivered)",
+                              "redelivered) (exit 11; {reason})",
+    WorkerExit.HANDLER_FAILED: "{reason}: that message was not stored and will be redelivered (exit 10)",
+    WorkerExit.HANDLER_CRASHED: "{reason}: what that thread held was not stored and will be redelivered "
+                                "(exit 14; the traceback is in the log)",
+    WorkerExit.KAFKA_FATAL: "{reason}: its final commit is not confirmed, so its finished messages may be "
+                            "redelivered (exit 12)",
+    WorkerExit.INTERNAL: "crashed, a bug in ksup's worker (exit 70; the traceback is in the log): its last "
+                         "finished messages may be redelivered",
 }
+UNKNOWN_EXIT_SAYS = "exited {code} ({reason})"
 
 
 WITHOUT_DRAIN = ("exited 0 without draining (no exit report: did the handler, or a library it uses, turn "
@@ -168,8 +177,9 @@ def coords(inflight: m.InFlight) -> str:
 
 def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
     """How a worker that ksup drained ended, when not cleanly: the exit code with that meaning
-    in the README's table (4: killed or a message abandoned, 5: its finished work not
-    committed) and what happened, in words; None for a clean drain (its exit report, exit 0)."""
+    in the README's table (policy.DRAIN_END: 4 killed or a message not stored, 5 its finished
+    work not committed, 1 a bug) and what happened, in words; None for a clean drain (its exit
+    report, exit 0). A stop and a reload both judge by this."""
     if slot.returncode is None:
         return None
     if slot.killed:
@@ -183,14 +193,12 @@ def drain_verdict(slot: WorkerSlot) -> tuple[ExitCode, str] | None:
         return ExitCode.FORCED, f"{describe_returncode(slot.returncode).describe()} while draining"
     ex = slot.exiting
     code = ex.exit_code if ex is not None else slot.returncode
-    if code == 0:
+    end = policy.drain_end_code(code)
+    if end is ExitCode.OK:
         return None
-    what = WORKER_EXIT_SAYS.get(code)
-    if what is None:
-        return ExitCode.FORCED, f"exited {code}" + (f": {ex.reason}" if ex is not None else "")
-    abandoned = ex.abandoned if ex is not None else None
-    where = coords(abandoned) if abandoned else "a message"
-    return policy.final_exit_code([code], False), f"{what.format(abandoned=where)} (exit {code})"
+    abandoned = coords(ex.abandoned) if ex is not None and ex.abandoned else "a message"
+    return end, WORKER_EXIT_SAYS.get(code, UNKNOWN_EXIT_SAYS).format(
+        reason=ex.reason if ex is not None else "no exit report", abandoned=abandoned, code=code)
 
 
 def without_drain(slot: WorkerSlot) -> bool:

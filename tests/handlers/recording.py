@@ -2,7 +2,9 @@
 named by KSUP_TEST_RECORD, after sleeping KSUP_TEST_SLEEP seconds. Failure switches come from
 the environment (the workers inherit it); each ``*_AT`` switch names "partition:offset" and
 fires once per test (a marker file next to the record remembers it fired); KSUP_TEST_SLOW_AT may
-name several, comma-separated, and slows each every time."""
+name several, comma-separated, and slows each every time. KSUP_TEST_RAISE_ON_GO_AT waits (60 s at
+most) until a file ``<record>.go`` exists, then raises: a test creates it when the worker is
+where the test wants the failure (draining, say)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ def process(record: Record) -> None:
         time.sleep(3600)
     if _once("KSUP_TEST_RAISE_AT", where):
         raise RuntimeError(f"test failure at {where}")
+    if _once("KSUP_TEST_RAISE_ON_GO_AT", where):
+        go = time.monotonic() + 60
+        while not os.path.exists(f"{_RECORD}.go") and time.monotonic() < go:
+            time.sleep(0.01)  # paces the wait for the test's signal
+        raise RuntimeError(f"test failure at {where}, told to")
     if _once("KSUP_TEST_GROW_AT", where):
         _hoard.append(bytearray(200 << 20))  # 200 MiB, touched so it counts in RSS
         _hoard[-1][:: 4096] = b"x" * len(_hoard[-1][:: 4096])

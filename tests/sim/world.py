@@ -128,6 +128,10 @@ class SimWorker:
             if now - self.last_report >= REPORT_EVERY_S:
                 self._commit(self.assignment)  # auto-commit of what was stored
                 self.report(now)
+        if self.phase is Phase.DRAINING and self.assignment and self.plan.handler_fails and not self.exit_after_drain:
+            # A message in flight raises during a drain begun for another reason: the real
+            # worker's drain takes that code (loop.request_drain), so it exits 10, not 0.
+            self.exit_after_drain = int(WorkerExit.HANDLER_FAILED)
         if self.phase is Phase.DRAINING and self.drain_until is not None and now >= self.drain_until:
             self._commit(self.assignment)
             self.phase, self.ready_at = Phase.READY, now
@@ -399,3 +403,7 @@ class World:
             forced = any(w.killed and w.slot.in_final_drain for w in self.workers.values())
             if forced and int(code) != 4:
                 raise Violation(f"workers were killed at the stop deadline, yet exit {int(code)}")
+            unclean = [w for w in self.workers.values() if w.slot.in_final_drain and w.exit_code not in (0, None)]
+            if unclean and int(code) == 0:
+                raise Violation(f"worker {unclean[0].slot.index} ended its final drain with exit "
+                                f"{unclean[0].exit_code}, yet ksup exits 0 (every worker drained cleanly)")
