@@ -19,7 +19,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from supervisor.child.fair_fetch import MIN_SHARE, OVERFLOW, FairFetch, messages_wait, wanted_paused
+from supervisor.child.fair_fetch import MIN_SHARE, OVERFLOW, STARVE_S, FairFetch, messages_wait, wanted_paused
 from supervisor.child.loop import MAX_BACKLOG, ConsumerLoop
 from supervisor.child.policies import ErrorPolicy, Executor
 from supervisor.child.runner import HandlerRunner
@@ -94,6 +94,52 @@ def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_wait
     for p in range(partitions):
         offsets = [o for q, o in handled if q == p]
         assert offsets == list(range(per_partition)), f"partition {p}: not each offset once, in order"
+    assert committed_offsets(bootstrap, group, topic, partitions) == ends
+
+
+def test_with_a_fast_handler_a_partition_waits_about_starve_s_not_a_whole_fetch(bootstrap, names):
+    """The work gate alone never paused for a handler under about 1 ms: a backlog of 1,000
+    messages at 200 us is 0.2 s of work, under MIN_WORK_S, so partitions waited in librdkafka's
+    fetch order (a hostile review: 6 s with a 0.4 ms handler). The starve gate: once a partition
+    has starved STARVE_S, the others are held. Judged by order: before every partition had its
+    turn, one partition had at most about STARVE_S of handling (STARVE_S / 200 us = 5,000
+    messages; 9,000 leaves room for a slow check), where the old rule let the first partitions'
+    whole fetches (all 15,000 of each) go first. Each offset is handled once, in order."""
+    topic, group = names
+    per_partition, partitions, spin = 15000, 4, 200e-6
+    create_topic(bootstrap, topic, partitions)
+    produce_sequence(bootstrap, topic, per_partition * partitions, partitions=partitions)
+    handled: list[tuple[int, int]] = []
+    seen: set[int] = set()
+
+    def one(record):
+        handled.append((record.partition, record.offset))
+        seen.add(record.partition)
+        if len(seen) < partitions:  # paces the handler until every partition had its turn
+            until = time.perf_counter() + spin
+            while time.perf_counter() < until:
+                pass
+
+    executor = Executor(one, [ErrorPolicy.STOP], 0, 0.0, None, set())
+    runner, consumer, loop = _make(bootstrap, group, topic, executor)
+    ends = dict.fromkeys(range(partitions), per_partition)
+    try:
+        _step_until(loop, lambda: _all_stored(loop, topic, ends), 120, "everything stored")
+        assert runner.failure is None
+        _commit_what_is_stored(consumer)
+    finally:
+        runner.stop()
+        consumer.close()
+    counts = dict.fromkeys(range(partitions), 0)
+    most_before_all_started = 0
+    for p, _ in handled:
+        counts[p] += 1
+        if not all(counts.values()):
+            most_before_all_started = max(most_before_all_started, max(counts.values()))
+    assert most_before_all_started < 9000, (
+        f"{most_before_all_started} messages of one partition were handled before every partition had its turn")
+    for p in range(partitions):
+        assert [o for q, o in handled if q == p] == list(range(per_partition)), f"partition {p}"
     assert committed_offsets(bootstrap, group, topic, partitions) == ends
 
 
@@ -273,6 +319,28 @@ def test_the_backlog_stays_bounded_while_partitions_starve():
     assert FairFetch(1000).share(1000) == MIN_SHARE
 
 
+def test_a_partition_that_starved_for_starve_s_gets_its_turn_whatever_the_handlers_speed():
+    """The second gate (a fast handler: its backlog never holds MIN_WORK_S of work; or the
+    backlog not quite full at the check): a partition that starved STARVE_S without a break makes
+    the others with a share held. A break in the spell starts it again."""
+    fair = FairFetch(1000)
+    owned = [A, B, C]
+    assert not fair.watching(499) and fair.watching(500), "watched from half a backlog"
+    assert not fair.starved_long([C], 10.0)
+    assert not fair.starved_long([B, C], 10.0 + STARVE_S / 2)
+    assert not fair.starved_long([B], 10.0 + STARVE_S * 0.9), "C's spell ended; B's began at the 2nd check"
+    assert not fair.starved_long([B, C], 10.0 + STARVE_S)
+    assert fair.starved_long([B, C], 10.0 + STARVE_S * 1.5), "B: STARVE_S without a break"
+    assert fair.update(owned, {A: 900}, [B, C], 900) == set(), "without the gate a backlog with room holds nothing"
+    assert fair.update(owned, {A: 900}, [B, C], 900, starved_long=True) == {A}
+    fair.clear(keep_since=True)
+    assert fair.held == set() and set(fair.since) == {B, C}, "the spells go on while watched"
+    fair.forget([B])
+    assert set(fair.since) == {C}
+    fair.clear()
+    assert fair.since == {}
+
+
 def test_a_partition_is_paused_while_either_fairness_or_a_backoff_wants_it():
     assert wanted_paused({A}, {B}, [A, B, C]) == {A, B}
     assert wanted_paused({A}, {A}, [A, B]) == {A}
@@ -290,19 +358,23 @@ class FairFetchMachine(RuleBasedStateMachine):
         self.owned: set[tuple[str, int]] = {A, B, C, D}
         self.queued: dict[tuple[str, int], int] = {}
         self.share = self.fair.share(4)  # as of the last check
+        self.now = 0.0
 
     @rule(counts=st.dictionaries(st.sampled_from([A, B, C, D]), st.integers(0, 2000), max_size=4),
-          starving=st.sets(st.sampled_from([A, B, C, D])))
-    def check(self, counts: dict[tuple[str, int], int], starving: set[tuple[str, int]]) -> None:
+          starving=st.sets(st.sampled_from([A, B, C, D])), dt=st.sampled_from([0.05, 0.3, STARVE_S]))
+    def check(self, counts: dict[tuple[str, int], int], starving: set[tuple[str, int]], dt: float) -> None:
         self.queued = {tp: n for tp, n in counts.items() if n and tp in self.owned}
         backlog = sum(self.queued.values())
         self.share = self.fair.share(len(self.owned))
         before = set(self.fair.held)
-        self.fair.update(self.owned, self.queued, starving, backlog)
+        self.now += dt
+        long = self.fair.starved_long(starving, self.now)
+        assert long == any(self.now - t >= STARVE_S for t in self.fair.since.values())
+        self.fair.update(self.owned, self.queued, starving, backlog, long)
         new = self.fair.held - before
-        # A partition is newly held only for one that starves behind a full backlog, and only
-        # with a share of it; one held before stays only with half a share.
-        assert not new or (self.fair.starving and backlog >= 1000), (new, self.fair.starving, backlog)
+        # A partition is newly held only for one that starves behind a full backlog (or for
+        # STARVE_S), and only with a share of it; one held before stays only with half a share.
+        assert not new or (self.fair.starving and (backlog >= 1000 or long)), (new, self.fair.starving, backlog)
         assert all(self.queued.get(tp, 0) >= self.share for tp in new)
         assert all(self.queued.get(tp, 0) >= self.share // 2 for tp in self.fair.held & before)
         assert backlog + self.fair.overflow_limit(len(self.owned), backlog) <= max(backlog, OVERFLOW * 1000)

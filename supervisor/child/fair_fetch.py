@@ -13,20 +13,24 @@ tests/test_fetch_pauses.py). So the partitions behind it come next, and nothing 
 taken twice.
 
 The rule, evaluated every ``CHECK_S`` by the consumer loop:
-- it acts only while the backlog holds at least ``MIN_WORK_S`` of handler work (its messages
-  over the rate the handler finished messages at, over the last second; half of it keeps the
-  partitions already held). Each pause costs the paused partition's prefetched messages,
-  fetched again on resume, and that fetch can wait behind another in flight (up to
-  ``fetch.wait.max.ms``, 500 ms by default): with less work queued the handler would sit idle
-  (hostile review: with a 50 us handler, pausing made runs 2-4x slower). The price: how long a
-  partition waits is set by what librdkafka prefetched ahead of it, not by this backlog, so
-  with a fast handler or several handler threads partitions still wait in fetch order (a
-  second review: 6-8 s with a 0.4 ms handler, or 4 threads); a gate on how long a partition
-  has waited is still to build (README, "Fair under a backlog");
+- it watches while the backlog is at least half full (``WATCH_FROM``) or something is held;
+- it acts once a partition has starved ``STARVE_S`` without a break (the starve gate), or,
+  sooner, while the backlog is full and holds at least ``MIN_WORK_S`` of handler work (the
+  work gate: its messages over the rate the handler finished messages at, over the last
+  second; half of it keeps the partitions already held). Each pause costs the paused
+  partition's prefetched messages, fetched again on resume, and that fetch can wait behind
+  another in flight (up to ``fetch.wait.max.ms``, 500 ms by default): pausing at every check
+  made runs with a 50 us handler 2-4x slower (a hostile review of the first rule). The work
+  gate alone never acted for a handler under about 1 ms or for several handler threads
+  (the backlog looks quick to clear), yet how long a partition waits is set by what
+  librdkafka prefetched ahead of it, not by this backlog: 6-8 s in a second review. The starve
+  gate bounds that wait near STARVE_S, and pauses only for a partition that starved that long
+  (README, "Fair under a backlog": run times within noise of no rule at all);
 - a partition *starves* when it is owned, not paused, has nothing in the backlog, and messages
   wait for it (``messages_wait``);
-- while the backlog is full and a partition starves, every partition that holds at least its
-  share of the backlog (``share``: MAX_BACKLOG over the partitions owned) is *held*: paused;
+- while a gate acts, the backlog is full (or a partition starved STARVE_S) and a partition
+  starves, every partition that holds at least its share of the backlog (``share``:
+  MAX_BACKLOG over the partitions owned) is *held*: paused;
 - a held partition is released (resumed) once it holds less than half its share, so it is
   fetched again before its last messages are handled, or when it is no longer owned;
 - while a partition starves, the loop may fetch past MAX_BACKLOG one share at a time, up to
@@ -44,8 +48,10 @@ from dataclasses import dataclass, field
 TP = tuple[str, int]
 
 CHECK_S = 0.05     # how often the consumer loop looks (a few local librdkafka calls)
-MIN_WORK_S = 1.0   # ... and acts only while the backlog holds this much handler work (half of
-                   # it keeps what is held)
+MIN_WORK_S = 1.0   # ... and acts while the backlog holds this much handler work (half of it
+                   # keeps what is held),
+STARVE_S = 1.0     # ... or once a partition has starved this long, whatever the handler's speed
+WATCH_FROM = 2     # starving is watched for while the backlog holds MAX_BACKLOG / this or more
 RATE_WINDOW_S = 1.0  # the handler's rate is measured over this long
 MIN_SHARE = 10     # a share never below this many messages, however many partitions are owned
 OVERFLOW = 2       # while a partition starves, the backlog may grow to this many MAX_BACKLOGs
@@ -79,6 +85,19 @@ class FairFetch:
     max_backlog: int
     held: set[TP] = field(default_factory=set)
     starving: set[TP] = field(default_factory=set)
+    since: dict[TP, float] = field(default_factory=dict)  # starving without a break since (monotonic)
+
+    def watching(self, backlog: int) -> bool:
+        """Whether starving partitions are looked for: something is held, or the backlog is at
+        least half full (below that the handler keeps up with what librdkafka hands over, so
+        nobody's messages wait behind another partition's)."""
+        return bool(self.held) or backlog >= self.max_backlog // WATCH_FROM
+
+    def starved_long(self, starving: Collection[TP], now: float) -> bool:
+        """Note the partitions starving at this check (the others' spell ends); True when one
+        has starved for STARVE_S or more without a break."""
+        self.since = {tp: self.since.get(tp, now) for tp in starving}
+        return any(now - t >= STARVE_S for t in self.since.values())
 
     def worth_it(self, work_s: float) -> bool:
         """Whether pausing pays with ``work_s`` seconds of handler work in the backlog: at least
@@ -86,24 +105,28 @@ class FairFetch:
         of the measured rate)."""
         return work_s >= MIN_WORK_S / (2 if self.held else 1)
 
-    def clear(self) -> None:
-        """Nothing held, nobody starving (the rule does not act now)."""
+    def clear(self, keep_since: bool = False) -> None:
+        """Nothing held, nobody starving (the rule does not act now); ``keep_since``: the
+        starving spells go on (they are being watched)."""
         self.held, self.starving = set(), set()
+        if not keep_since:
+            self.since = {}
 
     def share(self, owned: int) -> int:
         """The messages of the backlog one partition may hold while another starves."""
         return max(MIN_SHARE, self.max_backlog // max(owned, 1))
 
     def update(self, owned: Collection[TP], queued: Mapping[TP, int], starving: Collection[TP],
-               backlog: int) -> set[TP]:
+               backlog: int, starved_long: bool = False) -> set[TP]:
         """One check. ``queued``: messages in the backlog (queued or in a handler) per
         partition; ``starving``: owned partitions, not paused, with nothing queued and messages
-        waiting; ``backlog``: the backlog's size as the fetch limit counts it. Returns the
-        partitions to hold (a new set)."""
+        waiting; ``backlog``: the backlog's size as the fetch limit counts it; ``starved_long``:
+        one starved STARVE_S (then a backlog not quite full does not keep it waiting). Returns
+        the partitions to hold (a new set)."""
         share = self.share(len(owned))
         self.starving = {tp for tp in starving if tp in owned and not queued.get(tp)}
         held = {tp for tp in self.held if tp in owned and queued.get(tp, 0) >= share // 2}
-        if self.starving and backlog >= self.max_backlog:
+        if self.starving and (backlog >= self.max_backlog or starved_long):
             held |= {tp for tp, n in queued.items() if n >= share and tp in owned}
         self.held = held
         return held
@@ -119,6 +142,8 @@ class FairFetch:
         """Partitions revoked or lost: neither held nor starving any more."""
         self.held.difference_update(tps)
         self.starving.difference_update(tps)
+        for tp in tps:
+            self.since.pop(tp, None)
 
 
 def wanted_paused(held: set[TP], backing_off: set[TP], owned: Collection[TP]) -> set[TP]:

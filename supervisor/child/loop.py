@@ -44,6 +44,7 @@ CHANNEL_CHECK_S = 0.05   # how often the supervisor's pipe is read
 FETCH_BATCH = 500        # messages taken from librdkafka's queue per call
 MAX_BACKLOG = 1000       # fetched, not yet handled; beyond it only callbacks are served (but
                          # see fair_fetch.py: a partition that starves may bring it to 2x)
+FAIR_FETCH = os.environ.get("KSUP_FAIR_FETCH") != "0"  # off: for comparing (benchmarks), and a way out
 
 
 # Message accessors as plain functions, to map over a whole fetch (the loops then run in C).
@@ -441,9 +442,15 @@ class ConsumerLoop:
         self._last_pause_check = now
         owned, fair = self.book.owned, self.fair
         backlog = self.runner.backlog_size()
-        if len(owned) > 1 and (fair.held or backlog >= MAX_BACKLOG) and fair.worth_it(self.backlog_work_s(now)):
+        if len(owned) > 1 and FAIR_FETCH and fair.watching(backlog):
+            work_s = self.backlog_work_s(now) if fair.held or backlog >= MAX_BACKLOG else 0.0
             queued = self.runner.queued_by_partition()
-            fair.update(owned, queued, self.starving(queued), backlog)
+            starving = self.starving(queued)
+            starved_long = fair.starved_long(starving, now)
+            if starved_long or fair.worth_it(work_s):
+                fair.update(owned, queued, starving, backlog, starved_long)
+            else:
+                fair.clear(keep_since=True)
         else:
             fair.clear()
         wanted = wanted_paused(fair.held, self.runner.backing_off(), owned)

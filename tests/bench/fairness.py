@@ -3,9 +3,11 @@ long does a partition with waiting messages go untouched? One consumer, 4 partit
 BACKLOG messages each, produced before it starts; a 5 ms handler. For every partition: the
 longest time between the start (first handler call of anybody) or its previous message and its
 next message, while it still had messages waiting. The plain ``poll()`` loop with the same
-handler is the baseline of the same run (it handles messages in librdkafka's fetch order)::
+handler is the baseline of the same run (it handles messages in librdkafka's fetch order), and
+so is ksup with its fairness rule switched off (``KSUP_FAIR_FETCH=0``): what the rule costs in
+run time (first handler start to last message handled)::
 
-    python -m tests.bench.fairness [--backlog N] [--sleep S] [--json FILE]
+    python -m tests.bench.fairness [--backlog N] [--partitions N] [--sleep S] [--concurrency N] [--runs N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ def plain(bootstrap: str, topic: str, count: int, sleep: float) -> dict[int, flo
     return longest_untouched(starts)
 
 
-def ksup(bootstrap: str, topic: str, count: int, sleep: float, work: Path) -> dict[int, float]:
+def ksup(bootstrap: str, topic: str, count: int, sleep: float, work: Path, concurrency: int = 1,
+         fair: bool = True) -> tuple[dict[int, float], float]:
+    """Longest untouched per partition, and the run time (seconds)."""
     record = work / f"fair-{time.monotonic_ns()}.txt"
+    env = {"BENCH_RECORD": str(record), "BENCH_SLEEP": str(sleep), **({} if fair else {"KSUP_FAIR_FETCH": "0"})}
     run = KsupRun("tests.bench.timed_handler:process", bootstrap, topic, f"fair-{time.monotonic_ns()}",
-                  env={"BENCH_RECORD": str(record), "BENCH_SLEEP": str(sleep)}, workdir=work)
+                  env=env, workdir=work, extra=["--concurrency", str(concurrency)])
     try:
         wait_until(lambda: record.exists() and len(record.read_text().splitlines()) >= count, 600, "all handled", 0.5)
         run.signal(signal.SIGTERM)
@@ -68,28 +73,46 @@ def ksup(bootstrap: str, topic: str, count: int, sleep: float, work: Path) -> di
         run.kill_everything()
     # The handler writes after its sleep: the start is the write time less the sleep.
     rows = [line.split() for line in record.read_text().splitlines()]
-    return longest_untouched([(int(r[0]), int(r[3]) / 1e9 - sleep) for r in rows])
+    ends = [int(r[3]) / 1e9 for r in rows]
+    return longest_untouched([(int(r[0]), t - sleep) for r, t in zip(rows, ends, strict=True)]), \
+        max(ends) - min(ends) + sleep
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backlog", type=int, default=400, help="messages per partition")
+    parser.add_argument("--partitions", type=int, default=PARTITIONS)
     parser.add_argument("--sleep", type=float, default=0.005, help="handler seconds per message")
+    parser.add_argument("--concurrency", type=int, default=1, help="ksup's handler threads")
+    parser.add_argument("--runs", type=int, default=1, help="alternating runs of each")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ksup-fair-"))
     broker = LocalKafka()
-    count = args.backlog * PARTITIONS
-    result: dict[str, Any] = {"partitions": PARTITIONS, "backlog": args.backlog, "handler_s": args.sleep}
+    count = args.backlog * args.partitions
+    result: dict[str, Any] = {"partitions": args.partitions, "backlog": args.backlog, "handler_s": args.sleep,
+                              "concurrency": args.concurrency}
+    b = broker
+    measures = {
+        "ksup, 1 worker": lambda: ksup(b.bootstrap, "fair", count, args.sleep, work, args.concurrency),
+        "ksup, 1 worker, fairness off": lambda: ksup(b.bootstrap, "fair", count, args.sleep, work,
+                                                     args.concurrency, fair=False),
+    }
+    if not args.no_plain:
+        measures = {"plain poll loop": lambda: (plain(b.bootstrap, "fair", count, args.sleep), 0.0), **measures}
     try:
         broker.start()
-        create_topic(broker.bootstrap, "fair", PARTITIONS)
-        produce(broker.bootstrap, "fair", count, PARTITIONS)
-        for name, measure in (("plain poll loop", lambda: plain(broker.bootstrap, "fair", count, args.sleep)),
-                              ("ksup, 1 worker", lambda: ksup(broker.bootstrap, "fair", count, args.sleep, work))):
-            worst = measure()
-            result[name] = {"longest_untouched_s": round(max(worst.values()), 3),
-                            "per_partition_s": {str(p): round(v, 3) for p, v in sorted(worst.items())}}
+        create_topic(broker.bootstrap, "fair", args.partitions)
+        produce(broker.bootstrap, "fair", count, args.partitions)
+        for _ in range(args.runs):
+            for name, measure in measures.items():
+                worst, took = measure()
+                entry = result.setdefault(name, {"longest_untouched_s": [], "run_s": [], "per_partition_s": []})
+                entry["longest_untouched_s"].append(round(max(worst.values()), 3))
+                entry["run_s"].append(round(took, 3))
+                entry["per_partition_s"].append({str(p): round(v, 3) for p, v in sorted(worst.items())})
+                print(name, entry["longest_untouched_s"][-1], entry["run_s"][-1], flush=True)
     finally:
         broker.cleanup()
     print(json.dumps(result, indent=2))
