@@ -13,7 +13,8 @@ tests/test_fetch_pauses.py). So the partitions behind it come next, and nothing 
 taken twice.
 
 The rule, evaluated every ``CHECK_S`` by the consumer loop:
-- it watches while the backlog is at least half full (``WATCH_FROM``) or something is held;
+- it watches while the backlog, with the runs handler threads took, is at least half full
+  (``WATCH_FROM``) or something is held;
 - it acts once a partition has starved ``STARVE_S`` without a break (the starve gate), or,
   sooner, while the backlog is full and holds at least ``MIN_WORK_S`` of handler work (the
   work gate: its messages over the rate the handler finished messages at, over the last
@@ -25,14 +26,18 @@ The rule, evaluated every ``CHECK_S`` by the consumer loop:
   (the backlog looks quick to clear), yet how long a partition waits is set by what
   librdkafka prefetched ahead of it, not by this backlog: 6-8 s in a second review. The starve
   gate bounds that wait near STARVE_S, and pauses only for a partition that starved that long
-  (README, "Fair under a backlog": run times within noise of no rule at all);
+  (README, "Fair under a backlog": run times within noise of no rule at all). Under
+  read_committed (librdkafka's default) it fires only for a partition whose last stable offset
+  the statistics gave (an open transaction looks like waiting otherwise, for as long as it is
+  open: a hostile review measured 25% longer runs); without statistics it never fires;
 - a partition *starves* when it is owned, not paused, has nothing in the backlog, and messages
   wait for it (``messages_wait``);
 - while a gate acts, the backlog is full (or a partition starved STARVE_S) and a partition
   starves, every partition that holds at least its share of the backlog (``share``:
   MAX_BACKLOG over the partitions owned) is *held*: paused;
 - a held partition is released (resumed) once it holds less than half its share, so it is
-  fetched again before its last messages are handled, or when it is no longer owned;
+  fetched again before its last messages are handled, or when it is no longer owned; whether a
+  gate is still open or not (closed, it only holds nothing new);
 - while a partition starves, the loop may fetch past MAX_BACKLOG one share at a time, up to
   ``OVERFLOW`` x MAX_BACKLOG: the starving partition's messages need room, and the backlog
   stays bounded whatever the number of partitions.
@@ -65,8 +70,9 @@ def messages_wait(next_offset: int, committed: int, low: int, high: int, from_la
     its first fetch answer for the partition: then none of its messages can be queued behind
     another's). Without a position or a committed offset, the partition starts where
     ``auto.offset.reset`` says: the low watermark, or the high one ``from_latest``; so an empty
-    partition never waits. (An open transaction under read_committed still looks like waiting:
-    the position stops below the high watermark. MIN_WORK_S bounds what that costs.)"""
+    partition never waits. Under read_committed the loop passes the last stable offset as
+    ``high``: an open transaction holds the position below the high watermark, and nothing waits
+    there until it commits."""
     if high < 0:
         return False
     if next_offset >= 0:
@@ -88,16 +94,19 @@ class FairFetch:
     since: dict[TP, float] = field(default_factory=dict)  # starving without a break since (monotonic)
 
     def watching(self, backlog: int) -> bool:
-        """Whether starving partitions are looked for: something is held, or the backlog is at
-        least half full (below that the handler keeps up with what librdkafka hands over, so
-        nobody's messages wait behind another partition's)."""
+        """Whether starving partitions are looked for: something is held, or ``backlog`` (the
+        messages queued or in a handler, runs handler threads took included) is at least half
+        the limit (below that the handler keeps up with what librdkafka hands over, so nobody's
+        messages wait behind another partition's)."""
         return bool(self.held) or backlog >= self.max_backlog // WATCH_FROM
 
-    def starved_long(self, starving: Collection[TP], now: float) -> bool:
+    def starved_long(self, starving: Collection[TP], now: float, unsure: Collection[TP] = ()) -> bool:
         """Note the partitions starving at this check (the others' spell ends); True when one
-        has starved for STARVE_S or more without a break."""
+        has starved for STARVE_S or more without a break and is not ``unsure`` (it may not be
+        waiting at all: read_committed before its last stable offset is known; its spell counts
+        meanwhile, so a partition that does wait is not kept waiting for that)."""
         self.since = {tp: self.since.get(tp, now) for tp in starving}
-        return any(now - t >= STARVE_S for t in self.since.values())
+        return any(now - t >= STARVE_S for tp, t in self.since.items() if tp not in unsure)
 
     def worth_it(self, work_s: float) -> bool:
         """Whether pausing pays with ``work_s`` seconds of handler work in the backlog: at least
@@ -117,16 +126,18 @@ class FairFetch:
         return max(MIN_SHARE, self.max_backlog // max(owned, 1))
 
     def update(self, owned: Collection[TP], queued: Mapping[TP, int], starving: Collection[TP],
-               backlog: int, starved_long: bool = False) -> set[TP]:
+               backlog: int, acts: bool = True, starved_long: bool = False) -> set[TP]:
         """One check. ``queued``: messages in the backlog (queued or in a handler) per
         partition; ``starving``: owned partitions, not paused, with nothing queued and messages
-        waiting; ``backlog``: the backlog's size as the fetch limit counts it; ``starved_long``:
-        one starved STARVE_S (then a backlog not quite full does not keep it waiting). Returns
-        the partitions to hold (a new set)."""
+        waiting; ``backlog``: the backlog's size as the fetch limit counts it; ``acts``: a gate
+        is open, so partitions may be newly held (those held already are kept while they hold
+        half a share, gate or not: released at once, they would be fetched again for a single
+        fetch of the starving one); ``starved_long``: one starved STARVE_S (then a backlog not
+        quite full does not keep it waiting). Returns the partitions to hold (a new set)."""
         share = self.share(len(owned))
         self.starving = {tp for tp in starving if tp in owned and not queued.get(tp)}
         held = {tp for tp in self.held if tp in owned and queued.get(tp, 0) >= share // 2}
-        if self.starving and (backlog >= self.max_backlog or starved_long):
+        if acts and self.starving and (backlog >= self.max_backlog or starved_long):
             held |= {tp for tp, n in queued.items() if n >= share and tp in owned}
         self.held = held
         return held

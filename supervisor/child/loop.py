@@ -103,6 +103,9 @@ class ConsumerLoop:
         self.skipped = self.dead_lettered = self.assignments = 0
         self.counts: dict[TP, list[int]] = {}  # partition -> [processed, failed]
         self.high_watermarks: dict[str, int] = {}
+        # Under read_committed a partition ends at its last stable offset (an open transaction
+        # holds it below the high watermark): from librdkafka's statistics, for fairness.
+        self.stable_offsets: dict[TP, int] = {}
         # Partitions this loop paused (a retry backoff, fairness: fair_fetch.py); the drain
         # pauses every partition itself.
         self.paused: set[TP] = set()
@@ -425,6 +428,8 @@ class ConsumerLoop:
                         continue
                     if p.get("hi_offset", -1) >= 0:
                         self.high_watermarks[f"{topic}[{pid}]"] = int(p["hi_offset"])
+                    if p.get("ls_offset", -1) >= 0:
+                        self.stable_offsets[tp] = int(p["ls_offset"])
                     # What the group had committed when we got the partition (we may commit
                     # nothing new for it): the statistics know it, our commit results do not.
                     if p.get("committed_offset", -1) > self.book.owned[tp].committed:
@@ -442,13 +447,17 @@ class ConsumerLoop:
         self._last_pause_check = now
         owned, fair = self.book.owned, self.fair
         backlog = self.runner.backlog_size()
-        if len(owned) > 1 and FAIR_FETCH and fair.watching(backlog):
+        # Counted with what handler threads took (a run is up to 500 messages each): the fetch
+        # limit's count leaves those out, and with several threads it dips below half at the
+        # checks while a partition still waits behind another's fetch (hostile review).
+        queued = self.runner.queued_by_partition() if len(owned) > 1 and FAIR_FETCH else {}
+        if queued and fair.watching(max(backlog, sum(queued.values()))):
             work_s = self.backlog_work_s(now) if fair.held or backlog >= MAX_BACKLOG else 0.0
-            queued = self.runner.queued_by_partition()
-            starving = self.starving(queued)
-            starved_long = fair.starved_long(starving, now)
-            if starved_long or fair.worth_it(work_s):
-                fair.update(owned, queued, starving, backlog, starved_long)
+            starving, unsure = self.starving(queued)
+            starved_long = fair.starved_long(starving, now, unsure)
+            acts = starved_long or fair.worth_it(work_s)
+            if acts or fair.held:
+                fair.update(owned, queued, starving, backlog, acts, starved_long)
             else:
                 fair.clear(keep_since=True)
         else:
@@ -493,26 +502,37 @@ class ConsumerLoop:
             return float("inf") if now - then >= fair_fetch.RATE_WINDOW_S else 0.0
         return backlog * (now - then) / (processed - done_then)
 
-    def starving(self, queued: dict[TP, int]) -> set[TP]:
+    def starving(self, queued: dict[TP, int]) -> tuple[set[TP], set[TP]]:
         """Owned partitions, not paused, with nothing in the backlog, whose messages wait
-        (fair_fetch.messages_wait). Local librdkafka calls only: the position of the next
-        message to take, and the high watermark of its last fetch answer."""
+        (fair_fetch.messages_wait); and those of them that may not: under read_committed before
+        the statistics gave their last stable offset (the work gate counts them, the starve gate
+        does not: an open transaction would keep one "starving" for as long as it stays open).
+        Local librdkafka calls only: the position of the next message to take, and the
+        watermarks of its last fetch answer."""
         owned = self.book.owned
         candidates = [TopicPartition(t, p) for t, p in owned if (t, p) not in queued and (t, p) not in self.paused]
         if not candidates:
-            return set()
-        out = set()
+            return set(), set()
+        out, unsure = set(), set()
         from_latest = self.kafka_conf.get("auto.offset.reset", "earliest") in ("latest", "largest", "end")
+        read_committed = self.kafka_conf.get("isolation.level", "read_committed") == "read_committed"
         try:
             for tp in self.consumer.position(candidates):
                 watermarks = self.consumer.get_watermark_offsets(tp, cached=True)
-                book = owned.get((tp.topic, tp.partition))
-                if watermarks is not None and book is not None \
-                        and messages_wait(tp.offset, book.committed, watermarks[0], watermarks[1], from_latest):
-                    out.add((tp.topic, tp.partition))
+                key = (tp.topic, tp.partition)
+                book = owned.get(key)
+                if watermarks is None or book is None:
+                    continue
+                low, high = watermarks
+                stable = self.stable_offsets.get(key) if read_committed else None
+                if messages_wait(tp.offset, book.committed, low, high if stable is None else min(high, stable),
+                                 from_latest):
+                    out.add(key)
+                    if read_committed and stable is None:
+                        unsure.add(key)
         except KafkaException as exc:
             log.debug("fairness check: %s", exc)
-        return out
+        return out, unsure
 
     def resume_before_release(self, tps: list[TP]) -> None:
         """Resume the partitions this loop paused before they leave the assignment: librdkafka
@@ -521,6 +541,8 @@ class ConsumerLoop:
         again = [TopicPartition(t, p) for t, p in tps if (t, p) in self.paused]
         self.paused.difference_update(tps)
         self.fair.forget(tps)
+        for tp in tps:
+            self.stable_offsets.pop(tp, None)
         if not again or self.stop_reason is not None:  # draining: the worker exits paused
             return
         try:
