@@ -50,6 +50,29 @@ def _make_with_stats(bootstrap: str, group: str, topic: str, executor: Executor,
     return runner, consumer, loop
 
 
+def _run_until_stored_and_commit(runner: HandlerRunner, consumer: Consumer, loop: ConsumerLoop, topic: str,
+                                 ends: dict[int, int]) -> None:
+    try:
+        _step_until(loop, lambda: _all_stored(loop, topic, ends), 120, "everything stored")
+        assert runner.failure is None
+        _commit_what_is_stored(consumer)
+    finally:
+        runner.stop()
+        consumer.close()
+
+
+def _turns(handled: list[tuple[int, int]], partitions: int) -> tuple[dict[int, int], int]:
+    """Messages handled per partition, and the most of one partition handled before every
+    partition had its turn."""
+    counts = dict.fromkeys(range(partitions), 0)
+    most = 0
+    for p, _ in handled:
+        counts[p] += 1
+        if not all(counts.values()):
+            most = max(most, max(counts.values()))
+    return counts, most
+
+
 def _all_stored(loop: Any, topic: str, ends: dict[int, int]) -> bool:
     owned = loop.book.owned
     return all((topic, p) in owned and owned[(topic, p)].stored >= end for p, end in ends.items())
@@ -91,19 +114,8 @@ def test_a_partition_whose_fetch_fills_the_backlog_does_not_keep_the_others_wait
     kw = {"batch_size": 50, "batch_timeout_s": 0.01} if batch else {}
     runner, consumer, loop = _make(bootstrap, group, topic, executor, **kw)
     ends = dict.fromkeys(range(partitions), per_partition)
-    try:
-        _step_until(loop, lambda: _all_stored(loop, topic, ends), 120, "everything stored")
-        assert runner.failure is None
-        _commit_what_is_stored(consumer)
-    finally:
-        runner.stop()
-        consumer.close()
-    counts = dict.fromkeys(range(partitions), 0)
-    most_before_all_started = 0
-    for p, _ in handled:
-        counts[p] += 1
-        if not all(counts.values()):
-            most_before_all_started = max(most_before_all_started, max(counts.values()))
+    _run_until_stored_and_commit(runner, consumer, loop, topic, ends)
+    counts, most_before_all_started = _turns(handled, partitions)
     assert all(counts.values())
     assert most_before_all_started < MAX_BACKLOG, (
         f"{most_before_all_started} messages of one partition were handled before every partition had its turn")
@@ -140,19 +152,8 @@ def test_with_a_fast_handler_a_partition_waits_about_starve_s_not_a_whole_fetch(
     executor = Executor(one, [ErrorPolicy.STOP], 0, 0.0, None, set())
     runner, consumer, loop = _make_with_stats(bootstrap, group, topic, executor)
     ends = dict.fromkeys(range(partitions), per_partition)
-    try:
-        _step_until(loop, lambda: _all_stored(loop, topic, ends), 120, "everything stored")
-        assert runner.failure is None
-        _commit_what_is_stored(consumer)
-    finally:
-        runner.stop()
-        consumer.close()
-    counts = dict.fromkeys(range(partitions), 0)
-    most_before_all_started = 0
-    for p, _ in handled:
-        counts[p] += 1
-        if not all(counts.values()):
-            most_before_all_started = max(most_before_all_started, max(counts.values()))
+    _run_until_stored_and_commit(runner, consumer, loop, topic, ends)
+    counts, most_before_all_started = _turns(handled, partitions)
     assert most_before_all_started < 11000, (
         f"{most_before_all_started} messages of one partition were handled before every partition had its turn")
     for p in range(partitions):
