@@ -88,7 +88,17 @@ def test_quick_scale_up_then_down_leaves_no_partition_without_a_consumer(ksup, b
     for _ in range(5):
         run.signal(signal.SIGTTOU)
     time.sleep(1)  # pacing only: let the decisions happen, then produce more
-    wait_until(lambda: status(group)["supervisor"].get("workers_target") == 1, 30, "target back at 1")
+
+    def back_at_one() -> bool:
+        # The kernel keeps one pending signal of each kind, so two of a burst can merge before
+        # ksup is scheduled (CI saw the target stay above 1): a merged SIGTTOU is sent again.
+        # One too many is refused at 1 worker.
+        target = status(group)["supervisor"].get("workers_target")
+        if target is not None and target > 1:
+            run.signal(signal.SIGTTOU)
+        return target == 1
+
+    wait_until(back_at_one, 30, "target back at 1")
     produce_sequence(bootstrap, topic, 40, start=40, partitions=4)
     ends = end_offsets(bootstrap, topic, 4)
     # Well below the 45 s session timeout a static member that left without LeaveGroup holds.
