@@ -110,3 +110,50 @@ def test_a_slow_lane_yields_to_a_waiting_one():
     assert first_of_1 < 15, f"partition 1 waited for {first_of_1} messages of partition 0"
     for p in (0, 1):
         assert [o for q, o in order if q == p] == list(range(20))
+
+
+class _PolicyBug(Execute):
+    """The handler raises on offset 2 once ``go`` is set; the error policy itself then raises (a
+    bug in policy code). ``at2`` is set when the handler is on offset 2."""
+
+    at2 = threading.Event()
+    go = threading.Event()
+
+    def on_failure(self, records: list[Record], attempts: int, exc: BaseException) -> Outcome:
+        raise RuntimeError("bug in the policy path")
+
+    @staticmethod
+    def _plain(record: Record) -> None:
+        if record.offset == 2:
+            _PolicyBug.at2.set()
+            _PolicyBug.go.wait(10)
+            raise ValueError(record.offset)
+
+
+def test_a_crashed_handler_thread_is_known_before_it_looks_idle(monkeypatch):
+    """The drain waits until nothing runs, then asks whether a thread crashed. The thread left
+    ``running`` (its ``finally``) before the crash was recorded (formatting the traceback, in its
+    caller), so a drain that looked in between took the dead thread for an idle one and exited 0
+    (CI, test_an_exception_in_the_error_policy_during_a_drain_is_not_a_clean_stop). A slow
+    traceback (a deep stack) widens that window here to 0.3 s."""
+    from supervisor.child import runner as runner_mod
+
+    real_format = runner_mod.traceback.format_exc
+
+    def slow_format() -> str:
+        time.sleep(0.3)  # a deep stack formats slowly: the window, made wide
+        return real_format()
+
+    monkeypatch.setattr(runner_mod.traceback, "format_exc", slow_format)
+    runner = HandlerRunner(_PolicyBug())  # type: ignore[arg-type]
+    runner.start()
+    try:
+        runner.submit([Record("t", 0, o, None, None, (), (0, 0)) for o in range(5)], epoch=0)
+        assert _PolicyBug.at2.wait(10), "the handler never reached offset 2"
+        assert runner.running, "offset 2 is in the handler"
+        _PolicyBug.go.set()
+        assert runner.wait_not_running(None, time.monotonic() + 10), "the thread never left the run"
+        assert runner.crashed is not None, "nothing runs, and no crash known: a dead thread looks idle"
+        assert "bug in the policy path" in runner.crashed[2]
+    finally:
+        runner.stop()

@@ -461,12 +461,19 @@ class HandlerRunner:
         try:
             self._serve(number)
         except BaseException as exc:  # noqa: BLE001 - reported, then the worker exits
+            self._note_crash(exc)
+
+    def _note_crash(self, exc: BaseException) -> None:
+        """Record a handler thread's death and stop taking work. Called before the dead thread's
+        work leaves ``running``: whoever sees nothing running (a drain's wait) must also see the
+        crash, or a dead thread looks like an idle one. The first crash recorded is kept."""
+        if self.crashed is None:
             self.crashed = (threading.current_thread().name, exc, traceback.format_exc())
-            with self._cond:
-                self._stopping = True
-                self._changes += 1
-                self._cond.notify_all()
-                self._progress.notify_all()
+        with self._cond:
+            self._stopping = True
+            self._changes += 1
+            self._cond.notify_all()
+            self._progress.notify_all()
 
     def threads_alive(self) -> int:
         """Handler threads that are running or ended normally (after a stop, threads return:
@@ -506,6 +513,9 @@ class HandlerRunner:
                     self._run_batch(number, progress, run.attempts)
                 else:
                     self._run_lane(number, lane, queue, progress, run.attempts, seen)
+            except BaseException as exc:
+                self._note_crash(exc)  # before the finally below: it frees this thread's entry
+                raise
             finally:
                 with cond:
                     self._active.discard(lane)
