@@ -23,6 +23,7 @@ from supervisor.child.fair_fetch import MIN_SHARE, OVERFLOW, STARVE_S, FairFetch
 from supervisor.child.loop import MAX_BACKLOG, ConsumerLoop
 from supervisor.child.policies import ErrorPolicy, Executor
 from supervisor.child.runner import HandlerRunner
+from supervisor.record import Record
 from tests.kafkautil import committed_offsets, create_topic, produce_sequence
 from tests.test_fetch_concurrency import (
     _commit_what_is_stored,
@@ -418,6 +419,64 @@ def test_what_the_starve_gate_held_stays_held_until_it_holds_under_half_a_share(
     assert fair.update(owned, {A: 600, B: 400}, [C], 1000, acts=True, starved_long=True) == {A, B}
     assert fair.update(owned, {A: 590, B: 150, C: 20}, [], 760, acts=False) == {A}, "B under half a share"
     assert fair.update(owned, {A: 590, C: 20}, [B], 1000, acts=False) == {A}, "no gate: nothing newly held"
+
+
+class _LocalConsumer:
+    """The few local librdkafka answers ``update_pauses`` reads (position, cached watermarks), and
+    the pauses it makes. A claim about ksup's rule, not about Kafka: the broker tests above show
+    what librdkafka does with a pause."""
+
+    def __init__(self, waiting: set[tuple[str, int]]) -> None:
+        self.waiting = waiting
+        self.paused: list[tuple[str, int]] = []
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, 0) for tp in tps]
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
+        return (0, 100 if (tp.topic, tp.partition) in self.waiting else 0)
+
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused += [(tp.topic, tp.partition) for tp in tps]
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        pass
+
+
+def test_with_several_threads_the_runs_they_took_count_toward_the_backlog_watched():
+    """Hostile review, finding 2: with several handler threads the backlog the rule watched was
+    the fetch limit's count, which leaves out the runs threads took. Four threads each holding a
+    run of 400 left 0 queued, under half the limit at every check, so the starving partition's
+    spell started again at each check and it waited for as long as the runs lasted. The runs now
+    count: the spell runs on and the partitions holding a share are paused after STARVE_S."""
+    gate = threading.Event()
+    runner = HandlerRunner(Executor(lambda record: gate.wait(30), [], 0, 0.0, None, set()), concurrency=4)
+    busy = [("t", p) for p in range(4)]
+    starving = ("t", 4)
+    consumer = _LocalConsumer({starving})
+    loop = ConsumerLoop(consumer, runner, _QuietChannel(), ["t"], {})  # type: ignore[arg-type]
+    loop.kafka_conf = {"isolation.level": "read_uncommitted"}  # no statistics needed for the end
+    loop.book.acquire([*busy, starving])
+    runner.start()
+    try:
+        runner.submit_runs([(tp, loop.book.owned[tp].epoch,
+                             [Record(*tp, o, None, None, (), (0, 0)) for o in range(400)]) for tp in busy])
+        deadline = time.monotonic() + 10
+        while len(runner.running) < 4:  # the observed event: every thread took a run
+            assert time.monotonic() < deadline, "the threads did not take the runs"
+            runner.wait_progress(0.01)
+        assert runner.backlog_size() < MAX_BACKLOG // 2, "the fetch limit's count: nothing queued"
+        deadline = time.monotonic() + STARVE_S + 5
+        while not consumer.paused:  # the observed event: the held partitions paused
+            assert time.monotonic() < deadline, f"no pause within {STARVE_S + 5:.0f} s; spells {loop.fair.since}"
+            loop._last_pause_check = 0.0
+            loop.update_pauses()
+            time.sleep(0.05)  # pacing only: the checks, as the loop makes them (CHECK_S)
+        assert set(consumer.paused) == set(busy) and starving not in consumer.paused
+        assert starving in loop.fair.since, "the starving partition's spell went on"
+    finally:
+        gate.set()
+        runner.stop()
 
 
 def test_a_partition_is_paused_while_either_fairness_or_a_backoff_wants_it():
