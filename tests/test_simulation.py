@@ -300,3 +300,31 @@ def test_a_slot_scaled_away_while_the_roll_drains_it_rejoins_to_leave() -> None:
     world.post(ev.Stop("end of the story"))
     world.advance(50.0)
     assert world.core.state is State.STOPPED
+
+
+def test_a_slot_killed_while_it_drains_for_a_scale_down_rejoins_to_leave() -> None:
+    """Found by the simulation in CI (seed blob AXicY3BkcGQEQgYGMIPJkRnEYGIACUBINgaQGAtQFsxmBHMZ
+    GRGrIQV8): classic static members, 1 worker scaled up to 3 and back to 1; slot 1's worker is
+    killed while it drains for the scale-down, before its LeaveGroup. The slot was removed at its
+    exit, so its dead member stayed in the group: it held up every rebalance until its session
+    expired, and the stop left it there. The slot must come back once, rejoin, then leave."""
+    world = World(GroupProtocol.CLASSIC, 1, 1)
+    world.advance(3.0)
+    world.post(ev.SignalReceived(signal.SIGTTIN))
+    world.post(ev.SignalReceived(signal.SIGTTIN))
+    world.deliver()
+    world.advance(5.0)
+    world.post(ev.Scale(1))
+    world.deliver()
+    deadline = world.now + 30
+    while not any(s.index == 1 and s.drain_sent_at is not None and s.alive for s in world.core.slots):
+        assert world.now < deadline, "slot 1 was never drained for the scale-down"
+        world.advance(0.1)
+    assert "ksup-1" in world.group.members, "the story needs slot 1 killed before it left"
+    _kill(world, 1)
+    world.advance(30.0)
+    assert "ksup-1" not in world.group.members, "slot 1's dead static member was left in the group"
+    assert [s.index for s in world.core.slots] == [0]
+    world.post(ev.Stop("end of the story"))
+    world.advance(50.0)
+    assert world.core.state is State.STOPPED

@@ -157,6 +157,48 @@ def test_a_dead_static_member_scaled_away_rejoins_then_leaves(ksup, bootstrap, n
     assert run.stop() == 0, run.tail()
 
 
+def test_a_worker_killed_while_it_drains_for_a_scale_down_rejoins_and_leaves(ksup, bootstrap, names, tmp_path):
+    """Found by the simulation in CI: slot 1, scaled away, is SIGKILLed while its drain waits for
+    its handler, before its LeaveGroup. The slot was removed at the exit, so its static member
+    stayed in the group until its session (45 s) expired, holding up every rebalance. Now the
+    slot restarts once, rejoins with its instance id and leaves: the broker's member list is
+    down to slot 0 well within the session."""
+    from confluent_kafka.admin import AdminClient
+
+    topic, group = names
+    create_topic(bootstrap, topic, 4)
+    produce_sequence(bootstrap, topic, 40, partitions=4)
+    record = tmp_path / "record.txt"
+    # Offset 10 (the first message after the 40 spread over 4) of every partition takes 8 s, each
+    # time: slot 1's drain waits for it.
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:10,1:10,2:10,3:10", "KSUP_TEST_SLOW_S": "8"}
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env,
+               extra=["--instance-id-prefix", "scaler", "-X", "session.timeout.ms=45000"])
+    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    run.signal(signal.SIGTTIN)
+    wait_until(lambda: sum(1 for w in status(group)["workers"] if w["partitions"]) == 2, 60, "2 workers assigned")
+    produce_sequence(bootstrap, topic, 4, start=40, partitions=4)
+    wait_until(lambda: all(w["in_flight"] for w in status(group)["workers"]), 30, "both workers on an offset 10")
+    run.signal(signal.SIGTTOU)
+    run.wait_for_log("drain requested", 30)  # only slot 1 drains; its handler has 8 s to go
+    victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 1)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+
+    def members() -> list[str]:
+        return sorted(m.group_instance_id for m in admin.describe_consumer_groups([group])[group].result(30).members)
+
+    assert "scaler-1" in members(), "the story needs slot 1 killed before it left"
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: members() == ["scaler-0"], 60, "only scaler-0 left in the group", 0.5)
+    print(f"scaler-1 left {time.monotonic() - killed_at:.1f}s after the kill")
+    assert time.monotonic() - killed_at < 35, "left before the dead member's session (45 s) expired"
+    assert "ended before it left the group: it restarts to rejoin and leave" in run.log_text()
+    ends = end_offsets(bootstrap, topic, 4)
+    wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
+    assert run.stop() == 0, run.tail()
+
+
 # ---- finding 3: boot failures and boot deadlines --------------------------------------------------
 
 def test_worker_dying_at_import_halts_with_boot_failed(ksup, bootstrap, names, tmp_path):

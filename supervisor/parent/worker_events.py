@@ -13,7 +13,7 @@ from supervisor.child.policies import QUARANTINE
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode, ExitReport, WorkerExit, describe_returncode
 from supervisor.errors import HaltSupervisor
-from supervisor.parent import policy
+from supervisor.parent import membership, policy
 from supervisor.parent.slots import WorkerSlot
 from supervisor.parent.state import After, SlotState, State
 
@@ -107,20 +107,28 @@ def on_exit(core: SupervisorCore, event: WorkerExited) -> None:
         why = slot.stuck_reason or f"{report.describe()} while booting, before it loaded the handler"
         raise HaltSupervisor(f"worker {slot.index} (pid {slot.pid}) {why}{event.tail}", ExitCode.BOOT_FAILED)
     after_exit(core, slot, death, slot.stuck_reason or report.describe(), booting=was is SlotState.BOOTING,
-               held=held)
+               held=held, left=clean)
 
 
 def after_exit(core: SupervisorCore, slot: WorkerSlot, death: bool, how: str, booting: bool = False,
-               held: bool = False) -> None:
+               held: bool = False, left: bool = True) -> None:
     """``death``: the exit counts as a death (backoff, crash loop). A clean stop is not one, nor
-    is a drain ksup asked for that ran out of time (see died_of_a_message)."""
+    is a drain ksup asked for that ran out of time (see died_of_a_message). ``left``: the worker
+    ended its drain as it reported (so a slot scaled away left the group)."""
     now = core.now
     if core.state is not State.RUNNING or slot.then is After.REPLACED:
         return  # a replaced slot's successor is put in place by the rolling reload
     if slot.then is After.REMOVE:
-        core.slots.remove(slot)
-        log.info("worker slot %d removed (%d workers)", slot.index, len(core.slots))
-        return
+        if left or not membership.must_rejoin(core, slot):
+            core.slots.remove(slot)
+            log.info("worker slot %d removed (%d workers)", slot.index, len(core.slots))
+            return
+        # Scaled away, but it ended before its LeaveGroup: its static member is still in the
+        # group and would hold up every rebalance of it until its session expires. The slot
+        # comes back once (a restart like any other), rejoins, and the scale-down takes it again.
+        log.warning("worker %d was scaled away but ended before it left the group: it restarts to rejoin and "
+                    "leave", slot.index)
+        slot.then = After.RESTART
     if slot.then is After.RECYCLE and not death:
         slot.respawn_at = now
         return
