@@ -509,7 +509,9 @@ def test_the_member_list_helper_does_not_outlive_a_killed_ksup(ksup, names, tmp_
     start-up error after it started), nothing else kills it: it must die with its parent."""
     topic, group = names
     dead = f"127.0.0.1:{free_port_unused()}"  # nobody answers: the helper waits out its timeout
-    run = ksup(HANDLER, dead, topic, group, workers=1)
+    # The handler needs its record: without one its worker fails to boot within ~0.1 s and ksup
+    # exits, killing the helper before the test has seen it (how this test failed CI on 079c706).
+    run = ksup(HANDLER, dead, topic, group, workers=1, env={"KSUP_TEST_RECORD": str(tmp_path / "record.txt")})
 
     def helper() -> int | None:
         for pid in run.worker_pids():
@@ -520,9 +522,9 @@ def test_the_member_list_helper_does_not_outlive_a_killed_ksup(ksup, names, tmp_
                 pass
         return None
 
-    wait_until(lambda: helper() is not None, 30, "the helper asking the broker")
+    wait_until(lambda: helper() is not None or run.proc.poll() is not None, 30, "the helper asking the broker")
     pid = helper()
-    assert pid is not None
+    assert pid is not None, f"ksup exited {run.proc.poll()} before its helper was seen:\n{run.tail()}"
     os.kill(run.proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
 
