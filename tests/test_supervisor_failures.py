@@ -670,3 +670,82 @@ def test_a_stop_makes_the_slots_above_the_configured_workers_leave_the_group(ksu
     wait_until(lambda: committed_offsets(bootstrap, group, topic, 4) == ends, 60, "every partition consumed", 0.5)
     assert time.monotonic() - stopped_at < 30, "consumed before the departed member's session (45 s) expired"
     assert second.stop() == 0, second.tail()
+
+
+# ---- the in-flight board's folder: bounded while ksup runs, removed after a killed ksup -----------
+
+def board_folder(worker_pid: int) -> str:
+    """The supervisor's board folder, from the worker's mapping of its in-flight board."""
+    with open(f"/proc/{worker_pid}/maps") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[-1].strip()
+            if os.path.basename(os.path.dirname(path)).startswith("ksup-inflight-"):
+                return os.path.dirname(path)
+    raise AssertionError(f"worker {worker_pid} maps no in-flight board")
+
+
+def workers_of(run) -> list[int]:
+    """The supervisor's worker processes (not its member-list helper)."""
+    out = []
+    for pid in run.worker_pids():
+        try:
+            if "supervisor.child" in psutil.Process(pid).cmdline():
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_a_restarted_worker_leaves_no_board_behind(ksup, bootstrap, names, tmp_path):
+    """Each worker gets a board file of its own (256 bytes per handler thread, per message of a
+    batch: 128 KiB with --batch-size 500). One kept for every death would grow /tmp (often RAM)
+    without bound in a worker that dies now and then for days. Read at its exit, then removed."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt")},
+               extra=["--restart-delay", "0.1", "--batch-size", "500"])
+    for deaths in range(1, 4):
+        # Killed once it consumes (a death while booting is a boot failure: ksup stops).
+        wait_until(lambda: [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1], 60,
+                   "the worker consuming its partition")
+        pids = workers_of(run)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        run.wait_for_log("worker 0 started", 30, count=deaths + 1)
+    wait_until(lambda: [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1], 60,
+               "the fourth worker consuming")
+    folder = board_folder(workers_of(run)[0])
+    boards = [name for name in os.listdir(folder) if name.startswith("slot-")]
+    assert len(boards) == 1, f"{len(boards)} boards after 3 deaths of one slot: {boards}"
+    assert run.stop() == 0, run.tail()
+    assert not os.path.exists(folder)
+
+
+def test_a_killed_ksups_board_folder_goes_once_nobody_uses_it(ksup, bootstrap, names, tmp_path):
+    """A SIGKILLed (OOM-killed) ksup cannot remove its board folder, and its orphans still use it
+    to meet (leave_barrier.py). The next ksup to start removes such a folder once no process of
+    the dead ksup is alive, and never one an orphan still uses: a crash loop under systemd does
+    not fill /tmp with folders."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    produce_sequence(bootstrap, topic, 20, partitions=1)
+    record = tmp_path / "r.txt"
+    env = {"KSUP_TEST_RECORD": str(record), "KSUP_TEST_SLOW_AT": "0:3", "KSUP_TEST_SLOW_S": "6"}
+    first = ksup(HANDLER, bootstrap, topic, group, workers=1, env=env)
+    wait_until(lambda: len(read_record(record)) >= 3, 60, "the first three messages handled")
+    orphan = workers_of(first)[0]
+    first_folder = board_folder(orphan)
+    os.kill(first.proc.pid, signal.SIGKILL)  # the orphan stays in its 6 s handler call, then drains
+    first.proc.wait(10)
+    # Another ksup starts while the orphan still works: the folder stays.
+    other = ksup(HANDLER, "127.0.0.1:1", topic + "-other", group + "-other", workers=1, env=env)
+    other.wait_for_log("worker 0 started", 30)
+    assert psutil.pid_exists(orphan), "the orphan ended before the check: its handler call is too short"
+    assert os.path.isdir(first_folder), "a folder an orphan still uses was removed"
+    assert other.stop() == 0, other.tail()
+    wait_until(lambda: not psutil.pid_exists(orphan), 30, "the orphan gone")
+    # Every process of the dead ksup is gone: the next start removes its folder.
+    last = ksup(HANDLER, "127.0.0.1:1", topic + "-last", group + "-last", workers=1, env=env)
+    last.wait_for_log("worker 0 started", 30)
+    assert not os.path.exists(first_folder), f"{first_folder} outlived the killed ksup and its orphan"
+    assert last.stop() == 0, last.tail()

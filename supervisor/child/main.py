@@ -345,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     channel = Channel.from_fd(int(argv[0]))
+    if len(argv) > 1:
+        # The board folder's lock (parent/board_folder.py): kept open for the worker's life and
+        # not passed on to what the handler runs.
+        os.set_inheritable(int(argv[1]), False)
     try:
         code = run(channel)
     except Exception:

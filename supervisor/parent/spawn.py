@@ -15,13 +15,16 @@ from supervisor.contract import messages as m
 from supervisor.contract.channel import Channel, socket_pair
 
 
-def spawn_worker(configure: m.Configure) -> tuple[subprocess.Popen[bytes], Channel]:
+def spawn_worker(configure: m.Configure, hold_fd: int | None = None) -> tuple[subprocess.Popen[bytes], Channel]:
+    """``hold_fd``: the board folder's lock (``board_folder.py``), held by the worker for its
+    whole life by inheriting it, so that no gap exists in which its folder looks unused."""
     channel, child_sock = socket_pair()
     fd = child_sock.fileno()
+    held = () if hold_fd is None else (hold_fd,)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.child", str(fd)],
-            pass_fds=(fd,),
+            [sys.executable, "-m", "supervisor.child", str(fd), *map(str, held)],
+            pass_fds=(fd, *held),
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,  # read by the supervisor: forwarded, and kept for death reports
             start_new_session=True,

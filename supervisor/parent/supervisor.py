@@ -18,13 +18,12 @@ container); a worker's process group is signalled when it is killed and when it 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import selectors
-import shutil
 import signal
-import tempfile
 import time
 from typing import Any
 
@@ -34,8 +33,8 @@ from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
 from supervisor.contract.exitcodes import ExitCode
 from supervisor.errors import StartupError
+from supervisor.parent import board_folder, readiness, rolling, sink, worker_output
 from supervisor.parent import events as ev
-from supervisor.parent import readiness, rolling, sink, worker_output
 from supervisor.parent.core import SupervisorCore
 from supervisor.parent.hooks import Hooks, NullHooks
 from supervisor.parent.receipt import Receipt
@@ -62,7 +61,8 @@ class Supervisor:
         self.signals = SignalQueue()
         self.selector = selectors.DefaultSelector()
         self.last_tick = time.monotonic()
-        self.board_dir = tempfile.mkdtemp(prefix="ksup-inflight-")
+        board_folder.remove_abandoned()  # those of ksups killed before they could
+        self.board_folder = board_folder.BoardFolder()
         self.procs: dict[int, WorkerSlot] = {}  # pid -> slot, until reaped and reported
         self.progress = readiness.Progress()  # committed offsets standing still (health)
 
@@ -131,7 +131,7 @@ class Supervisor:
                 self.tick()
         finally:
             self.kill_all_now()
-            shutil.rmtree(self.board_dir, ignore_errors=True)
+            self.board_folder.remove()
         code = self.core.final_code()
         # Signals stay recorded-only until the receipt is written and ksup has exited with its
         # own code: a late SIGTERM must neither kill us (143) nor lose the receipt.
@@ -202,6 +202,9 @@ class Supervisor:
             board = slot.configure.options.get("board") if slot.configure else None
             inflight = inflight_board.read(str(board)) if board else []
             self.post(ev.WorkerExited(slot, proc.returncode, inflight, worker_output.stderr_tail(slot)))
+            if board:  # read (by the hooks too): one kept per death would grow without bound
+                with contextlib.suppress(OSError):
+                    os.unlink(str(board))
 
     # ---- carrying out the core's actions ------------------------------------------------------------
 
@@ -222,7 +225,7 @@ class Supervisor:
         """What a new worker in slot ``index`` is told: settings, its in-flight board (a record
         per handler thread, or per message of a batch), poison and suspect messages."""
         s = self.settings
-        board = os.path.join(self.board_dir, f"slot-{index}-{time.monotonic_ns()}")
+        board = os.path.join(self.board_folder.path, f"slot-{index}-{time.monotonic_ns()}")
         inflight_board.create(board, max(s.concurrency, s.batch_size))
         options = {**cfgmod.worker_options(s, self.log_format), "board": board,
                    "poison": [list(p) for p in poison], "suspects": [list(p) for p in suspects]}
@@ -231,7 +234,7 @@ class Supervisor:
     def spawn(self, slot: WorkerSlot, poison: tuple[tuple[str, int, int], ...],
               suspects: tuple[tuple[str, int, int], ...] = ()) -> None:
         configure = self.configure_for(slot.index, poison, suspects)
-        proc, channel = spawn_worker(configure)
+        proc, channel = spawn_worker(configure, self.board_folder.hold_fd)
         slot.configure, slot.proc, slot.channel, slot.pid = configure, proc, channel, proc.pid
         self.procs[proc.pid] = slot
         self.selector.register(channel, selectors.EVENT_READ, slot)
