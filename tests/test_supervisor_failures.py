@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import time
@@ -749,3 +750,26 @@ def test_a_killed_ksups_board_folder_goes_once_nobody_uses_it(ksup, bootstrap, n
     last.wait_for_log("worker 0 started", 30)
     assert not os.path.exists(first_folder), f"{first_folder} outlived the killed ksup and its orphan"
     assert last.stop() == 0, last.tail()
+
+
+def test_a_board_folder_removed_under_a_running_ksup_is_made_again(ksup, bootstrap, names, tmp_path):
+    """Someone (a /tmp cleaner, an operator's rm -rf /tmp/*) removes the board folder while ksup
+    runs. The next worker start must not crash the loop (which SIGKILLed every worker, without a
+    drain, and exited 70): the folder is made again and the new worker boots there."""
+    topic, group = names
+    create_topic(bootstrap, topic, 1)
+    run = ksup(HANDLER, bootstrap, topic, group, workers=1, env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt")},
+               extra=["--restart-delay", "0.1"])
+
+    def consuming() -> bool:
+        return [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1]
+
+    wait_until(consuming, 60, "the worker consuming its partition")
+    first = workers_of(run)[0]
+    folder = board_folder(first)
+    shutil.rmtree(folder)
+    os.kill(first, signal.SIGKILL)
+    run.wait_for_log("worker 0 started", 30, count=2)
+    wait_until(consuming, 60, "the restarted worker consuming")
+    assert os.path.isdir(board_folder(workers_of(run)[0]))
+    assert run.stop() == 0, run.tail()

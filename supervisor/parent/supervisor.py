@@ -225,6 +225,7 @@ class Supervisor:
         """What a new worker in slot ``index`` is told: settings, its in-flight board (a record
         per handler thread, or per message of a batch), poison and suspect messages."""
         s = self.settings
+        self.board_folder = self.board_folder.ensure()
         board = os.path.join(self.board_folder.path, f"slot-{index}-{time.monotonic_ns()}")
         inflight_board.create(board, max(s.concurrency, s.batch_size))
         options = {**cfgmod.worker_options(s, self.log_format), "board": board,
