@@ -32,6 +32,18 @@ def status(group: str) -> dict:
     return json.loads(out.stdout)
 
 
+def children_running(run, module: str) -> list[int]:
+    """ksup's children started as ``python -m <module>`` (a pid reaped meanwhile is skipped)."""
+    out = []
+    for pid in run.worker_pids():
+        try:
+            if module in psutil.Process(pid).cmdline():
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def last_line(run) -> str:
     lines = [line for line in run.log_text().splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -515,13 +527,7 @@ def test_the_member_list_helper_does_not_outlive_a_killed_ksup(ksup, names, tmp_
     run = ksup(HANDLER, dead, topic, group, workers=1, env={"KSUP_TEST_RECORD": str(tmp_path / "record.txt")})
 
     def helper() -> int | None:
-        for pid in run.worker_pids():
-            try:
-                if "supervisor.adapters.leftovers" in " ".join(psutil.Process(pid).cmdline()):
-                    return pid
-            except psutil.NoSuchProcess:
-                pass
-        return None
+        return next(iter(children_running(run, "supervisor.adapters.leftovers")), None)
 
     wait_until(lambda: helper() is not None or run.proc.poll() is not None, 30, "the helper asking the broker")
     pid = helper()
@@ -687,14 +693,12 @@ def board_folder(worker_pid: int) -> str:
 
 def workers_of(run) -> list[int]:
     """The supervisor's worker processes (not its member-list helper)."""
-    out = []
-    for pid in run.worker_pids():
-        try:
-            if "supervisor.child" in psutil.Process(pid).cmdline():
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    return children_running(run, "supervisor.child")
+
+
+def one_worker_consuming(group: str) -> bool:
+    """One live worker, owning the topic's one partition."""
+    return [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1]
 
 
 def test_a_restarted_worker_leaves_no_board_behind(ksup, bootstrap, names, tmp_path):
@@ -707,13 +711,13 @@ def test_a_restarted_worker_leaves_no_board_behind(ksup, bootstrap, names, tmp_p
                extra=["--restart-delay", "0.1", "--batch-size", "500"])
     for deaths in range(1, 4):
         # Killed once it consumes (a death while booting is a boot failure: ksup stops).
-        wait_until(lambda: [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1], 60,
+        wait_until(lambda: one_worker_consuming(group), 60,
                    "the worker consuming its partition")
         pids = workers_of(run)
         assert len(pids) == 1, pids
         os.kill(pids[0], signal.SIGKILL)
         run.wait_for_log("worker 0 started", 30, count=deaths + 1)
-    wait_until(lambda: [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1], 60,
+    wait_until(lambda: one_worker_consuming(group), 60,
                "the fourth worker consuming")
     folder = board_folder(workers_of(run)[0])
     boards = [name for name in os.listdir(folder) if name.startswith("slot-")]
@@ -761,15 +765,12 @@ def test_a_board_folder_removed_under_a_running_ksup_is_made_again(ksup, bootstr
     run = ksup(HANDLER, bootstrap, topic, group, workers=1, env={"KSUP_TEST_RECORD": str(tmp_path / "r.txt")},
                extra=["--restart-delay", "0.1"])
 
-    def consuming() -> bool:
-        return [len(w["partitions"]) for w in status(group)["workers"] if w["pid"]] == [1]
-
-    wait_until(consuming, 60, "the worker consuming its partition")
+    wait_until(lambda: one_worker_consuming(group), 60, "the worker consuming its partition")
     first = workers_of(run)[0]
     folder = board_folder(first)
     shutil.rmtree(folder)
     os.kill(first, signal.SIGKILL)
     run.wait_for_log("worker 0 started", 30, count=2)
-    wait_until(consuming, 60, "the restarted worker consuming")
+    wait_until(lambda: one_worker_consuming(group), 60, "the restarted worker consuming")
     assert os.path.isdir(board_folder(workers_of(run)[0]))
     assert run.stop() == 0, run.tail()

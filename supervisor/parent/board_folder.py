@@ -19,7 +19,6 @@ import fcntl
 import logging
 import os
 import shutil
-import stat
 import tempfile
 
 log = logging.getLogger("ksup.supervisor")
@@ -86,8 +85,7 @@ def _abandoned(path: str) -> bool:
     except OSError:
         return False
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        if os.fstat(fd).st_uid != os.geteuid():  # a directory: O_DIRECTORY
             return False
         try:
             os.stat(MARK, dir_fd=fd, follow_symlinks=False)
