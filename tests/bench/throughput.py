@@ -6,6 +6,10 @@
    one writes), and with the fetch settings ksup gives its workers (config.FETCH_DEFAULTS), so
    the Python side is also compared like for like. ``--rounds`` repeats this part, alternating
    the contenders, so a slow phase of the machine hits all of them; ratios are per round.
+   In batch mode a third loop gives the floor of ksup's design in the same run: the
+   consume(500) loop with the fetch setting, which also builds ksup's Records (the conversion its
+   worker runs, supervisor.child.loop.to_records) and hands each batch to a second thread that
+   drops it: the least a worker with ksup's handler API and a consumer thread of its own does.
 2. Scaling: 1, 2, 4 workers on an 8-partition topic, handler sleeping 1 ms (I/O-bound).
 3. Footprint: the supervisor's RSS and CPU while idle and while 4 workers process.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import statistics
 import sys
@@ -28,12 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer
 
+from supervisor.child.loop import to_records
 from supervisor.config import FETCH_DEFAULTS
+from supervisor.record import Record
 from tests.harness import KsupRun, wait_until
 from tests.kafkautil import create_topic
 from tests.localkafka import LocalKafka
+
+_topic: Any = Message.topic  # as the worker reads them: mapped over a fetch, in C
+_partition: Any = Message.partition
 
 
 def produce(bootstrap: str, topic: str, count: int, partitions: int) -> None:
@@ -52,10 +62,16 @@ def produce(bootstrap: str, topic: str, count: int, partitions: int) -> None:
 
 
 def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
-               kafka: dict[str, str] | None = None) -> tuple[float, float]:
+               kafka: dict[str, str] | None = None, records: bool = False) -> tuple[float, float]:
     """The plainest correct explicit-store loop: messages per second from first to last, and
     this process's CPU seconds (all threads, librdkafka's too) per message over the same span.
-    ``kafka``: librdkafka properties besides the loop's own (none: librdkafka's defaults)."""
+    ``kafka``: librdkafka properties besides the loop's own (none: librdkafka's defaults).
+    ``records`` (batch only): each fetch also becomes ksup's Records, handed to a thread that
+    drops them (the floor of ksup's design: see the module's docstring)."""
+    handoff: queue.Queue[list[Record] | None] = queue.Queue(2)
+    taker = threading.Thread(target=lambda: all(iter(handoff.get, None)), daemon=True)
+    if records:
+        taker.start()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plain-{batch}-{time.monotonic_ns()}",
                   "auto.offset.reset": "earliest", "enable.auto.offset.store": False, **(kafka or {})})
     c.subscribe([topic])
@@ -68,6 +84,8 @@ def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
                 if not first:
                     first, first_cpu = time.monotonic(), time.process_time()
                 seen += len(good)
+                if records:
+                    handoff.put(to_records(good, list(map(_topic, good)), list(map(_partition, good))))
                 c.store_offsets(message=good[-1])
         else:
             m = c.poll(1.0)
@@ -80,6 +98,9 @@ def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
     rate = seen / (time.monotonic() - first)
     cpu = (time.process_time() - first_cpu) / seen
     c.close()
+    if records:
+        handoff.put(None)
+        taker.join(10)
     return rate, cpu
 
 
@@ -123,6 +144,9 @@ def one_round(b: str, n: int, work: Path, runs: list[KsupRun]) -> dict[str, Any]
         res[f"plain_{mode}"], res[f"cpu_plain_{mode}"] = round(rate), round(cpu * 1e6, 2)
         rate, cpu = plain_loop(b, "one", n, batch=batch, kafka=FETCH_DEFAULTS)
         res[f"plain_{mode}_fetch_tuned"], res[f"cpu_plain_{mode}_fetch_tuned"] = round(rate), round(cpu * 1e6, 2)
+        if batch:
+            rate, cpu = plain_loop(b, "one", n, batch=True, kafka=FETCH_DEFAULTS, records=True)
+            res["floor_batch"], res["cpu_floor_batch"] = round(rate), round(cpu * 1e6, 2)
         rate, run, cpu = ksup_rate(b, "one", n, work, extra=extra, handler=handler)
         runs.append(run)
         res[f"ksup_{mode}"], res[f"cpu_ksup_{mode}"] = round(rate), round(cpu * 1e6, 2)
@@ -132,6 +156,9 @@ def one_round(b: str, n: int, work: Path, runs: list[KsupRun]) -> dict[str, Any]
         res[f"ratio_{mode}_fetch_tuned"] = round(res[f"ksup_{mode}"] / res[f"plain_{mode}_fetch_tuned"], 3)
         res[f"cpu_ratio_{mode}"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}"], 2)
         res[f"cpu_ratio_{mode}_fetch_tuned"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}_fetch_tuned"], 2)
+        if batch:  # how far the floor alone is from the goal, and ksup from the floor
+            res["cpu_ratio_floor_batch"] = round(res["cpu_floor_batch"] / res["cpu_plain_batch"], 2)
+            res["cpu_ratio_batch_to_floor"] = round(res["cpu_ksup_batch"] / res["cpu_floor_batch"], 2)
     return res
 
 
