@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
 def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    """Create ``name`` and wait until every partition has a leader. A broker that was frozen by
+    the test before (SIGSTOP, then SIGCONT) may take longer than one request's 30 s to answer
+    again: the request is retried until 90 s have passed, and a topic that an earlier, timed-out
+    attempt did create counts as created."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    fut[name].result(30)
+    give_up = time.monotonic() + 90
+    while True:
+        fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)],
+                                  request_timeout=30)
+        try:
+            fut[name].result(35)
+            break
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                break
+            if not (err.retriable() or err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT)) \
+                    or time.monotonic() >= give_up:
+                raise
+        except concurrent.futures.TimeoutError:
+            if time.monotonic() >= give_up:
+                raise
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # wait until every partition has a leader
         md = admin.list_topics(name, timeout=10).topics.get(name)
