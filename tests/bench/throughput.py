@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
     ``records`` (batch only): each fetch also becomes ksup's Records, handed to a thread that
     drops them (the floor of ksup's design: see the module's docstring)."""
     handoff: queue.Queue[list[Record] | None] = queue.Queue(2)
-    taker = threading.Thread(target=lambda: all(iter(handoff.get, None)), daemon=True)
+    # Takes every batch and keeps none (a deque of length 0), until None.
+    taker = threading.Thread(target=lambda: deque(iter(handoff.get, None), maxlen=0), daemon=True)
     if records:
         taker.start()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plain-{batch}-{time.monotonic_ns()}",
