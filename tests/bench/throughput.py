@@ -10,6 +10,8 @@
    consume(500) loop with the fetch setting, which also builds ksup's Records (the conversion its
    worker runs, supervisor.child.loop.to_records) and hands each batch to a second thread that
    drops it: the least a worker with ksup's handler API and a consumer thread of its own does.
+   A fourth builds the Records and drops them in the loop's own thread: what the Records alone
+   cost, before any second thread.
 2. Scaling: 1, 2, 4 workers on an 8-partition topic, handler sleeping 1 ms (I/O-bound).
 3. Footprint: the supervisor's RSS and CPU while idle and while 4 workers process.
 
@@ -63,16 +65,19 @@ def produce(bootstrap: str, topic: str, count: int, partitions: int) -> None:
 
 
 def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
-               kafka: dict[str, str] | None = None, records: bool = False) -> tuple[float, float]:
+               kafka: dict[str, str] | None = None, records: bool = False,
+               handoff: bool = True) -> tuple[float, float]:
     """The plainest correct explicit-store loop: messages per second from first to last, and
     this process's CPU seconds (all threads, librdkafka's too) per message over the same span.
     ``kafka``: librdkafka properties besides the loop's own (none: librdkafka's defaults).
     ``records`` (batch only): each fetch also becomes ksup's Records, handed to a thread that
-    drops them (the floor of ksup's design: see the module's docstring)."""
-    handoff: queue.Queue[list[Record] | None] = queue.Queue(2)
+    drops them (the floor of ksup's design: see the module's docstring); without ``handoff``
+    the loop drops them itself."""
+    queued: queue.Queue[list[Record] | None] = queue.Queue(2)
     # Takes every batch and keeps none (a deque of length 0), until None.
-    taker = threading.Thread(target=lambda: deque(iter(handoff.get, None), maxlen=0), daemon=True)
-    if records:
+    taker = threading.Thread(target=lambda: deque(iter(queued.get, None), maxlen=0), daemon=True)
+    threaded = records and handoff
+    if threaded:
         taker.start()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"plain-{batch}-{time.monotonic_ns()}",
                   "auto.offset.reset": "earliest", "enable.auto.offset.store": False, **(kafka or {})})
@@ -87,7 +92,10 @@ def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
                     first, first_cpu = time.monotonic(), time.process_time()
                 seen += len(good)
                 if records:
-                    handoff.put(to_records(good, list(map(_topic, good)), list(map(_partition, good))))
+                    built = to_records(good, list(map(_topic, good)), list(map(_partition, good)))
+                    if threaded:
+                        queued.put(built)
+                    del built
                 c.store_offsets(message=good[-1])
         else:
             m = c.poll(1.0)
@@ -100,8 +108,8 @@ def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
     rate = seen / (time.monotonic() - first)
     cpu = (time.process_time() - first_cpu) / seen
     c.close()
-    if records:
-        handoff.put(None)
+    if threaded:
+        queued.put(None)
         taker.join(10)
     return rate, cpu
 
@@ -149,6 +157,8 @@ def one_round(b: str, n: int, work: Path, runs: list[KsupRun]) -> dict[str, Any]
         if batch:
             rate, cpu = plain_loop(b, "one", n, batch=True, kafka=FETCH_DEFAULTS, records=True)
             res["floor_batch"], res["cpu_floor_batch"] = round(rate), round(cpu * 1e6, 2)
+            rate, cpu = plain_loop(b, "one", n, batch=True, kafka=FETCH_DEFAULTS, records=True, handoff=False)
+            res["records_inline_batch"], res["cpu_records_inline_batch"] = round(rate), round(cpu * 1e6, 2)
         rate, run, cpu = ksup_rate(b, "one", n, work, extra=extra, handler=handler)
         runs.append(run)
         res[f"ksup_{mode}"], res[f"cpu_ksup_{mode}"] = round(rate), round(cpu * 1e6, 2)
@@ -160,6 +170,7 @@ def one_round(b: str, n: int, work: Path, runs: list[KsupRun]) -> dict[str, Any]
         res[f"cpu_ratio_{mode}_fetch_tuned"] = round(res[f"cpu_ksup_{mode}"] / res[f"cpu_plain_{mode}_fetch_tuned"], 2)
         if batch:  # how far the floor alone is from the goal, and ksup from the floor
             res["cpu_ratio_floor_batch"] = round(res["cpu_floor_batch"] / res["cpu_plain_batch"], 2)
+            res["cpu_ratio_records_inline_batch"] = round(res["cpu_records_inline_batch"] / res["cpu_plain_batch"], 2)
             res["cpu_ratio_batch_to_floor"] = round(res["cpu_ksup_batch"] / res["cpu_floor_batch"], 2)
     return res
 
