@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
+from supervisor.child.loop import ConsumerLoop
+from supervisor.child.policies import ErrorPolicy, Executor
+from supervisor.child.runner import HandlerRunner
+from supervisor.contract import messages
+from supervisor.contract.exitcodes import WorkerExit
+from supervisor.record import Record
 from tests.harness import ksup_cli, read_record, wait_until
-from tests.kafkautil import create_topic, free_port_unused, produce_sequence
+from tests.kafkautil import committed_offsets, create_topic, free_port_unused, produce_sequence
 from tests.localkafka import LocalKafka
 from tests.test_observability import endpoint
 
@@ -194,3 +204,123 @@ def test_kafka_problems_rules():
     assert verdict is not None and verdict.code == WorkerExit.FENCED and "'h-g-0'" in verdict.reason
     assert classify(KafkaError(KafkaError._FATAL), "", "g").code == WorkerExit.KAFKA_FATAL  # type: ignore[union-attr]
     assert classify(KafkaError(KafkaError._TRANSPORT), "", "g") is None
+
+
+class _LeaveAtOnce:
+    """The supervisor's side of the pipe for a loop driven in this process: it sends nothing but
+    lets the draining worker leave as soon as it says it is ready (ReadyToLeave)."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.loop: Any = None
+
+    def read_available(self) -> list[object]:
+        return []
+
+    def send(self, msg: object) -> None:
+        if isinstance(msg, messages.ReadyToLeave):
+            self.loop.leave_now = True
+
+
+def test_a_partition_revoked_during_the_drain_whose_commit_failed_is_not_exit_0(own_kafka, names):
+    """Two things at once: a worker drains (its handler still on a message) when a second member
+    joins and a partition is revoked, and the broker freezes for longer than the session just as
+    the revoke commits it. The revoke's commit fails (unknown member after the thaw), the
+    partition leaves, and the final commit finds nothing left to commit. The drain's exit code
+    must then not say OK (0: everything committed) when the broker has not got the finished work:
+    the oracle is the broker's committed offsets against what the handler finished. On 6e73764
+    the worker said 0 with nothing committed. The real ConsumerLoop and drain in this process."""
+    from supervisor.child.drain import drain
+
+    topic, group = names
+    kafka = own_kafka
+    assert kafka.proc is not None
+    create_topic(kafka.bootstrap, topic, 2)
+    produce_sequence(kafka.bootstrap, topic, 20, partitions=2)
+    handled: list[tuple[int, int]] = []
+    in_handler, release = threading.Event(), threading.Event()
+    last: dict[int, int] = {}
+
+    def one(record: Record) -> None:
+        if len(handled) == 19:  # the last message stays in the handler until the revoke
+            in_handler.set()
+            release.wait(60)
+        handled.append((record.partition, record.offset))
+
+    conf = {"bootstrap.servers": kafka.bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+            "enable.auto.offset.store": "false", "enable.auto.commit": "true",
+            "auto.commit.interval.ms": "120000",  # only the worker's own commits
+            # Eager (librdkafka's default): the join revokes both partitions in one callback,
+            # so none is left for a later loss (which the drain already counts).
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
+    runner = HandlerRunner(Executor(one, [ErrorPolicy.STOP], 0, 0.0, None, set()))
+    consumer = Consumer(conf)
+    channel = _LeaveAtOnce()
+    loop = ConsumerLoop(consumer, runner, channel, [topic], {"graceful_timeout_s": 60.0})  # type: ignore[arg-type]
+    channel.loop = loop
+    froze: list[float] = []
+    thaw = threading.Timer(10.0, lambda: os.kill(kafka.proc.pid, signal.SIGCONT))  # type: ignore[union-attr]
+
+    def on_revoke(c: Consumer, parts: list[TopicPartition]) -> None:
+        if parts and loop.stop_reason is not None and not froze:
+            os.kill(kafka.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+            froze.append(time.monotonic())
+            thaw.start()  # 10 s: past the 6 s session
+            release.set()
+        loop.on_revoke(c, parts)
+
+    runner.start()
+    consumer.subscribe([topic], on_assign=loop.on_assign, on_revoke=on_revoke, on_lost=loop.on_lost)
+    other = Consumer({**conf, "group.id": group})
+    stop_other = threading.Event()
+
+    def run_other() -> None:
+        while not stop_other.is_set():
+            other.poll(0.1)
+
+    joiner = threading.Thread(target=run_other, daemon=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (in_handler.is_set() and len(handled) == 19):
+            assert time.monotonic() < deadline, "timed out waiting for 19 handled, the 20th in the handler"
+            loop.step(time.monotonic())
+        for _ in range(10):  # store what is finished (the collect at each step)
+            loop.step(time.monotonic())
+        loop.request_drain("test")
+        other.subscribe([topic])
+        joiner.start()
+        code = drain(loop)
+        assert froze, "no partition was revoked during the drain"
+    finally:
+        release.set()
+        thaw.cancel()
+        os.kill(kafka.proc.pid, signal.SIGCONT)
+        stop_other.set()
+        joiner.join(10)
+        runner.stop()
+        other.close()
+    committed = committed_offsets(kafka.bootstrap, group, topic, 2)
+    for p, off in handled:
+        last[p] = max(last.get(p, -1), off)
+    unconfirmed = {p: (committed.get(p), end + 1) for p, end in last.items() if committed.get(p, -1) < end + 1}
+    assert len(handled) == 20
+    if unconfirmed:  # finished work the broker has not got: it will be redelivered
+        assert code == WorkerExit.COMMIT_FAILED, (int(code), unconfirmed)
+    else:
+        assert code == WorkerExit.OK, int(code)
+
+
+def test_a_later_commit_result_confirms_what_a_revoke_left_unconfirmed():
+    """Pure logic: librdkafka's own commit at an unassign may still confirm the offset a revoke's
+    commit failed to; only a confirmed offset at or past the one stored clears the partition."""
+    runner = HandlerRunner(Executor(lambda record: None, [ErrorPolicy.STOP], 0, 0.0, None, set()))
+    loop = ConsumerLoop(None, runner, _LeaveAtOnce(), ["t"], {})  # type: ignore[arg-type]
+    loop.released_unconfirmed.update({("t", 0): 10, ("t", 1): 10})
+    loop.note_commit_result([TopicPartition("t", 0, 9), TopicPartition("t", 1, 10)])
+    assert loop.released_unconfirmed == {("t", 0): 10}
+    loop.note_commit_result([TopicPartition("t", 0)])  # no offset (-1001): confirms nothing
+    assert loop.released_unconfirmed == {("t", 0): 10}
+    loop.note_commit_result([TopicPartition("t", 0, 11)])
+    assert loop.released_unconfirmed == {}

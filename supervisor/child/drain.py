@@ -64,7 +64,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
         return give_up(loop)
     t0 = time.monotonic()
     loop.state = "draining"
-    loop.lost_unconfirmed.clear()  # only partitions lost during the drain count against its commit
+    loop.released_unconfirmed.clear()  # only partitions gone during the drain count against its commit
     loop.send_report(force=True)
     abandoned = finish_in_flight(loop, t0)
     code = loop.exit_code
@@ -75,9 +75,12 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
             code = WorkerExit.DRAIN_TIMEOUT
     t_commit = time.monotonic()
     committed = final_commit(loop, min(FINAL_COMMIT_TIMEOUT_S, budget_left(loop)))
-    if loop.lost_unconfirmed:
-        log.error("final commit: lost %s before the broker confirmed its offsets (session expired); "
-                  "the finished messages will be redelivered", ", ".join(map(tp_name, sorted(loop.lost_unconfirmed))))
+    if loop.released_unconfirmed:
+        # Revoked (its commit failed) or lost (session expired) during the drain: the final commit
+        # no longer covers them, and the broker never confirmed what the handler finished.
+        gone = ", ".join(map(tp_name, sorted(loop.released_unconfirmed)))
+        log.error("final commit: %s left this worker before the broker confirmed the offsets stored for them; "
+                  "the finished messages will be redelivered", gone)
         committed = False
     if loop.exit_code in GIVE_UP_CODES or code == WorkerExit.OK:
         code = loop.exit_code  # a failure during the commit (a fatal Kafka error) is the drain's too

@@ -97,7 +97,9 @@ class ConsumerLoop:
         self.slot_above_configured = False  # set by main: see there
         self.over_memory = False
         self._last_memory_check = 0.0
-        self.lost_unconfirmed: set[TP] = set()  # lost with stored offsets the broker never confirmed
+        # Partitions that left (revoked or lost) with a stored offset the broker had not confirmed,
+        # and that offset: finished work to be redelivered, unless a later commit result confirms it.
+        self.released_unconfirmed: dict[TP, int] = {}
         self.exit_by: float | None = None  # monotonic: the whole drain ends by then (set by request_drain)
         self.revocations = 0
         self.skipped = self.dead_lettered = self.assignments = 0
@@ -582,7 +584,19 @@ class ConsumerLoop:
     def note_commit_result(self, result: list[TopicPartition] | None) -> None:
         for tp in result or []:
             if tp.error is None and tp.offset >= 0:
-                self.book.note_committed((tp.topic, tp.partition), tp.offset)
+                key = (tp.topic, tp.partition)
+                self.book.note_committed(key, tp.offset)
+                # librdkafka's own commit at an unassign may still confirm what a revoke's failed.
+                if self.released_unconfirmed.get(key, tp.offset + 1) <= tp.offset:
+                    del self.released_unconfirmed[key]
+
+    def note_released_unconfirmed(self, tps: list[TP]) -> None:
+        """Before ``tps`` leave the book: keep those whose stored offset the broker has not
+        confirmed (a drain's exit code must not say committed for them)."""
+        for tp in tps:
+            book = self.book.owned.get(tp)
+            if book is not None and book.stored >= 0 and book.committed < book.stored:
+                self.released_unconfirmed[tp] = book.stored
 
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
@@ -642,6 +656,7 @@ class ConsumerLoop:
             self.collect()
             if self.commit_on_revoke:
                 self.commit_partitions(tps)
+            self.note_released_unconfirmed(tps)  # the commit failed (or was skipped): redelivered
             self.resume_before_release(tps)
             self.book.release(tps)
             self.call_lifecycle("on_revoke", tps)
@@ -665,8 +680,7 @@ class ConsumerLoop:
             self.runner.drop(set(tps))
             self.collect()  # stores only for partitions still owned
             # Finished work of theirs that the broker never confirmed: redelivered to the next owner.
-            self.lost_unconfirmed |= {tp for tp in tps if (b := self.book.owned.get(tp)) is not None
-                                      and b.stored >= 0 and b.committed < b.stored}
+            self.note_released_unconfirmed(tps)
             self.resume_before_release(tps)
             self.book.release(tps)
             self.call_lifecycle("on_revoke", tps)
