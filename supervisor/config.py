@@ -6,6 +6,7 @@ contract (auto offset store on, auto commit off) are refused with the reason.
 
 from __future__ import annotations
 
+import math
 import socket
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -190,6 +191,13 @@ def validate(s: Settings) -> Settings:
         if bad:
             raise ConfigError(f"{', '.join(bad)} cannot be set with --group-protocol consumer "
                               f"(the broker decides them under KIP-848; remove them)")
+    # Every time must be a number of seconds: nan passes each check below (nan <= 0 is false),
+    # and a deadline of now + nan is never reached, so a stuck worker would never be killed.
+    for f in fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name.replace('_', '-')} {value} is not a finite number of seconds "
+                              f"(give one, e.g. --{f.name.replace('_', '-')} 30)")
     if not 0 < s.restart_delay <= s.max_restart_delay:
         raise ConfigError(f"--restart-delay ({s.restart_delay:g}s) must be positive and at most "
                           f"--max-restart-delay ({s.max_restart_delay:g}s)")

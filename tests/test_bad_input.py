@@ -133,3 +133,16 @@ def test_missing_required_options(bad_modules):
     proc = run_ksup(["good:process"], bad_modules)
     assert proc.returncode == CONFIG
     assert "no topic given" in proc.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--graceful-timeout", "nan"), ("--quick-timeout", "inf"),
+                                           ("--revoke-timeout", "-inf"), ("--handler-timeout", "nan"),
+                                           ("--batch-timeout", "nan"), ("--restart-delay", "nan")])
+def test_a_time_that_is_not_a_finite_number_of_seconds_is_refused(bad_modules, option, value):
+    """Hostile review: --graceful-timeout nan passed the "must be positive" check (nan <= 0 is
+    false); the SIGKILL deadline became nan, which no time ever reaches, so a worker that could
+    not drain by itself was never killed and ksup never exited."""
+    proc = run_ksup(["good:process", "-b", "127.0.0.1:1", "-t", "t", "-g", "g", option, value], bad_modules)
+    assert proc.returncode == CONFIG, proc.stderr
+    line = last_line(proc)
+    assert option in line and "finite" in line, line
