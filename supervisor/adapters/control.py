@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import selectors
 import socket
@@ -129,7 +130,7 @@ class ControlServer:
             req = json.loads(line)
             if not isinstance(req, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's depth
             return {"ok": False, "error": "malformed request: send one JSON object per line, "
                                           "e.g. {\"cmd\": \"status\"}"}, False
         cmd = req.get("cmd")
@@ -153,8 +154,11 @@ class ControlServer:
                 return result, False
             if cmd == "stop":
                 timeout = req.get("timeout")
-                if timeout is not None and not isinstance(timeout, (int, float)):
-                    return {"ok": False, "error": "stop: \"timeout\" must be a number of seconds"}, False
+                # NaN and Infinity parse as JSON numbers; a deadline of now + nan is never reached.
+                if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                            or not math.isfinite(timeout) or timeout <= 0):
+                    return {"ok": False, "error": "stop: \"timeout\" must be a finite number of seconds "
+                                                  "above 0 (e.g. ksup stop --timeout 30)"}, False
                 result = self.commands.request_stop("stop requested over the control socket",
                                                     None if timeout is None else float(timeout))
                 if req.get("wait") and conn is not None:
