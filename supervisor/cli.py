@@ -283,6 +283,10 @@ def reload(socket_path: str | None, group: str | None, wait: bool) -> None:
     consumer; exits non-zero (with the reason) when the roll stopped."""
     reply = _ask(socket_path, group, {"cmd": "reload", "wait": wait}, timeout=None if wait else 10.0,
                  errors_are_fatal=not wait)
+    if reply.get("refused"):
+        # Nothing was started, so nothing stopped: not a failed roll (3), which a deploy script may
+        # answer by rolling back a good release; the roll already under way goes on.
+        fail(f"reload refused: {reply.get('error')}", ExitCode.USAGE)
     if not wait:
         click.echo("reload started")
         return

@@ -209,3 +209,33 @@ def test_a_reload_whose_old_worker_raised_while_draining_says_so_and_exits_4(ksu
     assert run.stop() == 0, run.tail()
     assert missing(record, ends) == []
     assert Counter(o for _, o, _ in (line.split() for line in whole_lines(record)))["10"] == 1
+
+
+def test_a_reload_refused_during_a_roll_says_refused_not_that_the_roll_stopped(ksup, bootstrap, names, tmp_path):
+    """A second `ksup reload --wait` while a roll runs (`systemctl reload` during a deploy
+    script's reload) is refused. Hostile review: it exited 3 (BOOT_FAILED) with "reload
+    stopped: ...", although nothing stopped and no code failed to boot, so a script rolling back
+    on 3 would have rolled back a good release. Now: "reload refused", exit 2, and the roll in
+    progress ends 0."""
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    (tmp_path / "versioned.py").write_text(HANDLER_CODE.format(version="v1"))
+    run = ksup("versioned:process", bootstrap, topic, group, workers=2, cwd=tmp_path,
+               env={"KSUP_TEST_RECORD": str(tmp_path / "record.txt"), "PYTHONDONTWRITEBYTECODE": "1"})
+    run.wait_for_log("all 2 workers loaded", 60)  # running: before that a reload is refused anyway
+    first = subprocess.Popen([sys.executable, "-m", "supervisor", "reload", "-g", group],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        run.wait_for_log("rolling reload of 2 worker(s) begins", 60)
+        second = ksup_cli("reload", "-g", group, timeout=60)
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert second.returncode == 2, (second.returncode, second.stderr)
+    assert "reload refused: a rolling reload is already in progress" in second.stderr, second.stderr
+    assert "stopped" not in second.stderr, second.stderr
+    assert first.returncode == 0, (out, err)
+    assert run.stop() == 0, run.tail()

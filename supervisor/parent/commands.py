@@ -71,8 +71,10 @@ class SupervisorCommands:
         return {"ok": True, "workers": workers, "was": was}
 
     def reload(self) -> dict[str, Any]:
+        """``refused``: no roll was started (one is under way, or ksup starts or stops), unlike a
+        roll that started and stopped (a reply with ``slots``)."""
         error = self.sup.reload()
-        return {"ok": False, "error": error} if error else {"ok": True, "reloading": True}
+        return {"ok": False, "error": error, "refused": True} if error else {"ok": True, "reloading": True}
 
     def request_stop(self, reason: str, timeout: float | None) -> dict[str, Any]:
         self.sup.stop(reason, quick=False, timeout=timeout)
