@@ -17,6 +17,7 @@ import os
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,9 @@ from supervisor.parent.hooks import Hooks
 log = logging.getLogger("ksup.control")
 
 MAX_REQUEST = 64 * 1024
+MAX_CONNECTIONS = 64      # open at once, waiters included: beyond, a new one is refused at once
+REQUEST_TIMEOUT_S = 10.0  # to send a whole request, or to take a reply: then the connection closes
+ACCEPT_PAUSE_S = 1.0      # accept() failed (out of file descriptors): not listening this long
 
 
 class Commands(Protocol):
@@ -52,12 +56,21 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 class ControlServer:
+    """Serves the control socket from the supervisor's loop, never blocking it: every socket is
+    non-blocking, a reply that does not fit the client's socket at once is sent as it drains,
+    and what a client can hold is bounded (MAX_CONNECTIONS connections, REQUEST_TIMEOUT_S to send
+    a request or take a reply; ``stop``/``reload --wait`` waiters are kept until answered).
+    ``tick`` (from the loop, about every TICK_S) enforces the time limits."""
+
     def __init__(self, path: str, commands: Commands) -> None:
         self.path = path
         self.commands = commands
         self.sock: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
-        self._buffers: dict[socket.socket, bytes] = {}
+        self._buffers: dict[socket.socket, bytes] = {}   # reading a request: what came so far
+        self._since: dict[socket.socket, float] = {}     # reading or replying: since when
+        self._out: dict[socket.socket, bytes] = {}       # a reply's rest, sent as the client takes it
+        self._accept_paused_until: float | None = None
         self.waiters: list[socket.socket] = []         # stop --wait: answered at exit
         self.reload_waiters: list[socket.socket] = []  # reload --wait: answered when the roll ends
 
@@ -81,18 +94,47 @@ class ControlServer:
         self.sock, self._selector = sock, selector
         selector.register(sock, selectors.EVENT_READ, self._on_accept)
 
+    def connections(self) -> int:
+        """Client connections open now (waiters included)."""
+        return len(self._since) + len(self.waiters) + len(self.reload_waiters)
+
+    def tick(self, now: float) -> None:
+        """Close the connections past REQUEST_TIMEOUT_S (no whole request yet, or a reply the
+        client does not take); listen again after an accept pause."""
+        for conn, since in list(self._since.items()):
+            if now - since >= REQUEST_TIMEOUT_S:
+                self._drop(conn)
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            if self.sock is not None and self._selector is not None:
+                self._selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+
     def _on_accept(self) -> None:
         assert self.sock is not None and self._selector is not None
         try:
             conn, _ = self.sock.accept()
-        except OSError:
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        if _peer_uid(conn) not in (os.getuid(), 0):
-            self._reply(conn, {"ok": False, "error": "permission denied"})
-            conn.close()
+        except OSError as exc:
+            # Out of file descriptors (EMFILE/ENFILE) or memory: the connection stays in the
+            # backlog and the socket readable, so the loop would spin on it. Stop listening a while.
+            log.warning("control socket: cannot accept a connection (%s); not listening for %.0fs",
+                        exc.strerror or exc, ACCEPT_PAUSE_S)
+            self._selector.unregister(self.sock)
+            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
             return
         conn.setblocking(False)
+        if _peer_uid(conn) not in (os.getuid(), 0):
+            _send_now(conn, {"ok": False, "error": "permission denied"})
+            conn.close()
+            return
+        if self.connections() >= MAX_CONNECTIONS:
+            _send_now(conn, {"ok": False, "error": f"too many control connections open ({MAX_CONNECTIONS}): "
+                                                   "close some and try again"})
+            conn.close()
+            return
         self._buffers[conn] = b""
+        self._since[conn] = time.monotonic()
         self._selector.register(conn, selectors.EVENT_READ, self._reader(conn))
 
     def _reader(self, conn: socket.socket) -> Callable[[], None]:
@@ -108,21 +150,68 @@ class ControlServer:
         if not chunk:
             self._drop(conn)
             return
-        buf = self._buffers.get(conn, b"") + chunk
+        if conn not in self._buffers:
+            return  # more after its request (a waiter, or a reply going out): not read
+        buf = self._buffers[conn] + chunk
         if b"\n" not in buf:
             if len(buf) > MAX_REQUEST:
-                self._reply(conn, {"ok": False, "error": "request too long"})
-                self._drop(conn)
+                self._buffers.pop(conn, None)
+                self._finish(conn, {"ok": False, "error": "request too long"})
             else:
                 self._buffers[conn] = buf
             return
         line = buf.split(b"\n", 1)[0]
-        self._buffers[conn] = b""
-        response, keep = self.handle(line, conn)
-        if response is not None:
-            self._reply(conn, response)
-        if not keep:
-            self._drop(conn, keep_waiter=True)
+        del self._buffers[conn]
+        try:
+            response, keep = self.handle(line, conn)
+        except Exception as exc:  # handle never raises; should it, one client must not end the loop
+            log.exception("control request failed")
+            response, keep = {"ok": False, "error": f"request failed: {exc}"}, False
+        if keep:  # a waiter: answered later, and no longer bound by the request timeout
+            self._since.pop(conn, None)
+        elif response is not None:
+            self._finish(conn, response)
+        else:
+            self._drop(conn)
+
+    def _finish(self, conn: socket.socket, body: dict[str, Any]) -> None:
+        """Send ``body`` and close. What the client's socket cannot take now is sent as it
+        drains (the loop never waits for a client), within REQUEST_TIMEOUT_S."""
+        data = json.dumps(body).encode() + b"\n"
+        try:
+            sent = conn.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return
+        if sent == len(data):
+            self._drop(conn)
+            return
+        self._out[conn] = data[sent:]
+        self._since[conn] = time.monotonic()
+        assert self._selector is not None
+        try:
+            self._selector.modify(conn, selectors.EVENT_WRITE, self._writer(conn))
+        except (KeyError, ValueError):
+            self._selector.register(conn, selectors.EVENT_WRITE, self._writer(conn))
+
+    def _writer(self, conn: socket.socket) -> Callable[[], None]:
+        return lambda: self._on_writable(conn)
+
+    def _on_writable(self, conn: socket.socket) -> None:
+        data = self._out.get(conn, b"")
+        try:
+            sent = conn.send(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if sent == len(data):
+            self._drop(conn)
+        else:
+            self._out[conn] = data[sent:]
 
     def handle(self, line: bytes, conn: socket.socket | None = None) -> tuple[dict[str, Any] | None, bool]:
         """One request -> (response, keep the connection open). Never raises."""
@@ -170,26 +259,12 @@ class ControlServer:
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, False
         return {"ok": False, "error": f"unknown command {cmd!r} (status, health, ready, scale, reload, stop)"}, False
 
-    def _reply(self, conn: socket.socket, body: dict[str, Any]) -> None:
-        try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            conn.sendall(json.dumps(body).encode() + b"\n")
-        except OSError:
-            pass
-        finally:
-            try:
-                conn.setblocking(False)
-            except OSError:
-                pass
-
-    def _drop(self, conn: socket.socket, keep_waiter: bool = False) -> None:
-        """Forget a connection. A waiter (``stop``/``reload --wait``) stays registered after its
-        request (``keep_waiter``) until answered; one whose caller went away (end of file) is
-        dropped here too: left in the selector, its EOF would wake the loop forever."""
+    def _drop(self, conn: socket.socket) -> None:
+        """Forget a connection and close it (a waiter whose caller went away too: left in the
+        selector, its end of file would wake the loop forever)."""
         self._buffers.pop(conn, None)
-        if keep_waiter and (conn in self.waiters or conn in self.reload_waiters):
-            return
+        self._since.pop(conn, None)
+        self._out.pop(conn, None)
         for waiting in (self.waiters, self.reload_waiters):
             if conn in waiting:
                 waiting.remove(conn)
@@ -201,27 +276,33 @@ class ControlServer:
         conn.close()
 
     def reload_done(self, summary: dict[str, Any]) -> None:
-        for conn in self.reload_waiters:
-            self._reply(conn, summary)
-            try:
-                self._selector.unregister(conn)  # type: ignore[union-attr]
-            except (KeyError, ValueError):
-                pass
-            conn.close()
-        self.reload_waiters.clear()
+        waiting, self.reload_waiters = self.reload_waiters, []
+        for conn in waiting:
+            self._finish(conn, summary)
 
     def close(self, exit_code: int) -> None:
-        """Answer every ``stop --wait`` client with the exit code, then remove the socket."""
-        for conn in self.waiters:
-            self._reply(conn, {"ok": True, "exit_code": exit_code})
-            conn.close()
-        self.waiters.clear()
+        """Answer every ``stop --wait`` client with the exit code, then remove the socket. The
+        loop has ended: each answer is what the client's socket takes at once (a few bytes)."""
+        for conn in [*self.waiters, *self._out]:
+            if conn in self.waiters:
+                _send_now(conn, {"ok": True, "exit_code": exit_code})
+            self._drop(conn)
+        for conn in list(self._since):
+            self._drop(conn)
         if self.sock is not None:
             self.sock.close()
             try:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _send_now(conn: socket.socket, body: dict[str, Any]) -> None:
+    """What a non-blocking socket takes of ``body`` at once (a short answer fits a fresh socket)."""
+    try:
+        conn.send(json.dumps(body).encode() + b"\n")
+    except OSError:
+        pass
 
 
 def _alive(path: str) -> bool:
@@ -269,6 +350,10 @@ class ControlSocketHooks(Hooks):
         self.server.open(sup.selector)
         log.info("control socket at %s", self.path)
 
+
+    def on_tick(self, sup: Any) -> None:
+        if self.server is not None:
+            self.server.tick(time.monotonic())
 
     def on_reload_done(self, sup: Any, summary: dict[str, Any]) -> None:
         if self.server is not None:
