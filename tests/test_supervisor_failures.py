@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -774,3 +775,44 @@ def test_a_board_folder_removed_under_a_running_ksup_is_made_again(ksup, bootstr
     wait_until(lambda: one_worker_consuming(group), 60, "the restarted worker consuming")
     assert os.path.isdir(board_folder(workers_of(run)[0]))
     assert run.stop() == 0, run.tail()
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def test_a_worker_that_cannot_be_started_for_want_of_file_descriptors_is_a_death_not_a_crash(
+        ksup, bootstrap, names, tmp_path):
+    """The supervisor at its file limit when a dead worker is restarted: making the restart's
+    board, socket pair or pipes fails with EMFILE. Hostile review: that OSError unwound the
+    supervisor's loop, which SIGKILLed the other worker without a drain and exited 1. Now the
+    start that failed counts as a death (logged, restarted after the backoff); once descriptors
+    are free again the slot runs, and a stop drains both with nothing lost."""
+    topic, group = names
+    create_topic(bootstrap, topic, 2)
+    produce_sequence(bootstrap, topic, 100, partitions=2)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
+               extra=["--restart-delay", "1"])
+    wait_until(lambda: len(read_record(record)) >= 100, 60, "first messages handled")
+    sup = run.proc.pid
+    soft, hard = resource.prlimit(sup, resource.RLIMIT_NOFILE)
+    victim = run.worker_pids()[0]
+    try:
+        # Every descriptor the supervisor opens from now on is refused (the kill frees two: fewer
+        # than a start needs).
+        resource.prlimit(sup, resource.RLIMIT_NOFILE, (_lowest_free_fd(sup), hard))
+        os.kill(victim, signal.SIGKILL)
+        run.wait_for_log("could not be started", 30)  # raises if ksup exited instead
+    finally:
+        resource.prlimit(sup, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: len([p for p in run.worker_pids() if p != victim]) == 2, 60, "the slot restarted")
+    failed_start = [line for line in run.log_text().splitlines() if "NOT_STARTED" in line]
+    assert failed_start and "Too many open files" in failed_start[0], run.tail()
+    produce_sequence(bootstrap, topic, 100, start=100, partitions=2)
+    wait_until(lambda: {(p, o) for p, o, _ in read_record(record)} >= {(p, o) for p in (0, 1) for o in range(100)},
+               90, "every message handled")
+    assert run.stop() == 0, run.tail()
+    committed = committed_offsets(bootstrap, group, topic, 2)
+    assert committed == end_offsets(bootstrap, topic, 2), committed

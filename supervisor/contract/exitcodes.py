@@ -46,6 +46,8 @@ class WorkerExit(IntEnum):
     INSTANCE_ID_HELD = 16   # KIP-848: the broker still holds our group.instance.id for another member
     #                         (UNRELEASED_INSTANCE_ID): a predecessor that died without leaving, until
     #                         its session expires, or another consumer using it
+    NOT_STARTED = 71        # EX_OSERR: never ran; the supervisor could not start it (out of file
+    #                         descriptors, processes or memory). Said by the supervisor, not by a worker
     CONFIG = 78
 
 

@@ -29,6 +29,9 @@ def spawn_worker(configure: m.Configure, hold_fd: int | None = None) -> tuple[su
             stderr=subprocess.PIPE,  # read by the supervisor: forwarded, and kept for death reports
             start_new_session=True,
         )
+    except BaseException:
+        channel.close()  # no worker: the caller gets the error, and no descriptor is left open
+        raise
     finally:
         child_sock.close()
     channel.send(configure)

@@ -31,7 +31,7 @@ from supervisor import config as cfgmod
 from supervisor.config import Settings
 from supervisor.contract import inflight_board
 from supervisor.contract import messages as m
-from supervisor.contract.exitcodes import ExitCode
+from supervisor.contract.exitcodes import ExitCode, WorkerExit
 from supervisor.errors import StartupError
 from supervisor.parent import board_folder, readiness, rolling, sink, worker_output
 from supervisor.parent import events as ev
@@ -64,6 +64,7 @@ class Supervisor:
         board_folder.remove_abandoned()  # those of ksups killed before they could
         self.board_folder = board_folder.BoardFolder()
         self.procs: dict[int, WorkerSlot] = {}  # pid -> slot, until reaped and reported
+        self.unstarted: list[WorkerSlot] = []   # spawns that failed, told to the core as deaths
         self.progress = readiness.Progress()  # committed offsets standing still (health)
 
     # ---- the core's view, for the adapters (status, health, metrics, systemd) -------------------
@@ -149,6 +150,9 @@ class Supervisor:
             if signum != signal.SIGCHLD:
                 self.post(ev.SignalReceived(signum))
         self.reap()
+        unstarted, self.unstarted = self.unstarted, []
+        for slot in unstarted:
+            self.post(ev.WorkerExited(slot, int(WorkerExit.NOT_STARTED), [], worker_output.stderr_tail(slot)))
         self.post(ev.Tick())
         self.hooks.on_tick(self)
 
@@ -234,8 +238,21 @@ class Supervisor:
 
     def spawn(self, slot: WorkerSlot, poison: tuple[tuple[str, int, int], ...],
               suspects: tuple[tuple[str, int, int], ...] = ()) -> None:
-        configure = self.configure_for(slot.index, poison, suspects)
-        proc, channel = spawn_worker(configure, self.board_folder.hold_fd)
+        configure = None
+        try:
+            configure = self.configure_for(slot.index, poison, suspects)
+            proc, channel = spawn_worker(configure, self.board_folder.hold_fd)
+        except OSError as exc:
+            if configure is not None:  # its board, made for a worker that never ran
+                with contextlib.suppress(OSError):
+                    os.unlink(str(configure.options["board"]))
+            # Out of file descriptors, processes or memory: a start that failed is a death of this
+            # slot (restarted after its backoff, a crash loop if it goes on), told to the core at
+            # the next tick; not a crash of the supervisor, which SIGKILLs every worker undrained.
+            log.error("worker %d could not be started: %s", slot.index, exc)
+            slot.stderr_tail.append(f"ksup could not start it: {exc}")
+            self.unstarted.append(slot)
+            return
         slot.configure, slot.proc, slot.channel, slot.pid = configure, proc, channel, proc.pid
         self.procs[proc.pid] = slot
         self.selector.register(channel, selectors.EVENT_READ, slot)
