@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from typing import Any
 
 from supervisor.contract import inflight_board
@@ -18,7 +19,13 @@ from supervisor.parent.hooks import Hooks
 log = logging.getLogger("ksup.supervisor")
 
 
+MAX_RUNNING = 8    # hooks running at once; a death beyond that gets none (said in the log)
+EXIT_WAIT_S = 5.0  # at ksup's exit, for all hooks still running together; then their groups are killed
+
+
 class WorkerExitCommand(Hooks):
+    """Each run is a session of its own, so that what the command started goes with it."""
+
     def __init__(self, command: str) -> None:
         self.command = command
         self.running: list[subprocess.Popen[bytes]] = []
@@ -31,8 +38,15 @@ class WorkerExitCommand(Hooks):
                "KSUP_SIGNAL": "" if report.signal is None else signal.Signals(report.signal).name,
                "KSUP_REASON": slot.exiting.reason if slot.exiting is not None else report.describe(),
                "KSUP_IN_FLIGHT": env_inflight}
+        self.on_tick(sup)
+        if len(self.running) >= MAX_RUNNING:
+            # Hooks that do not end (a stuck script, a stdout nobody reads) must not pile up.
+            log.warning("--on-worker-exit not run for worker %d (pid %s): %d earlier runs have not ended",
+                        slot.index, slot.pid, len(self.running))
+            return
         try:
-            self.running.append(subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.DEVNULL))
+            self.running.append(subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.DEVNULL,
+                                                 start_new_session=True))
         except OSError as exc:
             log.warning("--on-worker-exit could not run: %s", exc)
 
@@ -40,11 +54,19 @@ class WorkerExitCommand(Hooks):
         self.running = [p for p in self.running if p.poll() is None]  # reap finished hooks
 
     def on_exit(self, sup: Any, exit_code: int) -> None:
+        """Give the hooks still running EXIT_WAIT_S in all, then kill each one's process group
+        (the shell and what it started). Runs after the receipt is written."""
+        deadline = time.monotonic() + EXIT_WAIT_S
         for p in self.running:
             try:
-                p.wait(5)
+                p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # also after the shell ended: its children may not have
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.poll()
 
 
 def _in_flight(slot: Any) -> str:
