@@ -157,3 +157,45 @@ def test_a_crashed_handler_thread_is_known_before_it_looks_idle(monkeypatch):
         assert "bug in the policy path" in runner.crashed[2]
     finally:
         runner.stop()
+
+
+def test_idle_handler_threads_sleep_while_the_only_lane_with_work_runs_on_another():
+    """Hostile review: with --concurrency above 1 and one partition with work (or a runner held
+    over --max-memory), the idle handler threads woke every millisecond: their wait was the
+    lanes' earliest backoff, which for a lane already running was "now", floored at 1 ms. Each
+    wait of theirs is counted while one thread is on a long message of the only lane."""
+    release = threading.Event()
+    started = threading.Event()
+
+    class Blocking(Execute):
+        @staticmethod
+        def _plain(record: Record) -> None:
+            started.set()
+            release.wait(10)
+
+    waits: list[float | None] = []
+
+    class Counting(HandlerRunner):
+        def _next_wait(self) -> float | None:
+            wait = super()._next_wait()
+            waits.append(wait)
+            return wait
+
+    runner = Counting(Blocking(), concurrency=4)  # type: ignore[arg-type]
+    runner.submit([Record("t", 0, o, None, None, (), (0, 0)) for o in range(3)], epoch=0)
+    # Queued behind the run in the handler (another assignment: never joined to it).
+    runner.submit([Record("t", 0, o, None, None, (), (0, 0)) for o in range(3, 6)], epoch=1)
+    runner.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.3)  # paces the window in which the idle threads' waits are counted
+        during = len(waits)
+        runner.hold(True)  # held (over --max-memory): no thread may take work, none needs to wake
+        time.sleep(0.3)
+        held = len(waits) - during
+    finally:
+        release.set()
+        runner.hold(False)
+        runner.stop()
+    assert during < 30, f"idle threads woke {during} times in 0.3 s while the only lane ran elsewhere"
+    assert held < 30, f"idle threads woke {held} times in 0.3 s while the runner was held"

@@ -451,7 +451,13 @@ class HandlerRunner:
         return Chunk(batch, -1, self._batch_origin[0][2].attempts if self._batch_origin else 0)
 
     def _next_wait(self) -> float | None:
-        waits = [queue[0].not_before - time.monotonic() for queue in self._lanes.values() if queue]
+        """Under the lock: how long an idle handler thread sleeps. Until the earliest retry
+        backoff of a lane it could take; until notified (None) when held, or when every lane with
+        work runs on another thread: a release, a run's end and new work all notify."""
+        if self._held:
+            return None
+        now = time.monotonic()
+        waits = [queue[0].not_before - now for lane, queue in self._lanes.items() if queue and lane not in self._active]
         return max(min(waits), 0.001) if waits else None
 
     def _run(self, number: int) -> None:
