@@ -31,6 +31,8 @@ MAX_CONNECTIONS = 64      # open at once, waiters included: beyond, a new one is
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request, or to take a reply: then the connection closes
 ACCEPT_PAUSE_S = 1.0      # accept() failed (out of file descriptors): not listening this long
 
+Reply = tuple[dict[str, Any] | None, bool]  # a command's response (None: answered later), keep the connection
+
 
 class Commands(Protocol):
     """What the supervisor offers the control socket. Each returns a JSON-able dict."""
@@ -223,41 +225,52 @@ class ControlServer:
             return {"ok": False, "error": "malformed request: send one JSON object per line, "
                                           "e.g. {\"cmd\": \"status\"}"}, False
         cmd = req.get("cmd")
+        command = COMMANDS.get(cmd) if isinstance(cmd, str) else None
+        if command is None:
+            return {"ok": False, "error": f"unknown command {cmd!r} ({', '.join(COMMANDS)})"}, False
         try:
-            if cmd == "status":
-                return {"ok": True, **self.commands.status()}, False
-            if cmd == "health":
-                return {"ok": True, **self.commands.health()}, False
-            if cmd == "ready":
-                return {"ok": True, **self.commands.ready()}, False
-            if cmd == "scale":
-                workers = req.get("workers")
-                if not isinstance(workers, int) or isinstance(workers, bool):
-                    return {"ok": False, "error": "scale needs \"workers\": an integer >= 1"}, False
-                return self.commands.scale(workers), False
-            if cmd == "reload":
-                result = self.commands.reload()
-                if result.get("ok") and req.get("wait") and conn is not None:
-                    self.reload_waiters.append(conn)
-                    return None, True
-                return result, False
-            if cmd == "stop":
-                timeout = req.get("timeout")
-                # NaN and Infinity parse as JSON numbers; a deadline of now + nan is never reached.
-                if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                            or not math.isfinite(timeout) or timeout <= 0):
-                    return {"ok": False, "error": "stop: \"timeout\" must be a finite number of seconds "
-                                                  "above 0 (e.g. ksup stop --timeout 30)"}, False
-                result = self.commands.request_stop("stop requested over the control socket",
-                                                    None if timeout is None else float(timeout))
-                if req.get("wait") and conn is not None:
-                    self.waiters.append(conn)
-                    return None, True
-                return result, False
+            return command(self, req, conn)
         except Exception as exc:  # a bug in a command must not take the supervisor down
             log.exception("control command %r failed", cmd)
             return {"ok": False, "error": f"{cmd} failed: {exc}"}, False
-        return {"ok": False, "error": f"unknown command {cmd!r} (status, health, ready, scale, reload, stop)"}, False
+
+    # ---- the commands (COMMANDS below): request -> (response, keep the connection open) ----------
+
+    def _status(self, req: dict[str, Any], conn: socket.socket | None) -> Reply:
+        return {"ok": True, **self.commands.status()}, False
+
+    def _health(self, req: dict[str, Any], conn: socket.socket | None) -> Reply:
+        return {"ok": True, **self.commands.health()}, False
+
+    def _ready(self, req: dict[str, Any], conn: socket.socket | None) -> Reply:
+        return {"ok": True, **self.commands.ready()}, False
+
+    def _scale(self, req: dict[str, Any], conn: socket.socket | None) -> Reply:
+        workers = req.get("workers")
+        if not isinstance(workers, int) or isinstance(workers, bool):
+            return {"ok": False, "error": "scale needs \"workers\": an integer >= 1"}, False
+        return self.commands.scale(workers), False
+
+    def _reload(self, req: dict[str, Any], conn: socket.socket | None) -> Reply:
+        result = self.commands.reload()
+        if result.get("ok") and req.get("wait") and conn is not None:
+            self.reload_waiters.append(conn)  # answered when the roll ends
+            return None, True
+        return result, False
+
+    def _stop(self, req: dict[str, Any], conn: socket.socket | None) -> Reply:
+        timeout = req.get("timeout")
+        # NaN and Infinity parse as JSON numbers; a deadline of now + nan is never reached.
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            return {"ok": False, "error": "stop: \"timeout\" must be a finite number of seconds "
+                                          "above 0 (e.g. ksup stop --timeout 30)"}, False
+        result = self.commands.request_stop("stop requested over the control socket",
+                                            None if timeout is None else float(timeout))
+        if req.get("wait") and conn is not None:
+            self.waiters.append(conn)  # answered with the exit code when ksup exits
+            return None, True
+        return result, False
 
     def _drop(self, conn: socket.socket) -> None:
         """Forget a connection and close it (a waiter whose caller went away too: left in the
@@ -295,6 +308,17 @@ class ControlServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+# What each "cmd" runs: a new control command is a method of ControlServer and a line here.
+COMMANDS: dict[str, Callable[[ControlServer, dict[str, Any], socket.socket | None], Reply]] = {
+    "status": ControlServer._status,
+    "health": ControlServer._health,
+    "ready": ControlServer._ready,
+    "scale": ControlServer._scale,
+    "reload": ControlServer._reload,
+    "stop": ControlServer._stop,
+}
 
 
 def _send_now(conn: socket.socket, body: dict[str, Any]) -> None:
