@@ -24,11 +24,14 @@ EXIT_WAIT_S = 5.0  # at ksup's exit, for all hooks still running together; then 
 
 
 class WorkerExitCommand(Hooks):
-    """Each run is a session of its own, so that what the command started goes with it."""
+    """Each run is a session of its own, whose process group id is its shell's pid. A run counts
+    until every process of its group ended: what a command starts in the background (``cmd &``,
+    the usual way not to block) counts against MAX_RUNNING and goes with the group at exit."""
 
     def __init__(self, command: str) -> None:
         self.command = command
-        self.running: list[subprocess.Popen[bytes]] = []
+        self.groups: list[int] = []  # process groups of runs with a process alive
+        self._shells: list[subprocess.Popen[bytes]] = []  # reaped here when ksup's waitpid(-1) did not
 
     def on_worker_exit(self, sup: Any, slot: Any, report: Any) -> None:
         env_inflight = _in_flight(slot)
@@ -39,34 +42,50 @@ class WorkerExitCommand(Hooks):
                "KSUP_REASON": slot.exiting.reason if slot.exiting is not None else report.describe(),
                "KSUP_IN_FLIGHT": env_inflight}
         self.on_tick(sup)
-        if len(self.running) >= MAX_RUNNING:
+        if len(self.groups) >= MAX_RUNNING:
             # Hooks that do not end (a stuck script, a stdout nobody reads) must not pile up.
             log.warning("--on-worker-exit not run for worker %d (pid %s): %d earlier runs have not ended",
-                        slot.index, slot.pid, len(self.running))
+                        slot.index, slot.pid, len(self.groups))
             return
         try:
-            self.running.append(subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True))
+            shell = subprocess.Popen(self.command, shell=True, env=env, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
         except OSError as exc:
             log.warning("--on-worker-exit could not run: %s", exc)
+            return
+        self._shells.append(shell)
+        self.groups.append(shell.pid)
 
     def on_tick(self, sup: Any) -> None:
-        self.running = [p for p in self.running if p.poll() is None]  # reap finished hooks
+        self._shells = [p for p in self._shells if p.poll() is None]
+        self.groups = [g for g in self.groups if _group_alive(g)]
 
     def on_exit(self, sup: Any, exit_code: int) -> None:
-        """Give the hooks still running EXIT_WAIT_S in all, then kill each one's process group
-        (the shell and what it started). Runs after the receipt is written."""
+        """Give the runs still going EXIT_WAIT_S in all, then kill each one's process group (the
+        shell and what it started). Runs after the receipt is written."""
         deadline = time.monotonic() + EXIT_WAIT_S
-        for p in self.running:
+        self.on_tick(sup)
+        while self.groups and time.monotonic() < deadline:
+            time.sleep(0.05)  # paces the check: ksup is exiting, its loop has nothing left to serve
+            self.on_tick(sup)
+        for group in self.groups:
             try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # also after the shell ended: its children may not have
+                os.killpg(group, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            p.poll()
+        self.groups = []
+        for shell in self._shells:
+            shell.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    """A process of group ``pgid`` still exists. (A group id is not handed out again while any
+    process of the group lives, so a live group is still the hook's.)"""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):  # gone (PermissionError: the id is another user's now)
+        return False
+    return True
 
 
 def _in_flight(slot: Any) -> str:
