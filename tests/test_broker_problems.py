@@ -256,10 +256,14 @@ def test_a_partition_revoked_during_the_drain_whose_commit_failed_is_not_exit_0(
             "partition.assignment.strategy": "range",
             "session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
     runner = HandlerRunner(Executor(one, [ErrorPolicy.STOP], 0, 0.0, None, set()))
-    consumer = Consumer(conf)
+    box: list[ConsumerLoop] = []
+    # As the worker wires it (child/main.py): librdkafka's commit results, its own commit at an
+    # unassign included, go to the loop.
+    consumer = Consumer({**conf, "on_commit": lambda err, parts: box[0].on_commit(err, parts) if box else None})
     channel = _LeaveAtOnce()
     loop = ConsumerLoop(consumer, runner, channel, [topic], {"graceful_timeout_s": 60.0})  # type: ignore[arg-type]
     channel.loop = loop
+    box.append(loop)
     froze: list[float] = []
     thaw = threading.Timer(10.0, lambda: os.kill(kafka.proc.pid, signal.SIGCONT))  # type: ignore[union-attr]
 
@@ -324,3 +328,25 @@ def test_a_later_commit_result_confirms_what_a_revoke_left_unconfirmed():
     assert loop.released_unconfirmed == {("t", 0): 10}
     loop.note_commit_result([TopicPartition("t", 0, 11)])
     assert loop.released_unconfirmed == {}
+
+
+def test_a_drain_waits_for_the_unassign_commit_of_a_revoked_partition_but_not_for_a_lost_one():
+    """Pure logic: a partition revoked with its offset unconfirmed is awaited (librdkafka commits
+    a revoked partition's stored offset at the unassign) until that commit's result: a success
+    clears it, a failure ends the wait and leaves it unconfirmed (exit 5). A lost partition is
+    never committed by librdkafka, so nothing is awaited for it."""
+    from confluent_kafka import KafkaError
+
+    from supervisor.child.offsets import PartitionBook
+
+    runner = HandlerRunner(Executor(lambda record: None, [ErrorPolicy.STOP], 0, 0.0, None, set()))
+    loop = ConsumerLoop(None, runner, _LeaveAtOnce(), ["t"], {})  # type: ignore[arg-type]
+    for p in (0, 1, 2):
+        loop.book.owned[("t", p)] = PartitionBook(epoch=1, stored=10, committed=5)
+    loop.note_released_unconfirmed([("t", 0), ("t", 1)], revoked=True)
+    loop.note_released_unconfirmed([("t", 2)])  # lost
+    assert loop.awaiting_commit == {("t", 0), ("t", 1)}
+    loop.on_commit(None, [TopicPartition("t", 0, 10)])
+    loop.on_commit(KafkaError(KafkaError.UNKNOWN_MEMBER_ID), [TopicPartition("t", 1, 10)])
+    assert loop.awaiting_commit == set()
+    assert loop.released_unconfirmed == {("t", 1): 10, ("t", 2): 10}

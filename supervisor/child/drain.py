@@ -65,6 +65,7 @@ def drain(loop: ConsumerLoop) -> WorkerExit:
     t0 = time.monotonic()
     loop.state = "draining"
     loop.released_unconfirmed.clear()  # only partitions gone during the drain count against its commit
+    loop.awaiting_commit.clear()
     loop.send_report(force=True)
     abandoned = finish_in_flight(loop, t0)
     code = loop.exit_code
@@ -276,9 +277,11 @@ def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) 
         if loop.exit_code in GIVE_UP_CODES:
             return False  # fenced meanwhile: no commit can succeed any more
         pending = loop.uncommitted()
-        if not pending:
+        # Revoked during the drain with their commit failed: librdkafka's own commit at the
+        # unassign may still confirm them (then the drain is whole); waited for, not re-issued.
+        if not pending and not loop.awaiting_commit:
             return True
-        if loop.commit_results > issued_at:  # no commit of ours in flight: (re)issue one
+        if pending and loop.commit_results > issued_at:  # no commit of ours in flight: (re)issue one
             issued_at = loop.commit_results
             try:
                 loop.consumer.commit(asynchronous=True)
@@ -287,7 +290,8 @@ def final_commit(loop: ConsumerLoop, timeout_s: float = FINAL_COMMIT_TIMEOUT_S) 
                     log.warning("final commit: %s", exc.args[0].str())
         if time.monotonic() >= deadline:
             log.error("final commit: broker did not confirm %s within %.1fs",
-                      ", ".join(tp_name(tp) for tp in pending), time.monotonic() - started)
+                      ", ".join(tp_name(tp) for tp in [*pending, *sorted(loop.awaiting_commit)]),
+                      time.monotonic() - started)
             return False
         loop.serve(0.02)
 

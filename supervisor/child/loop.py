@@ -100,6 +100,9 @@ class ConsumerLoop:
         # Partitions that left (revoked or lost) with a stored offset the broker had not confirmed,
         # and that offset: finished work to be redelivered, unless a later commit result confirms it.
         self.released_unconfirmed: dict[TP, int] = {}
+        # Those of them revoked (not lost): librdkafka's own commit at the unassign may still
+        # confirm them; until its result (or a failure) arrives, a drain's final commit waits.
+        self.awaiting_commit: set[TP] = set()
         self.exit_by: float | None = None  # monotonic: the whole drain ends by then (set by request_drain)
         self.revocations = 0
         self.skipped = self.dead_lettered = self.assignments = 0
@@ -583,20 +586,27 @@ class ConsumerLoop:
 
     def note_commit_result(self, result: list[TopicPartition] | None) -> None:
         for tp in result or []:
+            key = (tp.topic, tp.partition)
             if tp.error is None and tp.offset >= 0:
-                key = (tp.topic, tp.partition)
                 self.book.note_committed(key, tp.offset)
                 # librdkafka's own commit at an unassign may still confirm what a revoke's failed.
                 if self.released_unconfirmed.get(key, tp.offset + 1) <= tp.offset:
                     del self.released_unconfirmed[key]
+                    self.awaiting_commit.discard(key)
+            elif tp.error is not None:
+                self.awaiting_commit.discard(key)  # that commit failed: nothing more to wait for
 
-    def note_released_unconfirmed(self, tps: list[TP]) -> None:
+    def note_released_unconfirmed(self, tps: list[TP], revoked: bool = False) -> None:
         """Before ``tps`` leave the book: keep those whose stored offset the broker has not
-        confirmed (a drain's exit code must not say committed for them)."""
+        confirmed (a drain's exit code must not say committed for them). ``revoked``: not lost,
+        so librdkafka commits their stored offsets at the unassign (auto-commit), whose result
+        a drain waits for."""
         for tp in tps:
             book = self.book.owned.get(tp)
             if book is not None and book.stored >= 0 and book.committed < book.stored:
                 self.released_unconfirmed[tp] = book.stored
+                if revoked:
+                    self.awaiting_commit.add(tp)
 
     def on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """librdkafka's commit callback (auto-commits and close()); runs on this thread."""
@@ -608,6 +618,7 @@ class ConsumerLoop:
             return
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("commit failed: %s", err.str())
+            self.awaiting_commit.difference_update((p.topic, p.partition) for p in partitions)
             return
         self.note_commit_result(partitions)
 
@@ -656,7 +667,7 @@ class ConsumerLoop:
             self.collect()
             if self.commit_on_revoke:
                 self.commit_partitions(tps)
-            self.note_released_unconfirmed(tps)  # the commit failed (or was skipped): redelivered
+            self.note_released_unconfirmed(tps, revoked=True)  # the commit failed (or was skipped)
             self.resume_before_release(tps)
             self.book.release(tps)
             self.call_lifecycle("on_revoke", tps)
