@@ -65,17 +65,25 @@ def test_always_failing_handler_with_two_workers_is_a_crash_loop(ksup, bootstrap
     assert committed_offsets(bootstrap, group, topic, 2) == {0: -1001, 1: -1001}
 
 
+def _recording(ksup, bootstrap: str, names: tuple[str, str], tmp_path, partitions: int, messages: int,
+               extra: list[str]):
+    """Two workers of the recording handler on a new topic of ``partitions`` with ``messages``
+    produced, returned once every one was handled: (the run, its record file)."""
+    topic, group = names
+    create_topic(bootstrap, topic, partitions)
+    produce_sequence(bootstrap, topic, messages, partitions=partitions)
+    record = tmp_path / "record.txt"
+    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)}, extra=extra)
+    wait_until(lambda: len(read_record(record)) >= messages, 60, "first messages handled")
+    return run, record
+
+
 def test_worker_dying_while_another_joins_is_restarted_at_once(ksup, bootstrap, names, tmp_path):
     """Scale up (a new member joins: the group rebalances and waits for every member) and kill a
     worker right then. The old rule kept the dead worker's restart behind the join, and the join
     waited (classic, static) for the dead member's session: no consumer for 45 s."""
     topic, group = names
-    create_topic(bootstrap, topic, 4)
-    produce_sequence(bootstrap, topic, 40, partitions=4)
-    record = tmp_path / "record.txt"
-    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
-               extra=["-X", "session.timeout.ms=45000"])
-    wait_until(lambda: len(read_record(record)) >= 40, 60, "first messages processed")
+    run, record = _recording(ksup, bootstrap, names, tmp_path, 4, 40, ["-X", "session.timeout.ms=45000"])
     victim = next(w["pid"] for w in status(group)["workers"] if w["slot"] == 0)
     assert ksup_cli("scale", "3", "-g", group).returncode == 0
     run.wait_for_log("worker 2 started", 30)
@@ -790,12 +798,7 @@ def test_a_worker_that_cannot_be_started_for_want_of_file_descriptors_is_a_death
     start that failed counts as a death (logged, restarted after the backoff); once descriptors
     are free again the slot runs, and a stop drains both with nothing lost."""
     topic, group = names
-    create_topic(bootstrap, topic, 2)
-    produce_sequence(bootstrap, topic, 100, partitions=2)
-    record = tmp_path / "record.txt"
-    run = ksup(HANDLER, bootstrap, topic, group, workers=2, env={"KSUP_TEST_RECORD": str(record)},
-               extra=["--restart-delay", "1"])
-    wait_until(lambda: len(read_record(record)) >= 100, 60, "first messages handled")
+    run, record = _recording(ksup, bootstrap, names, tmp_path, 2, 100, ["--restart-delay", "1"])
     sup = run.proc.pid
     soft, hard = resource.prlimit(sup, resource.RLIMIT_NOFILE)
     victim = run.worker_pids()[0]
