@@ -196,8 +196,8 @@ def validate(s: Settings) -> Settings:
     for f in fields(s):
         value = getattr(s, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{f.name.replace('_', '-')} {value} is not a finite number of seconds "
-                              f"(give one, e.g. --{f.name.replace('_', '-')} 30)")
+            option = "--" + f.name.replace("_", "-")
+            raise ConfigError(f"{option} {value} is not a finite number of seconds (give one, e.g. {option} 30)")
     if not 0 < s.restart_delay <= s.max_restart_delay:
         raise ConfigError(f"--restart-delay ({s.restart_delay:g}s) must be positive and at most "
                           f"--max-restart-delay ({s.max_restart_delay:g}s)")

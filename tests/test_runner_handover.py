@@ -191,7 +191,7 @@ def test_idle_handler_threads_sleep_while_the_only_lane_with_work_runs_on_anothe
         time.sleep(0.3)  # paces the window in which the idle threads' waits are counted
         during = len(waits)
         runner.hold(True)  # held (over --max-memory): no thread may take work, none needs to wake
-        time.sleep(0.3)
+        time.sleep(0.3)  # the same window, the runner held
         held = len(waits) - during
     finally:
         release.set()

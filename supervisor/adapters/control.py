@@ -179,30 +179,22 @@ class ControlServer:
     def _finish(self, conn: socket.socket, body: dict[str, Any]) -> None:
         """Send ``body`` and close. What the client's socket cannot take now is sent as it
         drains (the loop never waits for a client), within REQUEST_TIMEOUT_S."""
-        data = json.dumps(body).encode() + b"\n"
-        try:
-            sent = conn.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._drop(conn)
-            return
-        if sent == len(data):
-            self._drop(conn)
-            return
-        self._out[conn] = data[sent:]
+        self._out[conn] = json.dumps(body).encode() + b"\n"
         self._since[conn] = time.monotonic()
-        assert self._selector is not None
-        try:
-            self._selector.modify(conn, selectors.EVENT_WRITE, self._writer(conn))
-        except (KeyError, ValueError):
-            self._selector.register(conn, selectors.EVENT_WRITE, self._writer(conn))
+        self._on_writable(conn)
+        if conn in self._out:  # the rest when the socket is writable again
+            assert self._selector is not None
+            try:
+                self._selector.modify(conn, selectors.EVENT_WRITE, self._writer(conn))
+            except (KeyError, ValueError):
+                self._selector.register(conn, selectors.EVENT_WRITE, self._writer(conn))
 
     def _writer(self, conn: socket.socket) -> Callable[[], None]:
         return lambda: self._on_writable(conn)
 
     def _on_writable(self, conn: socket.socket) -> None:
-        data = self._out.get(conn, b"")
+        """Send what the socket takes of the reply; closed once all of it went out."""
+        data = self._out[conn]
         try:
             sent = conn.send(data)
         except (BlockingIOError, InterruptedError):
@@ -296,11 +288,9 @@ class ControlServer:
     def close(self, exit_code: int) -> None:
         """Answer every ``stop --wait`` client with the exit code, then remove the socket. The
         loop has ended: each answer is what the client's socket takes at once (a few bytes)."""
-        for conn in [*self.waiters, *self._out]:
-            if conn in self.waiters:
-                _send_now(conn, {"ok": True, "exit_code": exit_code})
-            self._drop(conn)
-        for conn in list(self._since):
+        for conn in self.waiters:
+            _send_now(conn, {"ok": True, "exit_code": exit_code})
+        for conn in [*self.waiters, *self.reload_waiters, *self._since]:  # _since: reading or replying
             self._drop(conn)
         if self.sock is not None:
             self.sock.close()
@@ -373,7 +363,6 @@ class ControlSocketHooks(Hooks):
         self.server = ControlServer(self.path, SupervisorCommands(sup))
         self.server.open(sup.selector)
         log.info("control socket at %s", self.path)
-
 
     def on_tick(self, sup: Any) -> None:
         if self.server is not None:

@@ -95,7 +95,6 @@ def plain_loop(bootstrap: str, topic: str, count: int, batch: bool,
                     built = to_records(good, list(map(_topic, good)), list(map(_partition, good)))
                     if threaded:
                         queued.put(built)
-                    del built
                 c.store_offsets(message=good[-1])
         else:
             m = c.poll(1.0)
